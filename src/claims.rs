@@ -1,0 +1,417 @@
+//! Decoding a Store ID key into its claims. Pure: no clock, no network.
+//!
+//! Keys are decoded without verifying the signature: only the Store holds the keys to check it
+//! (reference/store-api.md). Everything we decide from the claims is therefore advisory, which is
+//! why the renew call never goes to a URL taken from the key.
+
+use std::fmt;
+
+use base64::Engine as _;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use serde::Deserialize;
+use serde_json::Value;
+
+use crate::fingerprint::Fingerprint;
+
+pub const CLAIM_CLIENT_ID: &str =
+    "http://schemas.microsoft.com/marketplace/2015/08/claims/key/clientId";
+pub const CLAIM_USER_ID: &str =
+    "http://schemas.microsoft.com/marketplace/2015/08/claims/key/userId";
+pub const CLAIM_PAYLOAD: &str =
+    "http://schemas.microsoft.com/marketplace/2015/08/claims/key/payload";
+pub const CLAIM_REFRESH_URI: &str =
+    "http://schemas.microsoft.com/marketplace/2015/08/claims/key/refreshUri";
+
+pub const AUD_COLLECTIONS: &str = "https://collections.mp.microsoft.com/v6.0/keys";
+pub const AUD_PURCHASE: &str = "https://purchase.mp.microsoft.com/v6.0/keys";
+
+/// Real keys are a few kilobytes; anything far larger is hostile or broken, and decoding it would
+/// only cost memory.
+pub const MAX_KEY_LEN: usize = 16 * 1024;
+
+/// Which Store service a key is for; decided by its `aud` claim.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Kind {
+    Collections,
+    Purchase,
+}
+
+impl Kind {
+    pub const ALL: [Kind; 2] = [Kind::Collections, Kind::Purchase];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Kind::Collections => "collections",
+            Kind::Purchase => "purchase",
+        }
+    }
+
+    pub fn audience(self) -> &'static str {
+        match self {
+            Kind::Collections => AUD_COLLECTIONS,
+            Kind::Purchase => AUD_PURCHASE,
+        }
+    }
+
+    pub fn from_audience(aud: &str) -> Option<Kind> {
+        Kind::ALL.into_iter().find(|k| k.audience() == aud)
+    }
+
+    pub fn parse(s: &str) -> Option<Kind> {
+        Kind::ALL.into_iter().find(|k| k.as_str() == s)
+    }
+}
+
+impl fmt::Display for Kind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// The claims of one key. The opaque `payload` claim is deliberately not kept: it is for the
+/// Store only and there is no reason to hold more of the credential than the key itself.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Claims {
+    pub kind: Kind,
+    pub issued_at: i64,
+    pub not_before: Option<i64>,
+    pub expires_at: i64,
+    pub issuer: Option<String>,
+    pub client_id: String,
+    pub user_id: Option<String>,
+    pub refresh_uri: Option<String>,
+    pub has_payload: bool,
+    pub algorithm: Option<String>,
+}
+
+impl Claims {
+    pub fn lifetime_secs(&self) -> i64 {
+        self.expires_at - self.issued_at
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum KeyError {
+    #[error("key is empty")]
+    Empty,
+    #[error("key is {0} bytes, more than the {MAX_KEY_LEN} a Store key can be")]
+    TooLong(usize),
+    #[error("key is not a JWT: expected 3 dot-separated parts, found {0}")]
+    NotThreeParts(usize),
+    #[error("key {part} is not base64url")]
+    BadBase64 { part: &'static str },
+    #[error("key {part} is not a JSON object")]
+    BadJson { part: &'static str },
+    #[error("key header has alg `{0}`, expected RS256")]
+    UnexpectedAlgorithm(String),
+    #[error("key has no `{0}` claim")]
+    MissingClaim(&'static str),
+    #[error("key claim `{0}` is not a whole number of seconds")]
+    NotANumber(&'static str),
+    #[error("key claim `{0}` is not a string")]
+    NotAString(&'static str),
+    #[error("key `aud` is `{0}`, which is neither the collections nor the purchase audience")]
+    UnknownAudience(String),
+}
+
+/// Decodes a key. Every way a string can fail to be a Store key has its own error.
+pub fn decode(key: &str) -> Result<Claims, KeyError> {
+    let key = key.trim();
+    if key.is_empty() {
+        return Err(KeyError::Empty);
+    }
+    if key.len() > MAX_KEY_LEN {
+        return Err(KeyError::TooLong(key.len()));
+    }
+    let parts: Vec<&str> = key.split('.').collect();
+    let [header, payload, _signature] = parts[..] else {
+        return Err(KeyError::NotThreeParts(parts.len()));
+    };
+    let header = decode_part(header, "header")?;
+    let payload = decode_part(payload, "payload")?;
+    let algorithm = header.get("alg").and_then(Value::as_str).map(str::to_owned);
+    // Be lenient about a missing alg, strict about a wrong one: anything but RS256 was not minted
+    // by the Store.
+    if let Some(alg) = &algorithm
+        && alg != "RS256"
+    {
+        return Err(KeyError::UnexpectedAlgorithm(truncate(alg)));
+    }
+    claims_from(&payload, algorithm)
+}
+
+fn decode_part(part: &str, name: &'static str) -> Result<serde_json::Map<String, Value>, KeyError> {
+    // Some encoders pad base64url; the JWT spec says not to, but padding changes nothing.
+    let bytes = URL_SAFE_NO_PAD
+        .decode(part.trim_end_matches('='))
+        .map_err(|_| KeyError::BadBase64 { part: name })?;
+    match serde_json::from_slice::<Value>(&bytes) {
+        Ok(Value::Object(map)) => Ok(map),
+        _ => Err(KeyError::BadJson { part: name }),
+    }
+}
+
+fn claims_from(
+    map: &serde_json::Map<String, Value>,
+    algorithm: Option<String>,
+) -> Result<Claims, KeyError> {
+    let aud = required_str(map, "aud")?;
+    let kind = Kind::from_audience(aud).ok_or_else(|| KeyError::UnknownAudience(truncate(aud)))?;
+    Ok(Claims {
+        kind,
+        issued_at: required_time(map, "iat")?,
+        not_before: optional_time(map, "nbf")?,
+        expires_at: required_time(map, "exp")?,
+        issuer: optional_str(map, "iss")?.map(str::to_owned),
+        client_id: required_str(map, CLAIM_CLIENT_ID)
+            .map_err(|e| rename(e, "clientId"))?
+            .to_owned(),
+        user_id: optional_str(map, CLAIM_USER_ID)
+            .map_err(|e| rename(e, "userId"))?
+            .map(str::to_owned),
+        refresh_uri: optional_str(map, CLAIM_REFRESH_URI)
+            .map_err(|e| rename(e, "refreshUri"))?
+            .map(str::to_owned),
+        has_payload: map.contains_key(CLAIM_PAYLOAD),
+        algorithm,
+    })
+}
+
+/// The schema-URL claim names are long; errors name them by their last segment.
+fn rename(e: KeyError, short: &'static str) -> KeyError {
+    match e {
+        KeyError::MissingClaim(_) => KeyError::MissingClaim(short),
+        KeyError::NotAString(_) => KeyError::NotAString(short),
+        other => other,
+    }
+}
+
+fn required_str<'a>(
+    map: &'a serde_json::Map<String, Value>,
+    name: &'static str,
+) -> Result<&'a str, KeyError> {
+    optional_str(map, name)?.ok_or(KeyError::MissingClaim(name))
+}
+
+fn optional_str<'a>(
+    map: &'a serde_json::Map<String, Value>,
+    name: &'static str,
+) -> Result<Option<&'a str>, KeyError> {
+    match map.get(name) {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::String(s)) => Ok(Some(s)),
+        Some(_) => Err(KeyError::NotAString(name)),
+    }
+}
+
+fn required_time(
+    map: &serde_json::Map<String, Value>,
+    name: &'static str,
+) -> Result<i64, KeyError> {
+    optional_time(map, name)?.ok_or(KeyError::MissingClaim(name))
+}
+
+/// NumericDate per RFC 7519; accepts a numeric string too (lenient in what we accept), and a
+/// fractional number rounded down.
+fn optional_time(
+    map: &serde_json::Map<String, Value>,
+    name: &'static str,
+) -> Result<Option<i64>, KeyError> {
+    let value = match map.get(name) {
+        None | Some(Value::Null) => return Ok(None),
+        Some(v) => v,
+    };
+    let secs = match value {
+        Value::Number(n) => n.as_i64().or_else(|| {
+            n.as_f64()
+                .filter(|f| f.is_finite())
+                .map(|f| f.floor() as i64)
+        }),
+        Value::String(s) => s.trim().parse::<i64>().ok(),
+        _ => None,
+    };
+    secs.filter(|s| (0..=MAX_TIME).contains(s))
+        .map(Some)
+        .ok_or(KeyError::NotANumber(name))
+}
+
+/// Year 9999: a bound that keeps arithmetic on times far from overflow.
+const MAX_TIME: i64 = 253_402_300_799;
+
+fn truncate(s: &str) -> String {
+    const MAX: usize = 80;
+    if s.len() <= MAX {
+        return s.to_owned();
+    }
+    let mut end = MAX;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}…", &s[..end])
+}
+
+/// A key as it is held in memory: the text plus a fingerprint, with `Debug` that shows only the
+/// fingerprint so that no log line or error can carry the credential.
+#[derive(Clone, PartialEq, Eq)]
+pub struct KeyText(String);
+
+impl KeyText {
+    pub fn new(key: impl Into<String>) -> Self {
+        KeyText(key.into())
+    }
+
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+
+    pub fn fingerprint(&self) -> Fingerprint {
+        Fingerprint::of(&self.0)
+    }
+}
+
+impl fmt::Debug for KeyText {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "KeyText({})", self.fingerprint())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::keymint::{KeySpec, encode_claims, mint};
+
+    #[test]
+    fn decodes_every_documented_claim() {
+        let key = mint(&KeySpec::collections("app-1", 1_000_000, 30 * 86_400));
+        let c = decode(&key).unwrap();
+        assert_eq!(c.kind, Kind::Collections);
+        assert_eq!(c.issued_at, 1_000_000);
+        assert_eq!(c.expires_at, 1_000_000 + 30 * 86_400);
+        assert_eq!(c.not_before, Some(1_000_000 - 3600));
+        assert_eq!(c.client_id, "app-1");
+        assert_eq!(c.user_id.as_deref(), Some("user-1"));
+        assert_eq!(c.issuer.as_deref(), Some(AUD_COLLECTIONS));
+        assert!(c.has_payload);
+        assert_eq!(
+            c.refresh_uri.as_deref(),
+            Some("https://collections.mp.microsoft.com/v6.0/b2b/keys/renew")
+        );
+    }
+
+    #[test]
+    fn kind_follows_audience() {
+        let mut spec = KeySpec::collections("a", 1_000_000, 100);
+        spec.kind = Kind::Purchase;
+        assert_eq!(decode(&mint(&spec)).unwrap().kind, Kind::Purchase);
+    }
+
+    #[test]
+    fn numeric_strings_are_accepted_as_times() {
+        let key = encode_claims(&serde_json::json!({
+            "aud": AUD_PURCHASE, "iat": "100", "exp": 200.7, CLAIM_CLIENT_ID: "a"
+        }));
+        let c = decode(&key).unwrap();
+        assert_eq!((c.issued_at, c.expires_at), (100, 200));
+    }
+
+    #[test]
+    fn each_malformation_has_its_own_error() {
+        let claims = |v: serde_json::Value| decode(&encode_claims(&v)).unwrap_err();
+        assert_eq!(decode("").unwrap_err(), KeyError::Empty);
+        assert_eq!(decode("a.b").unwrap_err(), KeyError::NotThreeParts(2));
+        assert_eq!(decode("a.b.c.d").unwrap_err(), KeyError::NotThreeParts(4));
+        assert_eq!(
+            decode("!!.e30.x").unwrap_err(),
+            KeyError::BadBase64 { part: "header" }
+        );
+        assert_eq!(
+            decode("e30.!!.x").unwrap_err(),
+            KeyError::BadBase64 { part: "payload" }
+        );
+        // "bnVsbA" is base64url for `null`.
+        assert_eq!(
+            decode("e30.bnVsbA.x").unwrap_err(),
+            KeyError::BadJson { part: "payload" }
+        );
+        assert_eq!(
+            decode(&"x".repeat(MAX_KEY_LEN + 1)).unwrap_err(),
+            KeyError::TooLong(MAX_KEY_LEN + 1)
+        );
+        assert_eq!(
+            claims(serde_json::json!({"iat": 1, "exp": 2, CLAIM_CLIENT_ID: "a"})),
+            KeyError::MissingClaim("aud")
+        );
+        assert_eq!(
+            claims(serde_json::json!({"aud": "https://evil.example/keys", "iat": 1, "exp": 2})),
+            KeyError::UnknownAudience("https://evil.example/keys".into())
+        );
+        assert_eq!(
+            claims(serde_json::json!({"aud": AUD_PURCHASE, "iat": 1, CLAIM_CLIENT_ID: "a"})),
+            KeyError::MissingClaim("exp")
+        );
+        assert_eq!(
+            claims(
+                serde_json::json!({"aud": AUD_PURCHASE, "iat": "soon", "exp": 2, CLAIM_CLIENT_ID: "a"})
+            ),
+            KeyError::NotANumber("iat")
+        );
+        assert_eq!(
+            claims(
+                serde_json::json!({"aud": AUD_PURCHASE, "iat": 1, "exp": -5, CLAIM_CLIENT_ID: "a"})
+            ),
+            KeyError::NotANumber("exp")
+        );
+        assert_eq!(
+            claims(serde_json::json!({"aud": AUD_PURCHASE, "iat": 1, "exp": 2})),
+            KeyError::MissingClaim("clientId")
+        );
+        assert_eq!(
+            claims(
+                serde_json::json!({"aud": AUD_PURCHASE, "iat": 1, "exp": 2, CLAIM_CLIENT_ID: 7})
+            ),
+            KeyError::NotAString("clientId")
+        );
+    }
+
+    #[test]
+    fn rejects_non_rs256_headers() {
+        let key = mint(&KeySpec::collections("a", 1, 2)).replacen(
+            &URL_SAFE_NO_PAD.encode(br#"{"alg":"RS256","typ":"JWT"}"#),
+            &URL_SAFE_NO_PAD.encode(br#"{"alg":"none"}"#),
+            1,
+        );
+        assert_eq!(
+            decode(&key).unwrap_err(),
+            KeyError::UnexpectedAlgorithm("none".into())
+        );
+    }
+
+    #[test]
+    fn key_text_debug_shows_only_a_fingerprint() {
+        let key = KeyText::new("eyJhbGciOiJSUzI1NiJ9.secret-material.sig");
+        let shown = format!("{key:?}");
+        assert!(!shown.contains("secret-material"), "{shown}");
+        assert!(shown.contains(&key.fingerprint().to_string()));
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn decoding_never_panics(s in ".{0,400}") {
+            let _ = decode(&s);
+        }
+
+        #[test]
+        fn decoding_jwt_shaped_input_never_panics(
+            h in "[A-Za-z0-9_=-]{0,60}", p in "[A-Za-z0-9_=-]{0,200}", sig in "[A-Za-z0-9_-]{0,20}"
+        ) {
+            let _ = decode(&format!("{h}.{p}.{sig}"));
+        }
+
+        #[test]
+        fn decoding_arbitrary_json_payloads_never_panics(payload in proptest::collection::vec(proptest::num::u8::ANY, 0..300)) {
+            let key = format!("e30.{}.x", URL_SAFE_NO_PAD.encode(&payload));
+            let _ = decode(&key);
+        }
+    }
+}

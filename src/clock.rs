@@ -1,0 +1,51 @@
+//! Wall-clock time as the daemon and the emulator see it. Tests move it forward by days so that
+//! renewal cycles of 30-day keys run in milliseconds.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicI64, Ordering};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+/// Unix seconds, shareable. The system clock plus an offset that only tests change.
+#[derive(Debug, Clone, Default)]
+pub struct Clock {
+    offset_secs: Arc<AtomicI64>,
+}
+
+impl Clock {
+    pub fn system() -> Self {
+        Clock::default()
+    }
+
+    /// Now, in Unix seconds.
+    pub fn now(&self) -> i64 {
+        let secs = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX));
+        secs.saturating_add(self.offset_secs.load(Ordering::Relaxed))
+    }
+
+    pub fn now_system_time(&self) -> SystemTime {
+        let secs = u64::try_from(self.now()).unwrap_or(0);
+        UNIX_EPOCH + Duration::from_secs(secs)
+    }
+
+    /// Moves this clock (and every clone of it) forward.
+    pub fn advance(&self, by: Duration) {
+        let secs = i64::try_from(by.as_secs()).unwrap_or(i64::MAX);
+        self.offset_secs.fetch_add(secs, Ordering::Relaxed);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn advancing_moves_every_clone() {
+        let a = Clock::system();
+        let b = a.clone();
+        let before = b.now();
+        a.advance(Duration::from_secs(86_400));
+        assert!(b.now() >= before + 86_400);
+    }
+}

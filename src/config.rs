@@ -1,0 +1,558 @@
+//! Configuration: one TOML file, overridable by `STOREKEYD_*` environment variables.
+//!
+//! Every field has a default but the applications; every invalid field is reported by its dotted
+//! name with what was expected. Secrets are never in the file: only where to read them.
+
+use std::collections::{BTreeMap, HashSet};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use crate::claims::Kind;
+use crate::schedule::Policy;
+
+pub const ENV_PREFIX: &str = "STOREKEYD_";
+/// Variables with the prefix that are not config overrides.
+const ENV_RESERVED: [&str; 3] = ["STOREKEYD_CONFIG", "STOREKEYD_LOG", "STOREKEYD_LOG_FORMAT"];
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    /// `sqlite://PATH`; defaults to `storekeyd.db` in the state directory.
+    pub database_url: Option<String>,
+    /// Defaults to `$STATE_DIRECTORY` (systemd's `StateDirectory=`) or `/var/lib/storekeyd`.
+    pub state_directory: Option<PathBuf>,
+    pub endpoints: Endpoints,
+    pub entra: Entra,
+    pub applications: Vec<Application>,
+    pub renew: Renew,
+    pub http: Http,
+    pub events: Events,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Endpoints {
+    pub collections: String,
+    pub purchase: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Entra {
+    pub authority: String,
+    pub scope: String,
+}
+
+/// One Entra ID application (client) whose keys storekeyd renews.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Application {
+    /// A label for logs and `status`; defaults to the client ID.
+    pub name: Option<String>,
+    pub tenant_id: String,
+    pub client_id: String,
+    /// A file holding the client secret; relative paths are looked up in
+    /// `$CREDENTIALS_DIRECTORY` (systemd's `LoadCredential=`).
+    pub client_secret_file: Option<PathBuf>,
+    /// The name of an environment variable holding the client secret.
+    pub client_secret_env: Option<String>,
+}
+
+impl Application {
+    pub fn label(&self) -> &str {
+        self.name.as_deref().unwrap_or(&self.client_id)
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Renew {
+    #[serde(with = "human")]
+    pub max_age: Duration,
+    #[serde(with = "human")]
+    pub margin: Duration,
+    #[serde(with = "human")]
+    pub jitter: Duration,
+    #[serde(with = "human")]
+    pub poll_interval: Duration,
+    pub concurrency: usize,
+    /// Renew calls per second, across all keys.
+    pub rate_limit: f64,
+    pub batch_size: u32,
+    #[serde(with = "human")]
+    pub backoff_base: Duration,
+    #[serde(with = "human")]
+    pub backoff_cap: Duration,
+    /// How long a claimed key is reserved for one attempt; after a crash it is retried then.
+    #[serde(with = "human")]
+    pub lease: Duration,
+    /// How long SIGTERM waits for in-flight renewals.
+    #[serde(with = "human")]
+    pub shutdown_grace: Duration,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Http {
+    #[serde(with = "human")]
+    pub connect_timeout: Duration,
+    /// The whole request, body included.
+    #[serde(with = "human")]
+    pub request_timeout: Duration,
+    pub max_body_bytes: usize,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Events {
+    #[serde(with = "human")]
+    pub retention: Duration,
+}
+
+const DAY: u64 = 86_400;
+
+impl Default for Endpoints {
+    fn default() -> Self {
+        Endpoints {
+            collections: "https://collections.mp.microsoft.com/v6.0/b2b/keys/renew".into(),
+            purchase: "https://purchase.mp.microsoft.com/v6.0/b2b/keys/renew".into(),
+        }
+    }
+}
+
+impl Default for Entra {
+    fn default() -> Self {
+        Entra {
+            authority: "https://login.microsoftonline.com".into(),
+            scope: "https://onestore.microsoft.com/.default".into(),
+        }
+    }
+}
+
+impl Default for Renew {
+    fn default() -> Self {
+        Renew {
+            max_age: Duration::from_secs(14 * DAY),
+            margin: Duration::from_secs(7 * DAY),
+            jitter: Duration::from_secs(3600),
+            poll_interval: Duration::from_secs(30),
+            concurrency: 8,
+            rate_limit: 20.0,
+            batch_size: 64,
+            backoff_base: Duration::from_secs(30),
+            backoff_cap: Duration::from_secs(3600),
+            lease: Duration::from_secs(120),
+            shutdown_grace: Duration::from_secs(20),
+        }
+    }
+}
+
+impl Default for Http {
+    fn default() -> Self {
+        Http {
+            connect_timeout: Duration::from_secs(5),
+            request_timeout: Duration::from_secs(20),
+            max_body_bytes: 64 * 1024,
+        }
+    }
+}
+
+impl Default for Events {
+    fn default() -> Self {
+        Events {
+            retention: Duration::from_secs(30 * DAY),
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("config: cannot read {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("config: {path} is not valid TOML: {message}")]
+    Syntax { path: String, message: String },
+    #[error("config: `{field}`: {message}")]
+    Field { field: String, message: String },
+}
+
+fn field_error(field: impl Into<String>, message: impl Into<String>) -> ConfigError {
+    ConfigError::Field {
+        field: field.into(),
+        message: message.into(),
+    }
+}
+
+impl Config {
+    /// Reads the file (if any), applies the environment, and validates.
+    pub fn load(path: Option<&Path>) -> Result<Config, ConfigError> {
+        let text = match path {
+            Some(p) => std::fs::read_to_string(p).map_err(|source| ConfigError::Read {
+                path: p.to_owned(),
+                source,
+            })?,
+            None => String::new(),
+        };
+        let name = path.map_or_else(|| "(defaults)".to_owned(), |p| p.display().to_string());
+        Config::from_toml(&text, &name, std::env::vars())
+    }
+
+    /// Parses TOML text with the given environment on top. Split out so tests need neither files
+    /// nor the process environment.
+    pub fn from_toml(
+        text: &str,
+        name: &str,
+        env: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<Config, ConfigError> {
+        let mut table: toml::Table = toml::from_str(text).map_err(|e| ConfigError::Syntax {
+            path: name.to_owned(),
+            message: e.to_string().trim().replace('\n', " "),
+        })?;
+        apply_env(&mut table, env)?;
+        let config: Config = serde_path_to_error::deserialize(toml::Value::Table(table))
+            .map_err(|e| field_error(e.path().to_string(), e.inner().to_string()))?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        check_url("endpoints.collections", &self.endpoints.collections)?;
+        check_url("endpoints.purchase", &self.endpoints.purchase)?;
+        check_url("entra.authority", &self.entra.authority)?;
+        if let Some(url) = &self.database_url
+            && !url.starts_with("sqlite:")
+        {
+            return Err(field_error(
+                "database_url",
+                "expected a `sqlite://PATH` URL",
+            ));
+        }
+        self.validate_applications()?;
+        self.validate_numbers()
+    }
+
+    fn validate_applications(&self) -> Result<(), ConfigError> {
+        let mut seen = HashSet::new();
+        for (i, app) in self.applications.iter().enumerate() {
+            let field = |f: &str| format!("applications[{i}].{f}");
+            if app.client_id.trim().is_empty() {
+                return Err(field_error(field("client_id"), "must not be empty"));
+            }
+            if app.tenant_id.trim().is_empty() || app.tenant_id.contains(['/', '?', '#']) {
+                return Err(field_error(
+                    field("tenant_id"),
+                    "expected a tenant ID or domain",
+                ));
+            }
+            if !seen.insert(app.client_id.as_str()) {
+                return Err(field_error(field("client_id"), "is configured twice"));
+            }
+            match (&app.client_secret_file, &app.client_secret_env) {
+                (Some(_), None) | (None, Some(_)) => {}
+                _ => {
+                    return Err(field_error(
+                        field("client_secret_file"),
+                        "set exactly one of `client_secret_file` and `client_secret_env`",
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn validate_numbers(&self) -> Result<(), ConfigError> {
+        let r = &self.renew;
+        let positive = [
+            ("renew.margin", r.margin),
+            ("renew.max_age", r.max_age),
+            ("renew.poll_interval", r.poll_interval),
+            ("renew.backoff_base", r.backoff_base),
+            ("renew.lease", r.lease),
+            ("http.connect_timeout", self.http.connect_timeout),
+            ("http.request_timeout", self.http.request_timeout),
+        ];
+        for (name, d) in positive {
+            if d.is_zero() {
+                return Err(field_error(name, "must be longer than zero"));
+            }
+        }
+        if r.concurrency == 0 {
+            return Err(field_error("renew.concurrency", "must be at least 1"));
+        }
+        if !(r.rate_limit.is_finite() && r.rate_limit > 0.0) {
+            return Err(field_error(
+                "renew.rate_limit",
+                "expected renewals per second, above 0",
+            ));
+        }
+        if r.batch_size == 0 {
+            return Err(field_error("renew.batch_size", "must be at least 1"));
+        }
+        if r.backoff_cap < r.backoff_base {
+            return Err(field_error(
+                "renew.backoff_cap",
+                "must not be shorter than `renew.backoff_base`",
+            ));
+        }
+        // A lease shorter than one attempt would let a second attempt start while the first runs.
+        if r.lease < self.http.request_timeout.saturating_mul(3) {
+            return Err(field_error(
+                "renew.lease",
+                "must be at least three times `http.request_timeout` (token, renew, retry)",
+            ));
+        }
+        if self.http.max_body_bytes < 1024 {
+            return Err(field_error("http.max_body_bytes", "must be at least 1024"));
+        }
+        Ok(())
+    }
+
+    pub fn endpoint(&self, kind: Kind) -> &str {
+        match kind {
+            Kind::Collections => &self.endpoints.collections,
+            Kind::Purchase => &self.endpoints.purchase,
+        }
+    }
+
+    pub fn state_directory(&self) -> PathBuf {
+        self.state_directory
+            .clone()
+            .or_else(|| std::env::var_os("STATE_DIRECTORY").map(PathBuf::from))
+            .unwrap_or_else(|| PathBuf::from("/var/lib/storekeyd"))
+    }
+
+    pub fn database_url(&self) -> String {
+        self.database_url.clone().unwrap_or_else(|| {
+            format!(
+                "sqlite://{}",
+                self.state_directory().join("storekeyd.db").display()
+            )
+        })
+    }
+
+    pub fn policy(&self) -> Policy {
+        Policy {
+            max_age: self.renew.max_age,
+            margin: self.renew.margin,
+            jitter: self.renew.jitter,
+            backoff_base: self.renew.backoff_base,
+            backoff_cap: self.renew.backoff_cap,
+        }
+    }
+
+    pub fn application(&self, client_id: &str) -> Option<&Application> {
+        self.applications.iter().find(|a| a.client_id == client_id)
+    }
+}
+
+/// `https` everywhere; plain `http` only to a loopback host (the emulator, tests), so a typo can
+/// never send a service ticket in the clear.
+fn check_url(field: &str, value: &str) -> Result<(), ConfigError> {
+    let url = reqwest::Url::parse(value)
+        .map_err(|e| field_error(field, format!("expected an absolute URL: {e}")))?;
+    match url.scheme() {
+        "https" => Ok(()),
+        "http" if is_loopback(&url) => Ok(()),
+        "http" => Err(field_error(
+            field,
+            "plain http is allowed only for loopback hosts; use https",
+        )),
+        other => Err(field_error(
+            field,
+            format!("expected an https URL, got scheme `{other}`"),
+        )),
+    }
+}
+
+pub fn is_loopback(url: &reqwest::Url) -> bool {
+    let Some(host) = url.host_str() else {
+        return false;
+    };
+    let bare = host.trim_start_matches('[').trim_end_matches(']');
+    match bare.parse::<std::net::IpAddr>() {
+        Ok(ip) => ip.is_loopback(),
+        Err(_) => bare.eq_ignore_ascii_case("localhost"),
+    }
+}
+
+/// `STOREKEYD_RENEW__MARGIN=3d` sets `renew.margin`: `__` separates levels, as in most tools that
+/// map env to nested config. Values are read as TOML when they parse (numbers, booleans) and as
+/// strings otherwise.
+fn apply_env(
+    table: &mut toml::Table,
+    env: impl IntoIterator<Item = (String, String)>,
+) -> Result<(), ConfigError> {
+    let vars: BTreeMap<String, String> = env
+        .into_iter()
+        .filter(|(k, _)| k.starts_with(ENV_PREFIX) && !ENV_RESERVED.contains(&k.as_str()))
+        .collect();
+    for (name, raw) in vars {
+        let path: Vec<String> = name[ENV_PREFIX.len()..]
+            .split("__")
+            .map(str::to_ascii_lowercase)
+            .collect();
+        let value = format!("v = {raw}")
+            .parse::<toml::Table>()
+            .ok()
+            .and_then(|mut t| t.remove("v"))
+            .unwrap_or(toml::Value::String(raw));
+        set_path(table, &path, value)
+            .map_err(|m| field_error(path.join("."), format!("from {name}: {m}")))?;
+    }
+    Ok(())
+}
+
+fn set_path(table: &mut toml::Table, path: &[String], value: toml::Value) -> Result<(), String> {
+    let (last, parents) = path.split_last().ok_or("empty name")?;
+    let mut current = table;
+    for part in parents {
+        let entry = current
+            .entry(part.clone())
+            .or_insert_with(|| toml::Value::Table(toml::Table::new()));
+        current = entry
+            .as_table_mut()
+            .ok_or_else(|| format!("`{part}` is not a section"))?;
+    }
+    current.insert(last.clone(), value);
+    Ok(())
+}
+
+/// Durations as humantime strings (`7d`, `90s`, `1h 30m`).
+mod human {
+    use std::time::Duration;
+
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&humantime::format_duration(*d).to_string())
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            Text(String),
+            Other(toml::Value),
+        }
+        match Raw::deserialize(d)? {
+            Raw::Text(s) => humantime::parse_duration(s.trim()).map_err(|e| {
+                serde::de::Error::custom(format!(
+                    "expected a duration like `7d`, `90s` or `1h 30m`, got `{s}` ({e})"
+                ))
+            }),
+            Raw::Other(v) => Err(serde::de::Error::custom(format!(
+                "expected a duration like `7d`, `90s` or `1h 30m` in quotes, got {}",
+                v.type_str()
+            ))),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<Config, ConfigError> {
+        Config::from_toml(text, "test.toml", Vec::new())
+    }
+
+    fn err(text: &str) -> String {
+        parse(text).unwrap_err().to_string()
+    }
+
+    #[test]
+    fn defaults_match_the_documented_values() {
+        let c = parse("").unwrap();
+        assert_eq!(c.renew.max_age, Duration::from_secs(14 * DAY));
+        assert_eq!(c.renew.margin, Duration::from_secs(7 * DAY));
+        assert_eq!(
+            c.endpoint(Kind::Purchase),
+            "https://purchase.mp.microsoft.com/v6.0/b2b/keys/renew"
+        );
+        assert_eq!(c.entra.authority, "https://login.microsoftonline.com");
+    }
+
+    #[test]
+    fn the_example_config_parses() {
+        let text = include_str!("../config/storekeyd.example.toml");
+        let c = parse(text).unwrap();
+        assert_eq!(c.applications.len(), 2);
+    }
+
+    #[test]
+    fn bad_duration_names_the_field() {
+        assert!(err("[renew]\nmargin = \"a week\"").starts_with(
+            "config: `renew.margin`: expected a duration like `7d`, `90s` or `1h 30m`, got `a week`"
+        ));
+        assert!(err("[renew]\nmargin = 7").contains("`renew.margin`: expected a duration"));
+    }
+
+    #[test]
+    fn wrong_types_and_unknown_fields_name_the_field() {
+        assert!(
+            err("[renew]\nconcurrency = \"many\"")
+                .starts_with("config: `renew.concurrency`: invalid type")
+        );
+        assert!(err("[renew]\nmarginn = \"7d\"").contains("unknown field `marginn`"));
+        assert!(
+            err("[renew]\nconcurrency = 0").contains("`renew.concurrency`: must be at least 1")
+        );
+        assert!(err("this is not toml").starts_with("config: test.toml is not valid TOML"));
+    }
+
+    #[test]
+    fn plain_http_only_for_loopback() {
+        assert!(parse("[endpoints]\ncollections = \"http://127.0.0.1:9/renew\"").is_ok());
+        assert!(parse("[endpoints]\ncollections = \"http://[::1]:9/renew\"").is_ok());
+        assert!(parse("[entra]\nauthority = \"http://localhost:9\"").is_ok());
+        assert!(
+            err("[endpoints]\ncollections = \"http://example.com/renew\"")
+                .contains("`endpoints.collections`: plain http is allowed only for loopback")
+        );
+        assert!(err("[entra]\nauthority = \"ftp://x\"").contains("`entra.authority`"));
+    }
+
+    #[test]
+    fn applications_need_exactly_one_secret_source() {
+        let app = |extra: &str| {
+            format!("[[applications]]\ntenant_id = \"t\"\nclient_id = \"c\"\n{extra}")
+        };
+        assert!(parse(&app("client_secret_env = \"S\"")).is_ok());
+        assert!(err(&app("")).contains("`applications[0].client_secret_file`: set exactly one"));
+        assert!(
+            err(&app(
+                "client_secret_env = \"S\"\nclient_secret_file = \"f\""
+            ))
+            .contains("exactly one")
+        );
+        assert!(err(&app("client_secret = \"inline\"")).contains("unknown field `client_secret`"));
+    }
+
+    #[test]
+    fn environment_overrides_file() {
+        let env = vec![
+            ("STOREKEYD_RENEW__MARGIN".to_owned(), "3d".to_owned()),
+            ("STOREKEYD_RENEW__CONCURRENCY".to_owned(), "3".to_owned()),
+            (
+                "STOREKEYD_DATABASE_URL".to_owned(),
+                "sqlite:///tmp/x.db".to_owned(),
+            ),
+            ("STOREKEYD_CONFIG".to_owned(), "/ignored".to_owned()),
+            ("OTHER".to_owned(), "x".to_owned()),
+        ];
+        let c = Config::from_toml("[renew]\nmargin = \"5d\"", "t", env).unwrap();
+        assert_eq!(c.renew.margin, Duration::from_secs(3 * DAY));
+        assert_eq!(c.renew.concurrency, 3);
+        assert_eq!(c.database_url(), "sqlite:///tmp/x.db");
+        let bad = vec![("STOREKEYD_RENEW__JITTER".to_owned(), "soon".to_owned())];
+        let e = Config::from_toml("", "t", bad).unwrap_err().to_string();
+        assert!(
+            e.starts_with("config: `renew.jitter`: expected a duration"),
+            "{e}"
+        );
+    }
+}

@@ -1,0 +1,42 @@
+//! The backend contract: the SQL a backend issues, verbatim as README.md documents it (a test
+//! keeps the two in step).
+
+/// Adds or replaces a user's key. Parameters: user reference, kind (`collections` or
+/// `purchase`), key. Replacing a flagged key makes it pending, then active once checked.
+pub const UPSERT_KEY: &str = "INSERT INTO store_keys (user_ref, kind, key) VALUES (?1, ?2, ?3)
+ON CONFLICT (user_ref, kind) DO UPDATE
+SET key = excluded.key, state = 'pending', reason = NULL, updated_at = unixepoch();";
+
+/// Reads a user's usable key, if there is one. Parameters: user reference, kind.
+pub const READ_KEY: &str = "SELECT key FROM store_keys
+WHERE user_ref = ?1 AND kind = ?2 AND state IN ('pending', 'active');";
+
+/// Stores a key the way a backend does: with [`UPSERT_KEY`], unchanged.
+pub async fn upsert_key(
+    pool: &sqlx::SqlitePool,
+    user_ref: &str,
+    kind: &str,
+    key: &str,
+) -> Result<(), sqlx::Error> {
+    sqlx::query(UPSERT_KEY)
+        .bind(user_ref)
+        .bind(kind)
+        .bind(key)
+        .execute(pool)
+        .await?;
+    Ok(())
+}
+
+/// Reads a key the way a backend does: with [`READ_KEY`], unchanged.
+pub async fn read_key(
+    pool: &sqlx::SqlitePool,
+    user_ref: &str,
+    kind: &str,
+) -> Result<Option<String>, sqlx::Error> {
+    let row: Option<(String,)> = sqlx::query_as(READ_KEY)
+        .bind(user_ref)
+        .bind(kind)
+        .fetch_optional(pool)
+        .await?;
+    Ok(row.map(|(k,)| k))
+}

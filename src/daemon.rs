@@ -1,0 +1,223 @@
+//! The run loop: ingest new keys, claim due ones, renew them with bounded concurrency, sleep
+//! until the next is due, and drain in-flight work on shutdown.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::task::{Id, JoinSet};
+use tokio_util::sync::CancellationToken;
+
+use crate::clock::Clock;
+use crate::config::Config;
+use crate::db::{ClaimedRow, Db, DbError};
+use crate::entra::{self, CredentialError, TokenClient};
+use crate::ingest;
+use crate::renewer::{BuildError, Renewer, Settled};
+use crate::store_api::RenewClient;
+
+/// Events older than the retention are pruned this often.
+const PRUNE_EVERY_SECS: i64 = 3600;
+
+#[derive(Debug, thiserror::Error)]
+pub enum DaemonError {
+    #[error(transparent)]
+    Credential(#[from] CredentialError),
+    #[error(transparent)]
+    Build(#[from] BuildError),
+    #[error("cannot build the HTTP client: {0}")]
+    Http(#[from] reqwest::Error),
+    #[error(transparent)]
+    Db(#[from] DbError),
+}
+
+/// Builds the renewer from the configuration: reads every secret, so a missing one stops the
+/// start instead of failing renewals one by one later.
+pub fn build_renewer(config: Arc<Config>, db: Db, clock: Clock) -> Result<Renewer, DaemonError> {
+    let credentials = config
+        .applications
+        .iter()
+        .map(|app| Ok((app.clone(), entra::load_credential(app)?)))
+        .collect::<Result<Vec<_>, CredentialError>>()?;
+    let http = crate::http::client(&config.http)?;
+    let tokens = TokenClient::new(&config, credentials, http.clone(), clock.clone());
+    let api = RenewClient::new(http, config.http.max_body_bytes);
+    Ok(Renewer::new(db, config, tokens, api, clock)?)
+}
+
+/// Runs until `shutdown` is cancelled, then lets in-flight renewals finish within
+/// `renew.shutdown_grace` and hands back the keys whose attempt did not finish.
+pub async fn run(
+    config: Arc<Config>,
+    db: Db,
+    clock: Clock,
+    shutdown: CancellationToken,
+) -> Result<(), DaemonError> {
+    let renewer = Arc::new(build_renewer(config.clone(), db.clone(), clock.clone())?);
+    let rechecked = db.recheck_misconfigured(clock.now()).await?;
+    if rechecked > 0 {
+        tracing::info!(
+            keys = rechecked,
+            "re-checking keys flagged misconfigured against the current configuration"
+        );
+    }
+    tracing::info!(
+        applications = config.applications.len(),
+        "storekeyd running"
+    );
+    let mut lp = Loop {
+        renewer,
+        config,
+        db,
+        clock,
+        tasks: JoinSet::new(),
+        in_flight: HashMap::new(),
+        last_prune: 0,
+    };
+    lp.run_until(&shutdown).await;
+    lp.drain().await;
+    Ok(())
+}
+
+struct Loop {
+    renewer: Arc<Renewer>,
+    config: Arc<Config>,
+    db: Db,
+    clock: Clock,
+    tasks: JoinSet<Result<Settled, DbError>>,
+    in_flight: HashMap<Id, i64>,
+    last_prune: i64,
+}
+
+impl Loop {
+    async fn run_until(&mut self, shutdown: &CancellationToken) {
+        while !shutdown.is_cancelled() {
+            let wait = match self.cycle().await {
+                Ok(wait) => wait,
+                Err(e) => {
+                    // A locked or unwritable database: say so, and try again after a poll.
+                    tracing::error!(error = %e, "cycle failed; retrying after the poll interval");
+                    self.config.renew.poll_interval
+                }
+            };
+            tokio::select! {
+                () = shutdown.cancelled() => break,
+                Some(joined) = self.tasks.join_next_with_id(), if !self.tasks.is_empty() => self.finished(joined),
+                () = tokio::time::sleep(wait) => {}
+            }
+        }
+    }
+
+    /// One pass; returns how long to sleep before the next.
+    async fn cycle(&mut self) -> Result<Duration, DbError> {
+        let now = self.clock.now();
+        let batch = self.config.renew.batch_size;
+        let ingested = ingest::ingest_pending(&self.db, &self.config, now, batch).await?;
+        let free = self
+            .config
+            .renew
+            .concurrency
+            .saturating_sub(self.tasks.len());
+        if free > 0 {
+            let limit = u32::try_from(free).unwrap_or(u32::MAX).min(batch);
+            let lease_until = now + secs(self.config.renew.lease);
+            for row in self.db.claim_due(now, lease_until, limit).await? {
+                self.spawn(row);
+            }
+        }
+        self.prune(now).await?;
+        let poll = self.config.renew.poll_interval;
+        if ingested >= batch as usize {
+            return Ok(Duration::ZERO);
+        }
+        if self.tasks.len() >= self.config.renew.concurrency {
+            // Full: a finishing task wakes the loop.
+            return Ok(poll);
+        }
+        Ok(match self.db.next_due().await? {
+            Some(due) if due <= now => Duration::ZERO,
+            Some(due) => Duration::from_secs(u64::try_from(due - now).unwrap_or(0)).min(poll),
+            None => poll,
+        })
+    }
+
+    fn spawn(&mut self, row: ClaimedRow) {
+        let id = row.id;
+        let renewer = self.renewer.clone();
+        let handle = self.tasks.spawn(async move { renewer.renew(row).await });
+        self.in_flight.insert(handle.id(), id);
+    }
+
+    fn finished(&mut self, joined: Result<(Id, Result<Settled, DbError>), tokio::task::JoinError>) {
+        let (task, result) = match joined {
+            Ok((task, result)) => (task, Ok(result)),
+            Err(e) => (e.id(), Err(e)),
+        };
+        let row = self.in_flight.remove(&task);
+        match result {
+            Ok(Ok(_)) => {}
+            // The row keeps its lease and is retried when it runs out.
+            Ok(Err(e)) => {
+                tracing::error!(row, error = %e, "could not record a renewal result; will retry after the lease")
+            }
+            Err(e) if e.is_cancelled() => {}
+            Err(e) => {
+                tracing::error!(row, error = %e, "renewal task failed; will retry after the lease")
+            }
+        }
+    }
+
+    async fn prune(&mut self, now: i64) -> Result<(), DbError> {
+        if now - self.last_prune < PRUNE_EVERY_SECS {
+            return Ok(());
+        }
+        self.last_prune = now;
+        let pruned = self
+            .db
+            .prune_events(now - secs(self.config.events.retention))
+            .await?;
+        if pruned > 0 {
+            tracing::debug!(events = pruned, "pruned old events");
+        }
+        Ok(())
+    }
+
+    /// Stop claiming; let in-flight renewals finish within the grace period; abort the rest
+    /// and give their keys back. An aborted write rolls back whole (one transaction).
+    async fn drain(&mut self) {
+        let in_flight = self.tasks.len();
+        if in_flight > 0 {
+            tracing::info!(in_flight, "shutting down; waiting for in-flight renewals");
+        }
+        let grace = self.config.renew.shutdown_grace;
+        let drained = tokio::time::timeout(grace, async {
+            while let Some(joined) = self.tasks.join_next_with_id().await {
+                self.finished(joined);
+            }
+        })
+        .await;
+        if drained.is_err() {
+            tracing::warn!(
+                left = self.tasks.len(),
+                "grace period over; abandoning the remaining attempts"
+            );
+            self.tasks.abort_all();
+            while let Some(joined) = self.tasks.join_next_with_id().await {
+                if let Ok((task, _)) = &joined {
+                    // It finished after all; its result is recorded.
+                    self.in_flight.remove(task);
+                }
+            }
+            let ids: Vec<i64> = self.in_flight.values().copied().collect();
+            if let Err(e) = self.db.release(&ids, self.clock.now()).await {
+                tracing::warn!(error = %e, "could not release abandoned keys; they are retried after their lease");
+            }
+        }
+        self.db.close().await;
+        tracing::info!("stopped");
+    }
+}
+
+fn secs(d: Duration) -> i64 {
+    i64::try_from(d.as_secs()).unwrap_or(i64::MAX)
+}

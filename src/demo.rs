@@ -1,0 +1,239 @@
+//! `storekeyd demo`: the real daemon against the emulator on a temporary SQLite database, with
+//! keys that live a minute so renewals happen while you watch.
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+use crate::claims::Kind;
+use crate::clock::Clock;
+use crate::config::{Application, Config};
+use crate::contract;
+use crate::daemon::{self, DaemonError};
+use crate::db::{Db, DbError};
+use crate::emulator::{self, Emulator, Faults};
+
+const TENANT: &str = "demo-tenant";
+const APPS: [&str; 2] = ["demo-app-1", "demo-app-2"];
+/// Demo keys live a minute, so the first renewals come within about 15 seconds.
+const KEY_LIFETIME_SECS: i64 = 60;
+
+#[derive(Debug, thiserror::Error)]
+pub enum DemoError {
+    #[error("demo: {0}")]
+    Io(#[from] std::io::Error),
+    #[error(transparent)]
+    Db(#[from] DbError),
+    #[error("demo: seeding the database failed: {0}")]
+    Seed(#[from] sqlx::Error),
+    #[error(transparent)]
+    Daemon(#[from] DaemonError),
+    #[error("demo: the daemon task failed: {0}")]
+    Join(#[from] tokio::task::JoinError),
+}
+
+/// The demo's configuration for an emulator at `emu`, with secrets in files under `dir`.
+pub fn config(emu: &Emulator, dir: &Path) -> Result<Config, std::io::Error> {
+    let mut config = Config {
+        database_url: Some(format!("sqlite://{}", dir.join("storekeyd.db").display())),
+        ..Config::default()
+    };
+    config.endpoints.collections = emu.renew_url(Kind::Collections);
+    config.endpoints.purchase = emu.renew_url(Kind::Purchase);
+    config.entra.authority = emu.authority();
+    for client_id in APPS {
+        let secret = format!("secret-{:016x}", fastrand::u64(..));
+        emu.register_app(TENANT, client_id, &secret);
+        let path = dir.join(format!("{client_id}.secret"));
+        write_private(&path, &secret)?;
+        config.applications.push(Application {
+            name: Some(client_id.to_owned()),
+            tenant_id: TENANT.to_owned(),
+            client_id: client_id.to_owned(),
+            client_secret_file: Some(path),
+            client_secret_env: None,
+        });
+    }
+    let r = &mut config.renew;
+    r.margin = Duration::from_secs(42);
+    r.jitter = Duration::from_secs(3);
+    r.poll_interval = Duration::from_secs(1);
+    r.backoff_base = Duration::from_secs(1);
+    r.backoff_cap = Duration::from_secs(4);
+    r.lease = Duration::from_secs(15);
+    r.shutdown_grace = Duration::from_secs(5);
+    config.http.request_timeout = Duration::from_secs(5);
+    Ok(config)
+}
+
+fn write_private(path: &Path, contents: &str) -> std::io::Result<()> {
+    use std::io::Write as _;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)?;
+    f.write_all(contents.as_bytes())
+}
+
+/// Runs the demo for `duration` or until `stop` is cancelled (Ctrl-C).
+pub async fn run(duration: Duration, stop: CancellationToken) -> Result<(), DemoError> {
+    let dir = tempfile::tempdir()?;
+    let clock = Clock::system();
+    let listener = TcpListener::bind("127.0.0.1:0").await?;
+    let emu = emulator::for_listener(&listener, clock.clone())?;
+    let shutdown = CancellationToken::new();
+    let server = tokio::spawn(emulator::serve(listener, emu.clone(), shutdown.clone()));
+
+    let config = Arc::new(config(&emu, dir.path())?);
+    let db = Db::open(&config.database_url()).await?;
+    println!(
+        "storekeyd demo: emulator at {}, database {}",
+        emu.authority(),
+        config.database_url()
+    );
+    seed(&emu, &db).await?;
+    // Some turbulence, so retries show up too.
+    emu.set_faults(Faults {
+        error_503_rate: 0.15,
+        throttle_rate: 0.05,
+        retry_after_secs: 1,
+        ..Faults::default()
+    });
+    println!(
+        "emulator answers 15% of renewals with 503 and 5% with 429; running for {}s (Ctrl-C stops)\n",
+        duration.as_secs()
+    );
+
+    let daemon_stop = CancellationToken::new();
+    let daemon = tokio::spawn(daemon::run(
+        config.clone(),
+        db.clone(),
+        clock,
+        daemon_stop.clone(),
+    ));
+    let started = Instant::now();
+    let mut last_event = 0;
+    let deadline = tokio::time::sleep(duration);
+    tokio::pin!(deadline);
+    loop {
+        tokio::select! {
+            () = &mut deadline => break,
+            () = stop.cancelled() => break,
+            () = tokio::time::sleep(Duration::from_millis(250)) => {
+                last_event = print_events(&db, last_event, started).await?;
+            }
+        }
+        if daemon.is_finished() {
+            break;
+        }
+    }
+    daemon_stop.cancel();
+    daemon.await??;
+    // The daemon closed its pool on the way out; read the final state through a new one.
+    let db = Db::open(&config.database_url()).await?;
+    print_events(&db, last_event, started).await?;
+    summary(&db, &emu).await?;
+    shutdown.cancel();
+    let _ = server.await;
+    Ok(())
+}
+
+/// Four healthy players, one whose key the Store revokes, one minted for an application this
+/// daemon has no credential for, and one row that is not a key at all.
+async fn seed(emu: &Emulator, db: &Db) -> Result<(), sqlx::Error> {
+    let pool = db.pool();
+    let mut rows = Vec::new();
+    for (i, kind) in [
+        Kind::Collections,
+        Kind::Purchase,
+        Kind::Collections,
+        Kind::Collections,
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let user = format!("player-{}", i + 1);
+        let app = APPS[i % 2];
+        rows.push((
+            user.clone(),
+            kind,
+            emu.mint(kind, app, &user, KEY_LIFETIME_SECS),
+        ));
+    }
+    let revoked = emu.mint(
+        Kind::Collections,
+        APPS[0],
+        "player-revoked",
+        KEY_LIFETIME_SECS,
+    );
+    emu.revoke_key(&revoked);
+    rows.push(("player-revoked".into(), Kind::Collections, revoked));
+    rows.push((
+        "player-other-app".into(),
+        Kind::Purchase,
+        emu.mint(Kind::Purchase, "unconfigured-app", "p", KEY_LIFETIME_SECS),
+    ));
+    rows.push((
+        "player-garbage".into(),
+        Kind::Collections,
+        "this-is-not-a-key".into(),
+    ));
+    for (user, kind, key) in &rows {
+        contract::upsert_key(pool, user, kind.as_str(), key).await?;
+    }
+    println!(
+        "seeded {} rows with the backend's upsert statement (keys live {KEY_LIFETIME_SECS}s)",
+        rows.len()
+    );
+    Ok(())
+}
+
+/// id, user_ref, kind, outcome, HTTP status, detail.
+type EventLine = (i64, String, String, String, Option<i64>, Option<String>);
+
+async fn print_events(db: &Db, after: i64, started: Instant) -> Result<i64, sqlx::Error> {
+    let rows: Vec<EventLine> = sqlx::query_as(
+        "SELECT e.id, COALESCE(k.user_ref, '?'), COALESCE(k.kind, '?'), e.outcome, e.http_status, e.detail
+         FROM store_key_events e LEFT JOIN store_keys k ON k.id = e.key_id
+         WHERE e.id > ? ORDER BY e.id",
+    )
+    .bind(after)
+    .fetch_all(db.pool())
+    .await?;
+    let mut last = after;
+    for (id, user, kind, outcome, status, detail) in rows {
+        last = id;
+        let status = status.map(|s| format!("HTTP {s}")).unwrap_or_default();
+        println!(
+            "{:>6.1}s  {user:<17} {kind:<12} {outcome:<19} {status:<9} {}",
+            started.elapsed().as_secs_f64(),
+            detail.unwrap_or_default()
+        );
+    }
+    Ok(last)
+}
+
+async fn summary(db: &Db, emu: &Emulator) -> Result<(), sqlx::Error> {
+    let rows: Vec<(String, String, i64, Option<String>)> =
+        sqlx::query_as("SELECT user_ref, state, renewals, reason FROM store_keys ORDER BY id")
+            .fetch_all(db.pool())
+            .await?;
+    println!("\nfinal state of every row:");
+    for (user, state, renewals, reason) in rows {
+        println!(
+            "  {user:<17} {state:<14} renewed {renewals} times  {}",
+            reason.unwrap_or_default()
+        );
+    }
+    let s = emu.stats();
+    println!(
+        "\nemulator: {} token requests, {} renew requests ({} renewed), answers by status {:?}",
+        s.token_requests, s.renew_requests, s.renewed, s.renew_by_status
+    );
+    Ok(())
+}

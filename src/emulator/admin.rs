@@ -1,0 +1,87 @@
+//! The admin API: what a test or a backend's CI uses to drive the emulator.
+
+use axum::Json;
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use serde::Deserialize;
+use serde_json::json;
+
+use super::AppState;
+use super::state::{Faults, Stats, lock};
+use crate::claims::Kind;
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MintRequest {
+    pub kind: Kind,
+    pub client_id: String,
+    pub user_id: String,
+    /// Seconds; default 30 days, as the real Store.
+    pub lifetime_secs: Option<i64>,
+}
+
+pub async fn mint(State(st): State<AppState>, Json(req): Json<MintRequest>) -> Response {
+    let lifetime = req.lifetime_secs.unwrap_or(30 * 86_400);
+    if lifetime <= 0 {
+        return (StatusCode::BAD_REQUEST, "lifetime_secs must be positive").into_response();
+    }
+    let key = st
+        .emu
+        .mint(req.kind, &req.client_id, &req.user_id, lifetime);
+    Json(json!({ "key": key })).into_response()
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RevokeRequest {
+    pub key: Option<String>,
+    pub user_id: Option<String>,
+}
+
+pub async fn revoke(State(st): State<AppState>, Json(req): Json<RevokeRequest>) -> Response {
+    let revoked = match (req.key, req.user_id) {
+        (Some(key), None) => usize::from(st.emu.revoke_key(&key)),
+        (None, Some(user)) => st.emu.revoke_user(&user),
+        _ => {
+            return (
+                StatusCode::BAD_REQUEST,
+                "give exactly one of `key` and `user_id`",
+            )
+                .into_response();
+        }
+    };
+    Json(json!({ "revoked": revoked })).into_response()
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RegisterRequest {
+    pub tenant_id: String,
+    pub client_id: String,
+    pub client_secret: String,
+}
+
+pub async fn register(State(st): State<AppState>, Json(req): Json<RegisterRequest>) -> StatusCode {
+    st.emu
+        .register_app(&req.tenant_id, &req.client_id, &req.client_secret);
+    StatusCode::NO_CONTENT
+}
+
+pub async fn get_faults(State(st): State<AppState>) -> Json<Faults> {
+    Json(st.emu.faults())
+}
+
+pub async fn put_faults(State(st): State<AppState>, Json(faults): Json<Faults>) -> StatusCode {
+    st.emu.set_faults(faults);
+    StatusCode::NO_CONTENT
+}
+
+pub async fn get_stats(State(st): State<AppState>) -> Json<Stats> {
+    Json(st.emu.stats())
+}
+
+pub async fn reset_stats(State(st): State<AppState>) -> StatusCode {
+    *lock(&st.emu.stats) = Stats::default();
+    StatusCode::NO_CONTENT
+}

@@ -1,0 +1,68 @@
+//! A local stand-in for the Store's renew endpoints and Entra ID's v2 token endpoint, faithful to
+//! reference/store-api.md, with an admin API to mint and revoke keys and to inject faults.
+//!
+//! Routes:
+//! - `POST /{tenant}/oauth2/v2.0/token`: client-credentials grant (form).
+//! - `POST /collections/v6.0/b2b/keys/renew`, `POST /purchase/v6.0/b2b/keys/renew`.
+//! - `POST /admin/keys`, `POST /admin/revoke`, `POST /admin/applications`,
+//!   `GET|PUT /admin/faults`, `GET|DELETE /admin/stats`.
+
+mod admin;
+mod renew;
+mod state;
+mod token;
+
+use std::sync::Arc;
+
+use axum::Router;
+use axum::routing::{get, post};
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+pub use state::{Emulator, Faults, Stats};
+
+use crate::clock::Clock;
+
+/// Shared with handlers; `shutdown` also ends calls that the timeout fault holds open.
+#[derive(Clone)]
+struct AppState {
+    emu: Arc<Emulator>,
+    shutdown: CancellationToken,
+}
+
+/// Builds the emulator for a listener that is already bound (port 0 in tests).
+pub fn for_listener(listener: &TcpListener, clock: Clock) -> std::io::Result<Arc<Emulator>> {
+    let addr = listener.local_addr()?;
+    Ok(Arc::new(Emulator::new(clock, format!("http://{addr}"))))
+}
+
+pub fn router(emu: Arc<Emulator>, shutdown: CancellationToken) -> Router {
+    Router::new()
+        .route("/{tenant}/oauth2/v2.0/token", post(token::token))
+        .route("/collections/v6.0/b2b/keys/renew", post(renew::collections))
+        .route("/purchase/v6.0/b2b/keys/renew", post(renew::purchase))
+        .route("/admin/keys", post(admin::mint))
+        .route("/admin/revoke", post(admin::revoke))
+        .route("/admin/applications", post(admin::register))
+        .route(
+            "/admin/faults",
+            get(admin::get_faults).put(admin::put_faults),
+        )
+        .route(
+            "/admin/stats",
+            get(admin::get_stats).delete(admin::reset_stats),
+        )
+        .with_state(AppState { emu, shutdown })
+}
+
+/// Serves until `shutdown` is cancelled.
+pub async fn serve(
+    listener: TcpListener,
+    emu: Arc<Emulator>,
+    shutdown: CancellationToken,
+) -> std::io::Result<()> {
+    let app = router(emu, shutdown.clone());
+    axum::serve(listener, app)
+        .with_graceful_shutdown(async move { shutdown.cancelled().await })
+        .await
+}

@@ -1,0 +1,175 @@
+//! The emulator's memory: registered applications, issued keys, faults and counters.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Mutex;
+
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+use crate::claims::Kind;
+use crate::clock::Clock;
+use crate::keymint::{self, KeySpec};
+
+/// Faults injected into renew calls. Rates are probabilities in `[0, 1]`, drawn in the order
+/// listed (timeout, 429, 500, 503, garbage); the rest are answered normally.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct Faults {
+    /// Added to every renew call before it is answered.
+    pub latency_ms: u64,
+    /// Never answer (the client's timeout fires).
+    pub timeout_rate: f64,
+    pub throttle_rate: f64,
+    /// `Retry-After` seconds on 429 answers.
+    pub retry_after_secs: u64,
+    pub error_500_rate: f64,
+    pub error_503_rate: f64,
+    /// 200 with a body that is not a key.
+    pub garbage_rate: f64,
+    /// Tickets of these client IDs are refused with `AuthenticationTokenInvalid`, as if the
+    /// credential were wrong.
+    pub reject_tickets_for: Vec<String>,
+    /// Keys of these client IDs get `InconsistentClientId`.
+    pub inconsistent_client_ids: Vec<String>,
+    /// Token responses give `expires_in` as a string, as the v1 endpoint does.
+    pub expires_in_as_string: bool,
+}
+
+/// Request counters, for tests, benchmarks and the demo's summary.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct Stats {
+    pub token_requests: u64,
+    pub tokens_issued: u64,
+    pub renew_requests: u64,
+    pub renewed: u64,
+    /// Renew answers by HTTP status (timeouts are not answered and not counted here).
+    pub renew_by_status: BTreeMap<u16, u64>,
+    pub timeouts: u64,
+}
+
+#[derive(Debug, Clone)]
+pub struct Issued {
+    pub kind: Kind,
+    pub client_id: String,
+    pub user_id: String,
+    pub lifetime_secs: i64,
+    pub expires_at: i64,
+    pub revoked: bool,
+}
+
+#[derive(Debug, Clone)]
+pub struct App {
+    pub tenant_id: String,
+    pub secret: String,
+}
+
+pub struct Emulator {
+    pub clock: Clock,
+    pub base_url: String,
+    pub ticket_secret: [u8; 32],
+    pub apps: Mutex<HashMap<String, App>>,
+    pub keys: Mutex<HashMap<[u8; 32], Issued>>,
+    pub faults: Mutex<Faults>,
+    pub stats: Mutex<Stats>,
+}
+
+/// Poisoning only follows a panic in another handler; the data is still counters and maps.
+pub fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+pub fn key_id(key: &str) -> [u8; 32] {
+    Sha256::digest(key.trim().as_bytes()).into()
+}
+
+impl Emulator {
+    pub fn new(clock: Clock, base_url: String) -> Self {
+        let mut ticket_secret = [0u8; 32];
+        ticket_secret.iter_mut().for_each(|b| *b = fastrand::u8(..));
+        Emulator {
+            clock,
+            base_url: base_url.trim_end_matches('/').to_owned(),
+            ticket_secret,
+            apps: Mutex::default(),
+            keys: Mutex::default(),
+            faults: Mutex::default(),
+            stats: Mutex::default(),
+        }
+    }
+
+    /// The renew URL for a kind, which is also what minted keys advertise as `refreshUri`.
+    pub fn renew_url(&self, kind: Kind) -> String {
+        format!("{}/{}/v6.0/b2b/keys/renew", self.base_url, kind.as_str())
+    }
+
+    /// The Entra authority to configure (`entra.authority`).
+    pub fn authority(&self) -> String {
+        self.base_url.clone()
+    }
+
+    pub fn register_app(&self, tenant_id: &str, client_id: &str, secret: &str) {
+        let app = App {
+            tenant_id: tenant_id.to_owned(),
+            secret: secret.to_owned(),
+        };
+        lock(&self.apps).insert(client_id.to_owned(), app);
+    }
+
+    /// Mints and remembers a key, as a client's Store call would.
+    pub fn mint(&self, kind: Kind, client_id: &str, user_id: &str, lifetime_secs: i64) -> String {
+        let spec = KeySpec {
+            kind,
+            client_id: client_id.to_owned(),
+            user_id: user_id.to_owned(),
+            issued_at: self.clock.now(),
+            lifetime_secs,
+            refresh_uri: self.renew_url(kind),
+        };
+        let key = keymint::mint(&spec);
+        let issued = Issued {
+            kind,
+            client_id: spec.client_id,
+            user_id: spec.user_id,
+            lifetime_secs,
+            expires_at: spec.issued_at + lifetime_secs,
+            revoked: false,
+        };
+        lock(&self.keys).insert(key_id(&key), issued);
+        key
+    }
+
+    /// Revokes one key; returns whether the emulator had issued it.
+    pub fn revoke_key(&self, key: &str) -> bool {
+        lock(&self.keys)
+            .get_mut(&key_id(key))
+            .map(|k| k.revoked = true)
+            .is_some()
+    }
+
+    /// Revokes every key issued for a user; returns how many.
+    pub fn revoke_user(&self, user_id: &str) -> usize {
+        let mut keys = lock(&self.keys);
+        let mut n = 0;
+        for k in keys.values_mut().filter(|k| k.user_id == user_id) {
+            k.revoked = true;
+            n += 1;
+        }
+        n
+    }
+
+    pub fn set_faults(&self, faults: Faults) {
+        *lock(&self.faults) = faults;
+    }
+
+    pub fn faults(&self) -> Faults {
+        lock(&self.faults).clone()
+    }
+
+    pub fn stats(&self) -> Stats {
+        lock(&self.stats).clone()
+    }
+
+    pub fn issued_count(&self) -> usize {
+        lock(&self.keys).len()
+    }
+}

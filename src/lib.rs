@@ -1,0 +1,21 @@
+//! storekeyd keeps Microsoft Store ID keys fresh. See ARCHITECTURE.md for the codemap.
+
+pub mod claims;
+pub mod clock;
+pub mod config;
+pub mod contract;
+pub mod daemon;
+pub mod db;
+pub mod demo;
+pub mod emulator;
+pub mod entra;
+pub mod fingerprint;
+pub mod http;
+pub mod ingest;
+pub mod keymint;
+pub mod outcome;
+pub mod ratelimit;
+pub mod renewer;
+pub mod schedule;
+pub mod store_api;
+pub mod telemetry;

@@ -1,0 +1,63 @@
+//! A global pace for renew calls: at most `rate` starts per second, evenly spaced, so a backlog
+//! drains as a steady stream instead of a burst the Store would throttle.
+
+use std::time::Duration;
+
+use tokio::sync::Mutex;
+use tokio::time::Instant;
+
+#[derive(Debug)]
+pub struct RateLimiter {
+    interval: Duration,
+    next: Mutex<Option<Instant>>,
+}
+
+impl RateLimiter {
+    pub fn per_second(rate: f64) -> Self {
+        let interval = Duration::try_from_secs_f64(1.0 / rate).unwrap_or(Duration::from_secs(1));
+        RateLimiter {
+            interval,
+            next: Mutex::new(None),
+        }
+    }
+
+    /// Waits for this caller's slot. Slots are handed out in order; an idle limiter lets the
+    /// next caller through at once (no burst credit builds up while idle).
+    pub async fn acquire(&self) {
+        let slot = {
+            let mut next = self.next.lock().await;
+            let now = Instant::now();
+            let slot = next.map_or(now, |n| n.max(now));
+            *next = Some(slot + self.interval);
+            slot
+        };
+        tokio::time::sleep_until(slot).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn spaces_calls_evenly() {
+        let limiter = RateLimiter::per_second(10.0);
+        let start = Instant::now();
+        for _ in 0..11 {
+            limiter.acquire().await;
+        }
+        assert_eq!(start.elapsed(), Duration::from_secs(1));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn idle_time_does_not_build_a_burst() {
+        let limiter = RateLimiter::per_second(2.0);
+        limiter.acquire().await;
+        tokio::time::sleep(Duration::from_secs(60)).await;
+        let start = Instant::now();
+        for _ in 0..3 {
+            limiter.acquire().await;
+        }
+        assert_eq!(start.elapsed(), Duration::from_secs(1));
+    }
+}

@@ -1,0 +1,340 @@
+//! One attempt on one claimed key: token, renew call, the fresh-token retry, and the write-back.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use tracing::Instrument as _;
+
+use crate::claims::{self, Claims, KeyText, Kind};
+use crate::clock::Clock;
+use crate::config::Config;
+use crate::db::{Activation, ClaimedRow, Db, DbError, Event, State};
+use crate::entra::{AccessToken, TokenClient};
+use crate::ingest::utc;
+use crate::outcome::{self, Outcome};
+use crate::ratelimit::RateLimiter;
+use crate::schedule::{self, Retry};
+use crate::store_api::{RenewClient, RenewResponse};
+
+/// What became of one claimed key; the loop and the demo report these.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Settled {
+    Renewed,
+    Retry,
+    Flagged(State),
+    /// The backend replaced the key while we worked on it; our result was dropped.
+    Superseded,
+}
+
+pub struct Renewer {
+    pub db: Db,
+    pub config: Arc<Config>,
+    pub tokens: TokenClient,
+    pub api: RenewClient,
+    pub limiter: RateLimiter,
+    pub clock: Clock,
+    endpoints: HashMap<Kind, reqwest::Url>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum BuildError {
+    #[error("config: `endpoints.{kind}`: {message}")]
+    Endpoint { kind: Kind, message: String },
+}
+
+impl Renewer {
+    pub fn new(
+        db: Db,
+        config: Arc<Config>,
+        tokens: TokenClient,
+        api: RenewClient,
+        clock: Clock,
+    ) -> Result<Self, BuildError> {
+        let mut endpoints = HashMap::new();
+        for kind in Kind::ALL {
+            let url =
+                reqwest::Url::parse(config.endpoint(kind)).map_err(|e| BuildError::Endpoint {
+                    kind,
+                    message: e.to_string(),
+                })?;
+            endpoints.insert(kind, url);
+        }
+        let limiter = RateLimiter::per_second(config.renew.rate_limit);
+        Ok(Renewer {
+            db,
+            config,
+            tokens,
+            api,
+            limiter,
+            clock,
+            endpoints,
+        })
+    }
+
+    /// Runs one attempt and writes its result. Only database errors come back as errors: every
+    /// remote failure is an outcome recorded on the row.
+    pub async fn renew(&self, row: ClaimedRow) -> Result<Settled, DbError> {
+        let span = tracing::info_span!("renew", row = row.id, key = %row.key.fingerprint(), kind = tracing::field::Empty);
+        self.renew_inner(row).instrument(span).await
+    }
+
+    async fn renew_inner(&self, row: ClaimedRow) -> Result<Settled, DbError> {
+        let claims = match claims::decode(row.key.expose()) {
+            Ok(c) => c,
+            Err(e) => {
+                return self
+                    .flag(
+                        &row,
+                        State::Invalid,
+                        &format!("not a Store ID key: {e}"),
+                        Event::default(),
+                    )
+                    .await;
+            }
+        };
+        tracing::Span::current().record("kind", claims.kind.as_str());
+        if self.clock.now() >= claims.expires_at {
+            return self.flag_expired(&row, &claims, Event::default()).await;
+        }
+        if !self.tokens.has_application(&claims.client_id) {
+            let reason = format!(
+                "no [[applications]] entry for clientId {}; add one to renew this key",
+                claims.client_id
+            );
+            return self
+                .flag(&row, State::Misconfigured, &reason, Event::default())
+                .await;
+        }
+        self.limiter.acquire().await;
+        let token = match self.tokens.token(&claims.client_id).await {
+            Ok(t) => t,
+            Err(e) => {
+                return self
+                    .retry(&row, &claims, None, &e.to_string(), token_event())
+                    .await;
+            }
+        };
+        let mut resp = self.call(&claims, &token, &row.key).await;
+        if let Outcome::AuthInvalid { .. } = resp.outcome {
+            // First suspect ourselves: the Store cannot tell a bad ticket from a revoked key.
+            self.db
+                .record_event(&self.event(&row, &resp, "retrying with a fresh access token"))
+                .await?;
+            let fresh = match self.tokens.fresh_token(&claims.client_id, &token).await {
+                Ok(t) => t,
+                Err(e) => {
+                    return self
+                        .retry(&row, &claims, None, &e.to_string(), token_event())
+                        .await;
+                }
+            };
+            resp = self.call(&claims, &fresh, &row.key).await;
+        }
+        self.settle(&row, &claims, resp).await
+    }
+
+    async fn call(&self, claims: &Claims, token: &AccessToken, key: &KeyText) -> RenewResponse {
+        // The endpoints map holds both kinds, built from the config in `new`.
+        let endpoint = &self.endpoints[&claims.kind];
+        self.api
+            .renew(endpoint, token, key, self.clock.now_system_time())
+            .await
+    }
+
+    async fn settle(
+        &self,
+        row: &ClaimedRow,
+        claims: &Claims,
+        resp: RenewResponse,
+    ) -> Result<Settled, DbError> {
+        let retry_after = match &resp.outcome {
+            Outcome::Throttled { retry_after } => *retry_after,
+            _ => None,
+        };
+        match resp.outcome.clone() {
+            Outcome::Renewed(new_key) => match outcome::check_renewed(claims, &new_key) {
+                Ok(new_claims) => self.write_renewed(row, &new_key, &new_claims, &resp).await,
+                Err(rejected) => {
+                    let mut event = self.event(row, &resp, &rejected.to_string());
+                    event.outcome = "unexpected";
+                    self.retry(row, claims, None, &rejected.to_string(), event)
+                        .await
+                }
+            },
+            Outcome::AuthInvalid { detail } => {
+                let reason = "the Store refused the key with AuthenticationTokenInvalid, also with a freshly minted access token: it is revoked or no longer renewable; the client must mint a new key";
+                let mut event = self.event(row, &resp, &detail);
+                event.outcome = "revoked";
+                self.flag(row, State::Revoked, reason, event).await
+            }
+            Outcome::ClientIdMismatch { detail } => {
+                let reason = format!(
+                    "the Store answered InconsistentClientId: the access token's appid is not the key's clientId {}; check that application's tenant_id, client_id and secret",
+                    claims.client_id
+                );
+                let event = self.event(row, &resp, &detail);
+                self.flag(row, State::Misconfigured, &reason, event).await
+            }
+            Outcome::Throttled { .. } | Outcome::Transient { .. } | Outcome::Unexpected { .. } => {
+                let detail = describe(&resp);
+                let event = self.event(row, &resp, &detail);
+                self.retry(row, claims, retry_after, &detail, event).await
+            }
+        }
+    }
+
+    async fn write_renewed(
+        &self,
+        row: &ClaimedRow,
+        new_key: &KeyText,
+        new_claims: &Claims,
+        resp: &RenewResponse,
+    ) -> Result<Settled, DbError> {
+        let next = schedule::renewal_time(new_claims, &self.config.policy(), fastrand::f64());
+        let fp = new_key.fingerprint();
+        let mut event = self.event(
+            row,
+            resp,
+            &format!(
+                "new key {fp}, expires {}, next renewal {}",
+                utc(new_claims.expires_at),
+                utc(next)
+            ),
+        );
+        event.key_fp = Some(fp.to_string());
+        let activation = Activation {
+            claims: new_claims,
+            key_fp: fp,
+            next_attempt_at: next,
+        };
+        if self
+            .db
+            .write_renewed(row.id, &row.key, new_key, &activation, &event)
+            .await?
+        {
+            tracing::debug!(new_key = %fp, next = %utc(next), "renewed");
+            Ok(Settled::Renewed)
+        } else {
+            tracing::info!("key was replaced by the backend during renewal; result dropped");
+            Ok(Settled::Superseded)
+        }
+    }
+
+    async fn retry(
+        &self,
+        row: &ClaimedRow,
+        claims: &Claims,
+        retry_after: Option<std::time::Duration>,
+        detail: &str,
+        mut event: Event,
+    ) -> Result<Settled, DbError> {
+        let now = self.clock.now();
+        let attempts = row.attempts.saturating_add(1);
+        match schedule::retry_time(
+            now,
+            claims.expires_at,
+            attempts,
+            retry_after,
+            &self.config.policy(),
+            fastrand::f64(),
+        ) {
+            Retry::Expired => self.flag_expired(row, claims, event).await,
+            Retry::At(at) => {
+                event.key_id = row.id;
+                event.at = now;
+                event.key_fp = Some(row.key.fingerprint().to_string());
+                event.detail = Some(format!("{detail}; attempt {attempts}, next at {}", utc(at)));
+                let reason = format!("retrying: {detail}");
+                if self
+                    .db
+                    .write_retry(row.id, &row.key, at, &reason, &event)
+                    .await?
+                {
+                    tracing::info!(outcome = event.outcome, attempts, next = %utc(at), "{detail}; will retry");
+                    Ok(Settled::Retry)
+                } else {
+                    Ok(Settled::Superseded)
+                }
+            }
+        }
+    }
+
+    async fn flag_expired(
+        &self,
+        row: &ClaimedRow,
+        claims: &Claims,
+        event: Event,
+    ) -> Result<Settled, DbError> {
+        let reason = format!(
+            "key expired at {} before it could be renewed; the client must mint a new one",
+            utc(claims.expires_at)
+        );
+        self.flag(row, State::Expired, &reason, event).await
+    }
+
+    async fn flag(
+        &self,
+        row: &ClaimedRow,
+        state: State,
+        reason: &str,
+        mut event: Event,
+    ) -> Result<Settled, DbError> {
+        event.key_id = row.id;
+        event.at = self.clock.now();
+        event.key_fp = Some(row.key.fingerprint().to_string());
+        if event.outcome.is_empty() {
+            event.outcome = state.as_str();
+        }
+        if event.detail.is_none() {
+            event.detail = Some(reason.to_owned());
+        }
+        if self
+            .db
+            .flag(row.id, &row.key, state, reason, &event)
+            .await?
+        {
+            tracing::warn!(state = state.as_str(), reason, "key flagged");
+            Ok(Settled::Flagged(state))
+        } else {
+            Ok(Settled::Superseded)
+        }
+    }
+
+    fn event(&self, row: &ClaimedRow, resp: &RenewResponse, detail: &str) -> Event {
+        Event {
+            key_id: row.id,
+            at: self.clock.now(),
+            outcome: resp.outcome.label(),
+            key_fp: Some(row.key.fingerprint().to_string()),
+            http_status: resp.status,
+            error_code: resp.error_code.clone(),
+            detail: (!detail.is_empty()).then(|| detail.to_owned()),
+            correlation_id: resp.ms.correlation_id.clone(),
+            request_id: resp.ms.request_id.clone(),
+            cv: resp.ms.cv.clone(),
+            duration_ms: Some(resp.duration_ms),
+        }
+    }
+}
+
+fn token_event() -> Event {
+    Event {
+        outcome: "token_error",
+        ..Event::default()
+    }
+}
+
+fn describe(resp: &RenewResponse) -> String {
+    let what = match &resp.outcome {
+        Outcome::Throttled {
+            retry_after: Some(d),
+        } => format!("throttled (Retry-After {}s)", d.as_secs()),
+        Outcome::Throttled { retry_after: None } => "throttled".to_owned(),
+        Outcome::Transient { detail } | Outcome::Unexpected { detail } => detail.clone(),
+        other => other.label().to_owned(),
+    };
+    match &resp.error_code {
+        Some(code) => format!("{what} ({code})"),
+        None => what,
+    }
+}

@@ -1,0 +1,110 @@
+//! The Store's renew call: one POST of `{serviceTicket, key}` to a configured endpoint.
+
+use std::time::{Instant, SystemTime};
+
+use serde::Serialize;
+
+use crate::claims::KeyText;
+use crate::entra::AccessToken;
+use crate::http::{self, BodyError, MsHeaders};
+use crate::outcome::{self, Outcome, Response};
+
+#[derive(Debug, Clone)]
+pub struct RenewClient {
+    http: reqwest::Client,
+    max_body: usize,
+}
+
+/// Everything one renew call produced, for the decision and the event row.
+#[derive(Debug, Clone)]
+pub struct RenewResponse {
+    pub outcome: Outcome,
+    pub status: Option<u16>,
+    pub error_code: Option<String>,
+    pub ms: MsHeaders,
+    pub duration_ms: i64,
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct RenewBody<'a> {
+    service_ticket: &'a str,
+    // Lowercase `key`, as the table and the official library send it.
+    key: &'a str,
+}
+
+impl RenewClient {
+    pub fn new(http: reqwest::Client, max_body: usize) -> Self {
+        RenewClient { http, max_body }
+    }
+
+    /// `endpoint` comes from the configuration, never from the key (DESIGN.md, first invariant).
+    pub async fn renew(
+        &self,
+        endpoint: &reqwest::Url,
+        ticket: &AccessToken,
+        key: &KeyText,
+        now: SystemTime,
+    ) -> RenewResponse {
+        let started = Instant::now();
+        let body = RenewBody {
+            service_ticket: ticket.expose(),
+            key: key.expose(),
+        };
+        let sent = self.http.post(endpoint.clone()).json(&body).send().await;
+        let mut result = match sent {
+            Err(e) => RenewResponse {
+                outcome: Outcome::Transient {
+                    detail: http::describe(&e),
+                },
+                status: None,
+                error_code: None,
+                ms: MsHeaders::default(),
+                duration_ms: 0,
+            },
+            Ok(resp) => self.read(resp, now).await,
+        };
+        result.duration_ms = i64::try_from(started.elapsed().as_millis()).unwrap_or(i64::MAX);
+        result
+    }
+
+    async fn read(&self, resp: reqwest::Response, now: SystemTime) -> RenewResponse {
+        let status = resp.status().as_u16();
+        let ms = MsHeaders::from(resp.headers());
+        let retry_after = resp
+            .headers()
+            .get(reqwest::header::RETRY_AFTER)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned);
+        let (outcome, error_code) = match http::read_body(resp, self.max_body).await {
+            Ok(body) => outcome::classify(
+                Response {
+                    status,
+                    retry_after: retry_after.as_deref(),
+                    body: &body,
+                },
+                now,
+            ),
+            Err(BodyError::TooLarge(max)) => (
+                Outcome::Unexpected {
+                    detail: format!("HTTP {status} with a body over {max} bytes"),
+                },
+                None,
+            ),
+            // A body cut off mid-way is the network failing, not the Store answering.
+            Err(BodyError::Read(e)) => (
+                Outcome::Transient {
+                    detail: http::describe(&e),
+                },
+                None,
+            ),
+        };
+        RenewResponse {
+            outcome,
+            status: Some(status),
+            error_code,
+            ms,
+            duration_ms: 0,
+        }
+    }
+}
