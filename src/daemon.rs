@@ -143,6 +143,10 @@ impl Loop {
 
     fn spawn(&mut self, row: ClaimedRow) {
         let id = row.id;
+        // Its lease ran out while the attempt still runs (a wall-clock jump): one attempt per key.
+        if self.in_flight.values().any(|&r| r == id) {
+            return;
+        }
         let renewer = self.renewer.clone();
         let handle = self.tasks.spawn(async move { renewer.renew(row).await });
         self.in_flight.insert(handle.id(), id);

@@ -114,7 +114,9 @@ impl Renewer {
                     .await;
             }
         };
-        let mut resp = self.call(&claims, &token, &row.key).await;
+        let Some(mut resp) = self.call(&claims, &token, &row.key).await else {
+            return self.flag_expired(&row, &claims, Event::default()).await;
+        };
         if let Outcome::AuthInvalid { .. } = resp.outcome {
             // First suspect ourselves: the Store cannot tell a bad ticket from a revoked key.
             self.db
@@ -128,17 +130,31 @@ impl Renewer {
                         .await;
                 }
             };
-            resp = self.call(&claims, &fresh, &row.key).await;
+            let Some(second) = self.call(&claims, &fresh, &row.key).await else {
+                return self.flag_expired(&row, &claims, Event::default()).await;
+            };
+            resp = second;
         }
         self.settle(&row, &claims, resp).await
     }
 
-    async fn call(&self, claims: &Claims, token: &AccessToken, key: &KeyText) -> RenewResponse {
+    /// The renew call, unless the key has expired by now (waiting for the rate limiter or a
+    /// token takes time): an expired key is never sent.
+    async fn call(
+        &self,
+        claims: &Claims,
+        token: &AccessToken,
+        key: &KeyText,
+    ) -> Option<RenewResponse> {
+        let now = self.clock.now();
+        if now >= claims.expires_at {
+            return None;
+        }
         // The endpoints map holds both kinds, built from the config in `new`.
         let endpoint = &self.endpoints[&claims.kind];
-        self.api
-            .renew(endpoint, token, key, self.clock.now_system_time())
-            .await
+        let sent_at =
+            std::time::UNIX_EPOCH + std::time::Duration::from_secs(u64::try_from(now).unwrap_or(0));
+        Some(self.api.renew(endpoint, token, key, sent_at).await)
     }
 
     async fn settle(
@@ -303,7 +319,8 @@ impl Renewer {
     fn event(&self, row: &ClaimedRow, resp: &RenewResponse, detail: &str) -> Event {
         Event {
             key_id: row.id,
-            at: self.clock.now(),
+            // When the call was made, not when it came back.
+            at: resp.started_at,
             outcome: resp.outcome.label(),
             key_fp: Some(row.key.fingerprint().to_string()),
             http_status: resp.status,

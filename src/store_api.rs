@@ -23,6 +23,8 @@ pub struct RenewResponse {
     pub error_code: Option<String>,
     pub ms: MsHeaders,
     pub duration_ms: i64,
+    /// Unix seconds when the request was sent.
+    pub started_at: i64,
 }
 
 #[derive(Serialize)]
@@ -61,9 +63,13 @@ impl RenewClient {
                 error_code: None,
                 ms: MsHeaders::default(),
                 duration_ms: 0,
+                started_at: 0,
             },
             Ok(resp) => self.read(resp, now).await,
         };
+        result.started_at = now
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX));
         result.duration_ms = i64::try_from(started.elapsed().as_millis()).unwrap_or(i64::MAX);
         result
     }
@@ -105,6 +111,7 @@ impl RenewClient {
             error_code,
             ms,
             duration_ms: 0,
+            started_at: 0,
         }
     }
 }

@@ -19,6 +19,8 @@ pub struct MintRequest {
     pub user_id: String,
     /// Seconds; default 30 days, as the real Store.
     pub lifetime_secs: Option<i64>,
+    /// Mint the key as if issued this many seconds ago (a key already due for renewal).
+    pub issued_secs_ago: Option<i64>,
 }
 
 pub async fn mint(State(st): State<AppState>, Json(req): Json<MintRequest>) -> Response {
@@ -26,9 +28,10 @@ pub async fn mint(State(st): State<AppState>, Json(req): Json<MintRequest>) -> R
     if lifetime <= 0 {
         return (StatusCode::BAD_REQUEST, "lifetime_secs must be positive").into_response();
     }
+    let issued_at = st.emu.clock.now() - req.issued_secs_ago.unwrap_or(0).max(0);
     let key = st
         .emu
-        .mint(req.kind, &req.client_id, &req.user_id, lifetime);
+        .mint_at(req.kind, &req.client_id, &req.user_id, lifetime, issued_at);
     Json(json!({ "key": key })).into_response()
 }
 

@@ -117,11 +117,23 @@ impl Emulator {
 
     /// Mints and remembers a key, as a client's Store call would.
     pub fn mint(&self, kind: Kind, client_id: &str, user_id: &str, lifetime_secs: i64) -> String {
+        self.mint_at(kind, client_id, user_id, lifetime_secs, self.clock.now())
+    }
+
+    /// Mints a key as if issued at `issued_at`: a key that is already due, for tests and CI.
+    pub fn mint_at(
+        &self,
+        kind: Kind,
+        client_id: &str,
+        user_id: &str,
+        lifetime_secs: i64,
+        issued_at: i64,
+    ) -> String {
         let spec = KeySpec {
             kind,
             client_id: client_id.to_owned(),
             user_id: user_id.to_owned(),
-            issued_at: self.clock.now(),
+            issued_at,
             lifetime_secs,
             refresh_uri: self.renew_url(kind),
         };
@@ -167,6 +179,11 @@ impl Emulator {
 
     pub fn stats(&self) -> Stats {
         lock(&self.stats).clone()
+    }
+
+    /// Whether the emulator issued this key (renewed or not).
+    pub fn issued(&self, key: &str) -> bool {
+        lock(&self.keys).contains_key(&key_id(key))
     }
 
     pub fn issued_count(&self) -> usize {

@@ -1,0 +1,160 @@
+//! storekeyd never overwrites a backend's newer write, and a stop at any moment leaves every row
+//! whole.
+
+use std::process::Stdio;
+use std::time::Duration;
+
+use storekeyd::claims::{self, Kind};
+use storekeyd::emulator::Faults;
+use storekeyd::fingerprint::Fingerprint;
+use tokio::process::{Child, Command};
+
+use crate::harness::{APP, DAY, KEY_LIFETIME, TestEnv};
+
+fn due_key(env: &TestEnv, user: &str) -> String {
+    env.emu.mint_at(
+        Kind::Collections,
+        APP,
+        user,
+        KEY_LIFETIME,
+        env.clock.now() - 20 * DAY as i64,
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backend_write_during_a_renewal_wins() {
+    let mut env = TestEnv::new().await;
+    let old = due_key(&env, "alice");
+    env.store("alice", Kind::Collections, &old).await;
+    env.set_faults(Faults {
+        latency_ms: 1500,
+        ..Faults::default()
+    });
+    env.spawn_daemon().await;
+
+    env.wait_until("the renewal is in flight", || async {
+        env.emu.stats().renew_requests == 1
+    })
+    .await;
+    let newer = env.mint(Kind::Collections, APP, "alice");
+    env.store("alice", Kind::Collections, &newer).await;
+    env.wait_until("the daemon's result arrives", || async {
+        env.emu.stats().renewed == 1
+    })
+    .await;
+    env.wait_until("the backend's key is active", || async {
+        let row = env.row("alice", Kind::Collections).await;
+        row.state == "active" && row.key == newer
+    })
+    .await;
+    env.stop_daemon().await;
+
+    let row = env.row("alice", Kind::Collections).await;
+    assert_eq!(row.key, newer, "the backend's newer key was overwritten");
+    assert_eq!(row.renewals, 0);
+    let outcomes: Vec<String> = env
+        .outcomes(row.id)
+        .await
+        .into_iter()
+        .map(|(o, _, _)| o)
+        .collect();
+    assert!(outcomes.contains(&"superseded".to_owned()), "{outcomes:?}");
+}
+
+/// The binary under test, with the env's config written to a file.
+fn spawn_binary(config_path: &std::path::Path) -> Child {
+    Command::new(env!("CARGO_BIN_EXE_storekeyd"))
+        .args(["run", "--config"])
+        .arg(config_path)
+        .env(
+            "STOREKEYD_LOG",
+            std::env::var("TEST_LOG").unwrap_or_else(|_| "off".into()),
+        )
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap()
+}
+
+async fn sigterm_and_wait(mut child: Child) {
+    let pid = child.id().unwrap().to_string();
+    let status = std::process::Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let exit = tokio::time::timeout(Duration::from_secs(20), child.wait())
+        .await
+        .expect("no exit within 20 s after SIGTERM")
+        .unwrap();
+    assert!(exit.success(), "exit status after SIGTERM: {exit}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_mid_renewal_leaves_a_consistent_database_and_a_restart_carries_on() {
+    let mut env = TestEnv::new().await;
+    env.config.renew.concurrency = 2;
+    env.config.renew.poll_interval = Duration::from_millis(100);
+    let config_path = env.dir.path().join("storekeyd.toml");
+    std::fs::write(&config_path, toml::to_string(&env.config).unwrap()).unwrap();
+    let users: Vec<String> = (0..12).map(|i| format!("user-{i}")).collect();
+    for user in &users {
+        let key = due_key(&env, user);
+        env.store(user, Kind::Collections, &key).await;
+    }
+    env.set_faults(Faults {
+        latency_ms: 400,
+        ..Faults::default()
+    });
+
+    let child = spawn_binary(&config_path);
+    env.wait_until("renewals in flight", || async {
+        env.emu.stats().renew_requests >= 3
+    })
+    .await;
+    sigterm_and_wait(child).await;
+
+    let rows = env.rows().await;
+    let renewed = rows.iter().filter(|r| r.renewals == 1).count();
+    assert!(
+        renewed >= 2 && renewed < users.len(),
+        "stopped mid-drain: {renewed} of {} renewed",
+        users.len()
+    );
+    for row in &rows {
+        assert_eq!(row.state, "active");
+        assert_eq!(
+            row.lease_until, None,
+            "in-flight work was finished or handed back"
+        );
+        assert_eq!(
+            row.key_fp.as_deref(),
+            Some(Fingerprint::of(&row.key).to_string().as_str()),
+            "row half-written"
+        );
+        assert_eq!(
+            row.expires_at,
+            Some(claims::decode(&row.key).unwrap().expires_at),
+            "row half-written"
+        );
+        assert!(env.emu.issued(&row.key), "a key the Store never issued");
+    }
+    assert_eq!(
+        env.emu.stats().renewed as usize,
+        renewed,
+        "a renewal the Store made was lost"
+    );
+
+    let child = spawn_binary(&config_path);
+    env.wait_until("every key renewed after the restart", || async {
+        env.rows().await.iter().all(|r| r.renewals == 1)
+    })
+    .await;
+    sigterm_and_wait(child).await;
+    assert_eq!(
+        env.emu.stats().renewed as usize,
+        users.len(),
+        "each key renewed exactly once across the restart"
+    );
+}

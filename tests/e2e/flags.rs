@@ -1,0 +1,159 @@
+//! Keys that cannot be renewed are flagged with a reason, and never hold up the others.
+
+use std::time::Duration;
+
+use storekeyd::claims::{AUD_COLLECTIONS, CLAIM_CLIENT_ID, Kind};
+use storekeyd::emulator::Faults;
+use storekeyd::keymint::{self, KeySpec};
+use tokio::net::TcpListener;
+
+use crate::harness::{APP, DAY, TestEnv};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_revoked_key_is_flagged_after_a_fresh_token_retry_and_others_renew() {
+    let mut env = TestEnv::new().await;
+    env.add_user("alice").await;
+    let revoked = env.add_user("mallory").await;
+    env.add_user("carol").await;
+    assert!(env.emu.revoke_key(&revoked));
+    env.spawn_daemon().await;
+
+    env.run_until(
+        Duration::from_secs(DAY),
+        "mallory flagged and the others renewed",
+        || async {
+            let rows = env.rows().await;
+            rows.iter().any(|r| r.state == "revoked")
+                && rows.iter().filter(|r| r.renewals >= 1).count() == 2
+        },
+    )
+    .await;
+    env.stop_daemon().await;
+
+    let row = env.row("mallory", Kind::Collections).await;
+    assert_eq!(row.state, "revoked");
+    assert!(row.reason.unwrap().contains("AuthenticationTokenInvalid"));
+    let outcomes: Vec<String> = env
+        .outcomes(row.id)
+        .await
+        .into_iter()
+        .map(|(o, _, _)| o)
+        .collect();
+    assert_eq!(
+        outcomes,
+        ["accepted", "auth_invalid", "revoked"],
+        "one retry with a fresh token, then flagged"
+    );
+    for user in ["alice", "carol"] {
+        assert_eq!(env.row(user, Kind::Collections).await.state, "active");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_id_mismatch_is_misconfigured_not_revoked() {
+    let mut env = TestEnv::new().await;
+    env.add_user("alice").await;
+    env.set_faults(Faults {
+        inconsistent_client_ids: vec![APP.into()],
+        ..Faults::default()
+    });
+    env.spawn_daemon().await;
+
+    env.run_until(Duration::from_secs(DAY), "alice flagged", || async {
+        env.row("alice", Kind::Collections).await.state == "misconfigured"
+    })
+    .await;
+    env.stop_daemon().await;
+    let row = env.row("alice", Kind::Collections).await;
+    assert_eq!(row.state, "misconfigured");
+    assert!(row.reason.unwrap().contains("InconsistentClientId"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn garbage_rows_are_flagged_invalid_while_the_others_renew() {
+    let mut env = TestEnv::new().await;
+    env.add_user("alice").await;
+    env.store("not-a-jwt", Kind::Collections, "hello world")
+        .await;
+    let wrong_aud = keymint::encode_claims(&serde_json::json!({
+        "aud": "https://example.com/keys", "iat": 1, "exp": 4_000_000_000i64, CLAIM_CLIENT_ID: APP
+    }));
+    env.store("wrong-aud", Kind::Collections, &wrong_aud).await;
+    env.store("huge", Kind::Collections, &"A".repeat(1 << 20))
+        .await;
+    let mislabeled = env.mint(Kind::Purchase, APP, "mislabeled");
+    env.store("mislabeled", Kind::Collections, &mislabeled)
+        .await;
+    let no_app = env.mint(Kind::Collections, "app-unknown", "stranger");
+    env.store("stranger", Kind::Collections, &no_app).await;
+    env.add_user("bob").await;
+    env.spawn_daemon().await;
+
+    env.run_until(
+        Duration::from_secs(DAY),
+        "alice and bob renewed",
+        || async { env.rows().await.iter().filter(|r| r.renewals >= 1).count() == 2 },
+    )
+    .await;
+    env.stop_daemon().await;
+
+    for (user, reason) in [
+        ("not-a-jwt", "not a JWT"),
+        (
+            "wrong-aud",
+            "neither the collections nor the purchase audience",
+        ),
+        ("huge", "more than the"),
+        ("mislabeled", "row kind is `collections`"),
+    ] {
+        let row = env.row(user, Kind::Collections).await;
+        assert_eq!(row.state, "invalid", "{user}");
+        let got = row.reason.unwrap();
+        assert!(got.contains(reason), "{user}: {got}");
+        assert!(
+            got.len() < 300,
+            "{user}: the reason must not echo the input"
+        );
+    }
+    assert_eq!(
+        env.row("stranger", Kind::Collections).await.state,
+        "misconfigured"
+    );
+    assert_eq!(AUD_COLLECTIONS, Kind::Collections.audience());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_key_whose_refresh_uri_points_elsewhere_never_reaches_that_host() {
+    let mut env = TestEnv::new().await;
+    // The host the key advertises: it must never see a connection.
+    let elsewhere = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = elsewhere.local_addr().unwrap();
+    let contacted = tokio::spawn(async move { elsewhere.accept().await.is_ok() });
+
+    let mut spec = KeySpec::collections(APP, env.clock.now() - 20 * DAY as i64, 30 * DAY as i64);
+    spec.refresh_uri = format!("http://{addr}/v6.0/b2b/keys/renew");
+    env.store("alice", Kind::Collections, &keymint::mint(&spec))
+        .await;
+    env.add_user("bob").await;
+    env.spawn_daemon().await;
+
+    env.run_until(Duration::from_secs(DAY), "bob renewed", || async {
+        env.row("bob", Kind::Collections).await.renewals >= 1
+    })
+    .await;
+    env.stop_daemon().await;
+
+    let row = env.row("alice", Kind::Collections).await;
+    assert_eq!(row.state, "invalid");
+    assert!(row.reason.unwrap().contains(&addr.to_string()));
+    assert!(
+        !contacted.is_finished(),
+        "the key's refreshUri host was contacted"
+    );
+    contacted.abort();
+    assert_eq!(
+        env.emu.stats().renewed,
+        1,
+        "only bob's key reached the configured endpoint"
+    );
+}

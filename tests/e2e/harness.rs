@@ -1,0 +1,277 @@
+//! Starts the emulator on port 0 and the real daemon on a fresh SQLite file, both on one
+//! controllable clock, and reads the database the way a backend would.
+
+use std::sync::{Arc, Once};
+use std::time::Duration;
+
+use storekeyd::claims::Kind;
+use storekeyd::clock::Clock;
+use storekeyd::config::{Application, Config};
+use storekeyd::contract;
+use storekeyd::daemon::{self, DaemonError};
+use storekeyd::db::Db;
+use storekeyd::emulator::{self, Emulator, Faults};
+use tempfile::TempDir;
+use tokio::net::TcpListener;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+pub const TENANT: &str = "test-tenant";
+pub const APP: &str = "app-main";
+pub const OTHER_APP: &str = "app-other";
+pub const DAY: u64 = 86_400;
+pub const KEY_LIFETIME: i64 = 30 * 86_400;
+
+/// Tracing output only when `TEST_LOG` is set (e.g. `TEST_LOG=storekeyd=debug`).
+fn init_logging() {
+    static INIT: Once = Once::new();
+    INIT.call_once(|| {
+        if let Ok(filter) = std::env::var("TEST_LOG") {
+            let _ = tracing_subscriber::fmt()
+                .with_env_filter(filter)
+                .with_test_writer()
+                .try_init();
+        }
+    });
+}
+
+/// One key row as the tests look at it.
+#[derive(Debug, Clone)]
+pub struct Row {
+    pub id: i64,
+    pub key: String,
+    pub state: String,
+    pub reason: Option<String>,
+    pub expires_at: Option<i64>,
+    pub next_attempt_at: Option<i64>,
+    pub lease_until: Option<i64>,
+    pub renewals: i64,
+    pub attempts: i64,
+    pub key_fp: Option<String>,
+}
+
+const ROW_SELECT: &str = "SELECT id, key, state, reason, expires_at, next_attempt_at, lease_until, renewals, attempts, key_fp FROM store_keys";
+
+type RawRow = (
+    i64,
+    String,
+    String,
+    Option<String>,
+    Option<i64>,
+    Option<i64>,
+    Option<i64>,
+    i64,
+    i64,
+    Option<String>,
+);
+
+impl From<RawRow> for Row {
+    fn from(r: RawRow) -> Row {
+        Row {
+            id: r.0,
+            key: r.1,
+            state: r.2,
+            reason: r.3,
+            expires_at: r.4,
+            next_attempt_at: r.5,
+            lease_until: r.6,
+            renewals: r.7,
+            attempts: r.8,
+            key_fp: r.9,
+        }
+    }
+}
+
+pub struct TestEnv {
+    pub clock: Clock,
+    pub emu: Arc<Emulator>,
+    pub config: Config,
+    /// The backend's connection.
+    pub db: Db,
+    pub dir: TempDir,
+    emu_stop: CancellationToken,
+    daemon: Option<(CancellationToken, JoinHandle<Result<(), DaemonError>>)>,
+}
+
+impl TestEnv {
+    pub async fn new() -> TestEnv {
+        init_logging();
+        let clock = Clock::system();
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let emu = emulator::for_listener(&listener, clock.clone()).unwrap();
+        let emu_stop = CancellationToken::new();
+        tokio::spawn(emulator::serve(listener, emu.clone(), emu_stop.clone()));
+        let dir = tempfile::tempdir().unwrap();
+        let config = test_config(&emu, &dir);
+        let db = Db::open(&config.database_url()).await.unwrap();
+        TestEnv {
+            clock,
+            emu,
+            config,
+            db,
+            dir,
+            emu_stop,
+            daemon: None,
+        }
+    }
+
+    /// Starts the daemon with this env's config and its own database connection.
+    pub async fn spawn_daemon(&mut self) {
+        assert!(self.daemon.is_none(), "daemon already running");
+        let db = Db::open(&self.config.database_url()).await.unwrap();
+        let stop = CancellationToken::new();
+        let config = Arc::new(self.config.clone());
+        let handle = tokio::spawn(daemon::run(config, db, self.clock.clone(), stop.clone()));
+        self.daemon = Some((stop, handle));
+    }
+
+    /// Stops the daemon as SIGTERM does and waits for it to exit cleanly.
+    pub async fn stop_daemon(&mut self) {
+        let (stop, handle) = self.daemon.take().expect("daemon not running");
+        stop.cancel();
+        tokio::time::timeout(Duration::from_secs(30), handle)
+            .await
+            .expect("daemon did not stop within 30 s")
+            .expect("daemon task panicked")
+            .expect("daemon returned an error");
+    }
+
+    pub fn set_faults(&self, faults: Faults) {
+        self.emu.set_faults(faults);
+    }
+
+    pub fn mint(&self, kind: Kind, client_id: &str, user: &str) -> String {
+        self.emu.mint(kind, client_id, user, KEY_LIFETIME)
+    }
+
+    /// Stores a key with the backend contract's statement.
+    pub async fn store(&self, user: &str, kind: Kind, key: &str) {
+        contract::upsert_key(self.db.pool(), user, kind.as_str(), key)
+            .await
+            .unwrap();
+    }
+
+    /// Mints a collections key for `user` and stores it.
+    pub async fn add_user(&self, user: &str) -> String {
+        let key = self.mint(Kind::Collections, APP, user);
+        self.store(user, Kind::Collections, &key).await;
+        key
+    }
+
+    pub async fn row(&self, user: &str, kind: Kind) -> Row {
+        let sql = format!("{ROW_SELECT} WHERE user_ref = ? AND kind = ?");
+        let raw: RawRow = sqlx::query_as(sqlx::AssertSqlSafe(sql))
+            .bind(user)
+            .bind(kind.as_str())
+            .fetch_one(self.db.pool())
+            .await
+            .unwrap();
+        Row::from(raw)
+    }
+
+    pub async fn rows(&self) -> Vec<Row> {
+        let sql = format!("{ROW_SELECT} ORDER BY id");
+        let raw: Vec<RawRow> = sqlx::query_as(sqlx::AssertSqlSafe(sql))
+            .fetch_all(self.db.pool())
+            .await
+            .unwrap();
+        raw.into_iter().map(Row::from).collect()
+    }
+
+    /// Outcomes recorded for a row, oldest first.
+    pub async fn outcomes(&self, key_id: i64) -> Vec<(String, i64, Option<i64>)> {
+        sqlx::query_as(
+            "SELECT outcome, at, http_status FROM store_key_events WHERE key_id = ? ORDER BY id",
+        )
+        .bind(key_id)
+        .fetch_all(self.db.pool())
+        .await
+        .unwrap()
+    }
+
+    /// Polls `check` every 20 ms, moving the shared clock forward by `step` each time, until it
+    /// holds; panics with `what` after 30 s of real time.
+    pub async fn run_until<F, Fut>(&self, step: Duration, what: &str, mut check: F)
+    where
+        F: FnMut() -> Fut,
+        Fut: std::future::Future<Output = bool>,
+    {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            if check().await {
+                return;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "timed out waiting for: {what}"
+            );
+            self.clock.advance(step);
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Waits without moving the clock.
+    pub async fn wait_until<F, Fut>(&self, what: &str, check: F)
+    where
+        F: FnMut() -> Fut,
+        Fut: std::future::Future<Output = bool>,
+    {
+        self.run_until(Duration::ZERO, what, check).await;
+    }
+}
+
+impl Drop for TestEnv {
+    fn drop(&mut self) {
+        if let Some((stop, _)) = &self.daemon {
+            stop.cancel();
+        }
+        self.emu_stop.cancel();
+    }
+}
+
+/// Production defaults, but fast polling and short timeouts, pointed at the emulator.
+pub fn test_config(emu: &Emulator, dir: &TempDir) -> Config {
+    let mut config = Config {
+        database_url: Some(format!("sqlite://{}", dir.path().join("keys.db").display())),
+        ..Config::default()
+    };
+    config.endpoints.collections = emu.renew_url(Kind::Collections);
+    config.endpoints.purchase = emu.renew_url(Kind::Purchase);
+    config.entra.authority = emu.authority();
+    for client_id in [APP, OTHER_APP] {
+        let secret = format!("secret-of-{client_id}");
+        emu.register_app(TENANT, client_id, &secret);
+        let path = dir.path().join(format!("{client_id}.secret"));
+        write_private(&path, &secret);
+        config.applications.push(Application {
+            name: None,
+            tenant_id: TENANT.into(),
+            client_id: client_id.into(),
+            client_secret_file: Some(path),
+            client_secret_env: None,
+        });
+    }
+    let r = &mut config.renew;
+    r.poll_interval = Duration::from_millis(50);
+    r.backoff_base = Duration::from_secs(1);
+    r.backoff_cap = Duration::from_secs(10);
+    r.rate_limit = 1000.0;
+    r.lease = Duration::from_secs(10);
+    r.shutdown_grace = Duration::from_secs(10);
+    config.http.connect_timeout = Duration::from_secs(1);
+    config.http.request_timeout = Duration::from_secs(2);
+    config.validate().unwrap();
+    config
+}
+
+pub fn write_private(path: &std::path::Path, contents: &str) {
+    use std::io::Write as _;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+        .unwrap();
+    f.write_all(contents.as_bytes()).unwrap();
+}

@@ -1,0 +1,10 @@
+//! End-to-end tests: the real daemon on a fresh SQLite file against the emulator on port 0.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod harness;
+
+mod consistency;
+mod contract;
+mod demo;
+mod flags;
+mod renewal;
