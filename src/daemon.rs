@@ -5,6 +5,10 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
+use std::sync::atomic::Ordering;
+use std::time::Instant;
+
+use tokio::net::TcpListener;
 use tokio::task::{Id, JoinSet};
 use tokio_util::sync::CancellationToken;
 
@@ -13,11 +17,18 @@ use crate::config::Config;
 use crate::db::{ClaimedRow, Db, DbError};
 use crate::entra::{self, CredentialError, TokenClient};
 use crate::ingest;
+use crate::metrics::{KeyStats, Metrics};
+use crate::notify::Notifier;
+use crate::observe::{self, Health, Observer};
 use crate::renewer::{BuildError, Renewer, Settled};
 use crate::store_api::RenewClient;
 
 /// Events older than the retention are pruned this often.
 const PRUNE_EVERY_SECS: i64 = 3600;
+/// How often a failing application's credential is tried again outside renewals.
+const TOKEN_RECHECK: Duration = Duration::from_secs(300);
+/// How often the systemd STATUS line is recomputed.
+const STATUS_EVERY: Duration = Duration::from_secs(60);
 
 #[derive(Debug, thiserror::Error)]
 pub enum DaemonError {
@@ -39,18 +50,27 @@ pub fn build_renewer(config: Arc<Config>, db: Db, clock: Clock) -> Result<Renewe
         .iter()
         .map(|app| Ok((app.clone(), entra::load_credential(app)?)))
         .collect::<Result<Vec<_>, CredentialError>>()?;
+    let metrics = Arc::new(Metrics::default());
     let http = crate::http::client(&config.http)?;
-    let tokens = TokenClient::new(&config, credentials, http.clone(), clock.clone());
+    let tokens = TokenClient::new(
+        &config,
+        credentials,
+        http.clone(),
+        clock.clone(),
+        metrics.clone(),
+    );
     let api = RenewClient::new(http, config.http.max_body_bytes);
-    Ok(Renewer::new(db, config, tokens, api, clock)?)
+    Ok(Renewer::new(db, config, tokens, api, clock, metrics)?)
 }
 
 /// Runs until `shutdown` is cancelled, then lets in-flight renewals finish within
-/// `renew.shutdown_grace` and hands back the keys whose attempt did not finish.
+/// `renew.shutdown_grace` and hands back the keys whose attempt did not finish. `listener`, if
+/// given, serves `/metrics`, `/healthz` and `/readyz`.
 pub async fn run(
     config: Arc<Config>,
     db: Db,
     clock: Clock,
+    listener: Option<TcpListener>,
     shutdown: CancellationToken,
 ) -> Result<(), DaemonError> {
     let renewer = Arc::new(build_renewer(config.clone(), db.clone(), clock.clone())?);
@@ -61,6 +81,20 @@ pub async fn run(
             "re-checking keys flagged misconfigured against the current configuration"
         );
     }
+    let stale_after = config.renew.poll_interval.saturating_mul(2) + Duration::from_secs(30);
+    let health = Arc::new(Health::new(stale_after));
+    health.beat();
+    let background = CancellationToken::new();
+    let mut helpers = JoinSet::new();
+    if let Some(listener) = listener {
+        let addr = listener.local_addr().ok();
+        let observer = Observer::new(renewer.clone(), health.clone());
+        helpers.spawn(observe_task(listener, observer, background.clone()));
+        tracing::info!(?addr, "serving /metrics, /healthz and /readyz");
+    }
+    helpers.spawn(warm_tokens(renewer.clone(), background.clone()));
+    let notifier = Notifier::from_env();
+    notifier.ready();
     tracing::info!(
         applications = config.applications.len(),
         "storekeyd running"
@@ -70,13 +104,46 @@ pub async fn run(
         config,
         db,
         clock,
+        health,
+        notifier,
         tasks: JoinSet::new(),
         in_flight: HashMap::new(),
         last_prune: 0,
+        last_status: None,
     };
     lp.run_until(&shutdown).await;
+    lp.notifier.stopping();
     lp.drain().await;
+    background.cancel();
+    while helpers.join_next().await.is_some() {}
     Ok(())
+}
+
+async fn observe_task(listener: TcpListener, observer: Observer, stop: CancellationToken) {
+    if let Err(e) = observe::serve(listener, observer, stop).await {
+        tracing::error!(error = %e, "the metrics listener failed");
+    }
+}
+
+/// Fetches a token for every application at start, so that a broken credential shows in the
+/// logs and `/readyz` at once rather than at the first renewal; re-tries the failing ones.
+async fn warm_tokens(renewer: Arc<Renewer>, stop: CancellationToken) {
+    loop {
+        for client_id in renewer.tokens.client_ids() {
+            let failing = renewer
+                .tokens
+                .status()
+                .into_iter()
+                .any(|(_, last)| !matches!(last, Some(Ok(()))));
+            if failing {
+                let _ = renewer.tokens.token(&client_id).await;
+            }
+        }
+        tokio::select! {
+            () = stop.cancelled() => return,
+            () = tokio::time::sleep(TOKEN_RECHECK) => {}
+        }
+    }
 }
 
 struct Loop {
@@ -84,6 +151,9 @@ struct Loop {
     config: Arc<Config>,
     db: Db,
     clock: Clock,
+    health: Arc<Health>,
+    notifier: Notifier,
+    last_status: Option<Instant>,
     tasks: JoinSet<Result<Settled, DbError>>,
     in_flight: HashMap<Id, i64>,
     last_prune: i64,
@@ -93,13 +163,25 @@ impl Loop {
     async fn run_until(&mut self, shutdown: &CancellationToken) {
         while !shutdown.is_cancelled() {
             let wait = match self.cycle().await {
-                Ok(wait) => wait,
+                Ok(wait) => {
+                    self.health.db_failing.store(false, Ordering::Relaxed);
+                    wait
+                }
                 Err(e) => {
                     // A locked or unwritable database: say so, and try again after a poll.
                     tracing::error!(error = %e, "cycle failed; retrying after the poll interval");
+                    self.health.db_failing.store(true, Ordering::Relaxed);
                     self.config.renew.poll_interval
                 }
             };
+            self.health.beat();
+            self.notifier.pet();
+            self.update_status().await;
+            self.renewer
+                .metrics
+                .in_flight
+                .store(self.tasks.len() as i64, Ordering::Relaxed);
+            let wait = self.notifier.max_sleep().map_or(wait, |max| wait.min(max));
             tokio::select! {
                 () = shutdown.cancelled() => break,
                 Some(joined) = self.tasks.join_next_with_id(), if !self.tasks.is_empty() => self.finished(joined),
@@ -139,6 +221,19 @@ impl Loop {
             Some(due) => Duration::from_secs(u64::try_from(due - now).unwrap_or(0)).min(poll),
             None => poll,
         })
+    }
+
+    /// A one-line STATUS for `systemctl status`, refreshed at most once a minute (it counts keys).
+    async fn update_status(&mut self) {
+        if !self.notifier.enabled() || self.last_status.is_some_and(|t| t.elapsed() < STATUS_EVERY)
+        {
+            return;
+        }
+        self.last_status = Some(Instant::now());
+        match self.db.key_stats(self.clock.now()).await {
+            Ok(stats) => self.notifier.status(&status_line(&stats)),
+            Err(e) => self.notifier.status(&format!("database error: {e}")),
+        }
     }
 
     fn spawn(&mut self, row: ClaimedRow) {
@@ -220,6 +315,23 @@ impl Loop {
         self.db.close().await;
         tracing::info!("stopped");
     }
+}
+
+/// `12 active, 2 flagged, 0 pending, next due 2026-11-25T10:00:00Z`
+pub fn status_line(stats: &KeyStats) -> String {
+    let flagged: i64 = ["revoked", "expired", "invalid", "misconfigured"]
+        .iter()
+        .map(|s| stats.count(s))
+        .sum();
+    let next = stats.next_due.map_or_else(
+        || "nothing due".to_owned(),
+        |t| format!("next due {}", ingest::utc(t)),
+    );
+    format!(
+        "{} active, {flagged} flagged, {} pending, {next}",
+        stats.count("active"),
+        stats.count("pending")
+    )
 }
 
 fn secs(d: Duration) -> i64 {

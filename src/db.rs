@@ -10,8 +10,9 @@ use sqlx::migrate::{Migration, MigrationType, Migrator};
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
 use sqlx::{SqlSafeStr as _, SqlitePool, Transaction};
 
-use crate::claims::{Claims, KeyText};
+use crate::claims::{Claims, KeyText, Kind};
 use crate::fingerprint::Fingerprint;
+use crate::metrics::KeyStats;
 
 /// A backend's long transaction holds the write lock; wait this long before calling it a failure.
 const BUSY_TIMEOUT: Duration = Duration::from_secs(15);
@@ -29,6 +30,13 @@ pub enum DbError {
     Migrate(#[from] sqlx::migrate::MigrateError),
     #[error("database: {0}")]
     Query(#[from] sqlx::Error),
+    #[error(
+        "database: schema version is {found:?}, this storekeyd expects {expected:?}; run `storekeyd migrate`"
+    )]
+    Schema {
+        found: Option<i64>,
+        expected: Option<i64>,
+    },
 }
 
 /// The states a key row can be in; the strings are the backend contract.
@@ -65,6 +73,72 @@ impl State {
 
     pub fn parse(s: &str) -> Option<State> {
         State::ALL.into_iter().find(|st| st.as_str() == s)
+    }
+}
+
+const FLAGGED_STATES: &str = "('revoked', 'expired', 'invalid', 'misconfigured')";
+const SUMMARY_COLUMNS: &str =
+    "id, user_ref, kind, state, reason, key_fp, client_id, expires_at, next_attempt_at, updated_at";
+
+type SummaryRow = (
+    i64,
+    String,
+    String,
+    String,
+    Option<String>,
+    Option<String>,
+    Option<String>,
+    Option<i64>,
+    Option<i64>,
+    i64,
+);
+type FlatSummary = (
+    i64,
+    String,
+    String,
+    String,
+    Option<String>,
+    Option<String>,
+    Option<String>,
+    Option<i64>,
+    Option<i64>,
+    i64,
+    String,
+);
+
+fn split_summary(r: FlatSummary) -> (SummaryRow, String) {
+    ((r.0, r.1, r.2, r.3, r.4, r.5, r.6, r.7, r.8, r.9), r.10)
+}
+
+/// A key row without its key: what `status` and `inspect` show.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct KeySummary {
+    pub id: i64,
+    pub user_ref: String,
+    pub kind: String,
+    pub state: String,
+    pub reason: Option<String>,
+    pub key_fp: Option<String>,
+    pub client_id: Option<String>,
+    pub expires_at: Option<i64>,
+    pub next_attempt_at: Option<i64>,
+    pub updated_at: i64,
+}
+
+impl From<SummaryRow> for KeySummary {
+    fn from(r: SummaryRow) -> Self {
+        KeySummary {
+            id: r.0,
+            user_ref: r.1,
+            kind: r.2,
+            state: r.3,
+            reason: r.4,
+            key_fp: r.5,
+            client_id: r.6,
+            expires_at: r.7,
+            next_attempt_at: r.8,
+            updated_at: r.9,
+        }
     }
 }
 
@@ -114,8 +188,16 @@ pub struct Db {
 }
 
 impl Db {
-    /// Opens (creating if needed, mode 0600) and migrates the database.
+    /// Opens (creating if needed, mode 0600) and migrates the database: what the daemon does.
     pub async fn open(url: &str) -> Result<Db, DbError> {
+        let db = Db::connect(url).await?;
+        db.migrate().await?;
+        Ok(db)
+    }
+
+    /// Opens (creating if needed, mode 0600) without touching the schema: what the CLI does, so
+    /// an upgrade only migrates when asked to.
+    pub async fn connect(url: &str) -> Result<Db, DbError> {
         let open_err = |source| DbError::Open {
             url: url.to_owned(),
             source,
@@ -133,9 +215,7 @@ impl Db {
             .connect_with(options)
             .await
             .map_err(open_err)?;
-        let db = Db { pool };
-        db.migrate().await?;
-        Ok(db)
+        Ok(Db { pool })
     }
 
     pub async fn migrate(&self) -> Result<(), DbError> {
@@ -320,6 +400,93 @@ impl Db {
         Ok(claimed)
     }
 
+    /// Reserves one active key whatever its due time (`storekeyd renew --row`), unless another
+    /// attempt holds it.
+    pub async fn claim_row(
+        &self,
+        id: i64,
+        now: i64,
+        lease_until: i64,
+    ) -> Result<Option<ClaimedRow>, DbError> {
+        let row: Option<(i64, String, i64)> = sqlx::query_as(
+            "UPDATE store_keys SET next_attempt_at = ?1, lease_until = ?1
+             WHERE id = ?2 AND state = 'active' AND (lease_until IS NULL OR lease_until <= ?3)
+             RETURNING id, key, attempts",
+        )
+        .bind(lease_until)
+        .bind(id)
+        .bind(now)
+        .fetch_optional(&self.pool)
+        .await?;
+        Ok(row.map(|(id, key, attempts)| ClaimedRow {
+            id,
+            key: KeyText::new(key),
+            attempts: u32::try_from(attempts).unwrap_or(u32::MAX),
+        }))
+    }
+
+    /// Active keys due now, without reserving them (`renew --due --dry-run`).
+    pub async fn due_rows(&self, now: i64, limit: u32) -> Result<Vec<ClaimedRow>, DbError> {
+        let rows: Vec<(i64, String, i64)> = sqlx::query_as(
+            "SELECT id, key, attempts FROM store_keys
+             WHERE state = 'active' AND next_attempt_at <= ? ORDER BY next_attempt_at LIMIT ?",
+        )
+        .bind(now)
+        .bind(limit)
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows
+            .into_iter()
+            .map(|(id, key, attempts)| ClaimedRow {
+                id,
+                key: KeyText::new(key),
+                attempts: u32::try_from(attempts).unwrap_or(u32::MAX),
+            })
+            .collect())
+    }
+
+    /// One row's summary and its key (`inspect --row`, `renew --row`).
+    pub async fn key_row(&self, id: i64) -> Result<Option<(KeySummary, KeyText)>, DbError> {
+        let row: Option<(SummaryRow, String)> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+            "SELECT {SUMMARY_COLUMNS}, key FROM store_keys WHERE id = ?"
+        )))
+        .bind(id)
+        .fetch_optional(&self.pool)
+        .await
+        .map(|r: Option<FlatSummary>| r.map(split_summary))?;
+        Ok(row.map(|(s, k)| (KeySummary::from(s), KeyText::new(k))))
+    }
+
+    /// Flagged keys, most recently flagged first, and how many there are in all.
+    pub async fn flagged(&self, limit: u32) -> Result<(Vec<KeySummary>, i64), DbError> {
+        let rows: Vec<SummaryRow> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+            "SELECT {SUMMARY_COLUMNS} FROM store_keys WHERE state IN {FLAGGED_STATES}
+             ORDER BY updated_at DESC, id DESC LIMIT ?"
+        )))
+        .bind(limit)
+        .fetch_all(&self.pool)
+        .await?;
+        let (total,): (i64,) = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+            "SELECT COUNT(*) FROM store_keys WHERE state IN {FLAGGED_STATES}"
+        )))
+        .fetch_one(&self.pool)
+        .await?;
+        Ok((rows.into_iter().map(KeySummary::from).collect(), total))
+    }
+
+    /// Active keys expiring before `before`, soonest first.
+    pub async fn expiring(&self, before: i64, limit: u32) -> Result<Vec<KeySummary>, DbError> {
+        let rows: Vec<SummaryRow> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+            "SELECT {SUMMARY_COLUMNS} FROM store_keys WHERE state = 'active' AND expires_at < ?
+             ORDER BY expires_at LIMIT ?"
+        )))
+        .bind(before)
+        .bind(limit)
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows.into_iter().map(KeySummary::from).collect())
+    }
+
     /// Hands back keys whose attempt did not run (shutdown), so they are due again at `now`.
     pub async fn release(&self, ids: &[i64], now: i64) -> Result<(), DbError> {
         for id in ids {
@@ -342,6 +509,57 @@ impl Db {
                 .fetch_one(&self.pool)
                 .await?;
         Ok(next)
+    }
+
+    /// Counts by state and kind, the earliest expiry and the backlog, for metrics and `status`.
+    /// The counts read the (state, kind) index; the rest are index lookups.
+    pub async fn key_stats(&self, now: i64) -> Result<KeyStats, DbError> {
+        let counts: Vec<(String, String, i64)> =
+            sqlx::query_as("SELECT state, kind, COUNT(*) FROM store_keys GROUP BY state, kind")
+                .fetch_all(&self.pool)
+                .await?;
+        let mut by_state_kind = Vec::new();
+        for state in State::ALL {
+            for kind in Kind::ALL {
+                let n = counts
+                    .iter()
+                    .find(|(s, k, _)| s == state.as_str() && k == kind.as_str())
+                    .map_or(0, |(_, _, n)| *n);
+                by_state_kind.push((state.as_str().to_owned(), kind.as_str().to_owned(), n));
+            }
+        }
+        let (earliest_expiry,): (Option<i64>,) =
+            sqlx::query_as("SELECT MIN(expires_at) FROM store_keys WHERE state = 'active'")
+                .fetch_one(&self.pool)
+                .await?;
+        let (due,): (i64,) = sqlx::query_as(
+            "SELECT COUNT(*) FROM store_keys WHERE state = 'active' AND next_attempt_at <= ?",
+        )
+        .bind(now)
+        .fetch_one(&self.pool)
+        .await?;
+        Ok(KeyStats {
+            by_state_kind,
+            earliest_expiry,
+            due,
+            next_due: self.next_due().await?,
+        })
+    }
+
+    /// The database answers and its schema is the one this binary expects.
+    pub async fn check_schema(&self) -> Result<(), DbError> {
+        let (version,): (Option<i64>,) =
+            sqlx::query_as("SELECT MAX(version) FROM _sqlx_migrations WHERE success")
+                .fetch_one(&self.pool)
+                .await?;
+        let expected = migrator().iter().map(|m| m.version).max();
+        if version != expected {
+            return Err(DbError::Schema {
+                found: version,
+                expected,
+            });
+        }
+        Ok(())
     }
 
     /// Gives keys flagged for configuration reasons another check, e.g. after a config change.

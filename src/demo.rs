@@ -114,6 +114,7 @@ pub async fn run(duration: Duration, stop: CancellationToken) -> Result<(), Demo
         config.clone(),
         db.clone(),
         clock,
+        None,
         daemon_stop.clone(),
     ));
     let started = Instant::now();

@@ -15,6 +15,7 @@ use crate::clock::Clock;
 use crate::config::{Application, Config};
 use crate::fingerprint::Fingerprint;
 use crate::http::{self, BodyError};
+use crate::metrics::Metrics;
 
 /// A cached token is replaced when it has less than this left (the official library's figure),
 /// so a renewal never starts with a token that expires on the way.
@@ -164,6 +165,8 @@ struct AppTokens {
     // Held across the token request: one request in flight per application, however many
     // renewals are waiting for it.
     cached: Mutex<Option<Arc<AccessToken>>>,
+    /// The result of the last token request, for readiness and `check`.
+    last: std::sync::Mutex<Option<Result<(), String>>>,
 }
 
 pub struct TokenClient {
@@ -173,6 +176,7 @@ pub struct TokenClient {
     max_body: usize,
     clock: Clock,
     apps: HashMap<String, AppTokens>,
+    metrics: Arc<Metrics>,
 }
 
 impl fmt::Debug for TokenClient {
@@ -183,19 +187,13 @@ impl fmt::Debug for TokenClient {
     }
 }
 
-/// What a token call took; for logs, metrics and tests.
-#[derive(Debug, Clone, Copy)]
-pub struct TokenStats {
-    pub requested: bool,
-    pub elapsed_ms: u128,
-}
-
 impl TokenClient {
     pub fn new(
         config: &Config,
         credentials: Vec<(Application, Credential)>,
         http: reqwest::Client,
         clock: Clock,
+        metrics: Arc<Metrics>,
     ) -> Self {
         let apps = credentials
             .into_iter()
@@ -206,6 +204,7 @@ impl TokenClient {
                         app,
                         credential,
                         cached: Mutex::new(None),
+                        last: std::sync::Mutex::new(None),
                     },
                 )
             })
@@ -217,7 +216,33 @@ impl TokenClient {
             max_body: config.http.max_body_bytes,
             clock,
             apps,
+            metrics,
         }
+    }
+
+    /// Each application's label and the result of its last token request (`None`: not tried).
+    pub fn status(&self) -> Vec<(String, Option<Result<(), String>>)> {
+        let mut all: Vec<_> = self
+            .apps
+            .values()
+            .map(|e| {
+                let last = e
+                    .last
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner)
+                    .clone();
+                (e.app.label().to_owned(), last)
+            })
+            .collect();
+        all.sort();
+        all
+    }
+
+    /// Every configured application's client ID.
+    pub fn client_ids(&self) -> Vec<String> {
+        let mut ids: Vec<String> = self.apps.keys().cloned().collect();
+        ids.sort();
+        ids
     }
 
     pub fn has_application(&self, client_id: &str) -> bool {
@@ -258,12 +283,18 @@ impl TokenClient {
         }
         let started = Instant::now();
         let result = self.request(entry).await;
-        tracing::debug!(
-            app = entry.app.label(),
-            ok = result.is_ok(),
-            elapsed_ms = started.elapsed().as_millis() as u64,
-            "token request"
-        );
+        self.metrics.token_latency.observe(started.elapsed());
+        self.metrics
+            .token_requests
+            .inc(if result.is_ok() { "ok" } else { "error" });
+        let summary = result.as_ref().map(|_| ()).map_err(ToString::to_string);
+        if let Err(e) = &summary {
+            tracing::warn!(app = entry.app.label(), error = %e, "token request failed");
+        }
+        *entry
+            .last
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(summary);
         let token = Arc::new(result?);
         *cached = Some(token.clone());
         Ok(token)

@@ -18,11 +18,5 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(cli::execute(args)) {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("storekeyd: {e:#}");
-            ExitCode::FAILURE
-        }
-    }
+    runtime.block_on(cli::execute(args))
 }

@@ -11,6 +11,7 @@ use crate::config::Config;
 use crate::db::{Activation, ClaimedRow, Db, DbError, Event, State};
 use crate::entra::{AccessToken, TokenClient};
 use crate::ingest::utc;
+use crate::metrics::Metrics;
 use crate::outcome::{self, Outcome};
 use crate::ratelimit::RateLimiter;
 use crate::schedule::{self, Retry};
@@ -33,6 +34,7 @@ pub struct Renewer {
     pub api: RenewClient,
     pub limiter: RateLimiter,
     pub clock: Clock,
+    pub metrics: Arc<Metrics>,
     endpoints: HashMap<Kind, reqwest::Url>,
 }
 
@@ -49,6 +51,7 @@ impl Renewer {
         tokens: TokenClient,
         api: RenewClient,
         clock: Clock,
+        metrics: Arc<Metrics>,
     ) -> Result<Self, BuildError> {
         let mut endpoints = HashMap::new();
         for kind in Kind::ALL {
@@ -67,8 +70,39 @@ impl Renewer {
             api,
             limiter,
             clock,
+            metrics,
             endpoints,
         })
+    }
+
+    /// Everything an attempt does up to the renew call, changing nothing: says what would be
+    /// sent where, or why the key would not be sent.
+    pub async fn dry_run(&self, row: &ClaimedRow) -> Result<String, String> {
+        let claims =
+            claims::decode(row.key.expose()).map_err(|e| format!("not a Store ID key: {e}"))?;
+        if self.clock.now() >= claims.expires_at {
+            return Err(format!("the key expired at {}", utc(claims.expires_at)));
+        }
+        if !self.tokens.has_application(&claims.client_id) {
+            return Err(format!(
+                "no [[applications]] entry for clientId {}",
+                claims.client_id
+            ));
+        }
+        let token = self
+            .tokens
+            .token(&claims.client_id)
+            .await
+            .map_err(|e| e.to_string())?;
+        Ok(format!(
+            "POST key {} ({} key of clientId {}, expires {}) to {} with access token {}",
+            row.key.fingerprint(),
+            claims.kind,
+            claims.client_id,
+            utc(claims.expires_at),
+            self.endpoints[&claims.kind],
+            token.fingerprint
+        ))
     }
 
     /// Runs one attempt and writes its result. Only database errors come back as errors: every
@@ -122,6 +156,7 @@ impl Renewer {
             self.db
                 .record_event(&self.event(&row, &resp, "retrying with a fresh access token"))
                 .await?;
+            self.metrics.renewals.inc("auth_invalid");
             let fresh = match self.tokens.fresh_token(&claims.client_id, &token).await {
                 Ok(t) => t,
                 Err(e) => {
@@ -154,7 +189,12 @@ impl Renewer {
         let endpoint = &self.endpoints[&claims.kind];
         let sent_at =
             std::time::UNIX_EPOCH + std::time::Duration::from_secs(u64::try_from(now).unwrap_or(0));
-        Some(self.api.renew(endpoint, token, key, sent_at).await)
+        let resp = self.api.renew(endpoint, token, key, sent_at).await;
+        let millis = u64::try_from(resp.duration_ms).unwrap_or(0);
+        self.metrics
+            .renew_latency
+            .observe(std::time::Duration::from_millis(millis));
+        Some(resp)
     }
 
     async fn settle(
@@ -223,11 +263,14 @@ impl Renewer {
             key_fp: fp,
             next_attempt_at: next,
         };
-        if self
+        let applied = self
             .db
             .write_renewed(row.id, &row.key, new_key, &activation, &event)
-            .await?
-        {
+            .await?;
+        if self.counted(applied, "renewed") {
+            self.metrics
+                .last_success
+                .store(event.at, std::sync::atomic::Ordering::Relaxed);
             tracing::debug!(new_key = %fp, next = %utc(next), "renewed");
             Ok(Settled::Renewed)
         } else {
@@ -261,11 +304,11 @@ impl Renewer {
                 event.key_fp = Some(row.key.fingerprint().to_string());
                 event.detail = Some(format!("{detail}; attempt {attempts}, next at {}", utc(at)));
                 let reason = format!("retrying: {detail}");
-                if self
+                let applied = self
                     .db
                     .write_retry(row.id, &row.key, at, &reason, &event)
-                    .await?
-                {
+                    .await?;
+                if self.counted(applied, event.outcome) {
                     tracing::info!(outcome = event.outcome, attempts, next = %utc(at), "{detail}; will retry");
                     Ok(Settled::Retry)
                 } else {
@@ -304,16 +347,24 @@ impl Renewer {
         if event.detail.is_none() {
             event.detail = Some(reason.to_owned());
         }
-        if self
+        let applied = self
             .db
             .flag(row.id, &row.key, state, reason, &event)
-            .await?
-        {
+            .await?;
+        if self.counted(applied, event.outcome) {
             tracing::warn!(state = state.as_str(), reason, "key flagged");
             Ok(Settled::Flagged(state))
         } else {
             Ok(Settled::Superseded)
         }
+    }
+
+    /// Counts the outcome of a write, or `superseded` if the backend's write won.
+    fn counted(&self, applied: bool, outcome: &'static str) -> bool {
+        self.metrics
+            .renewals
+            .inc(if applied { outcome } else { "superseded" });
+        applied
     }
 
     fn event(&self, row: &ClaimedRow, resp: &RenewResponse, detail: &str) -> Event {

@@ -2,11 +2,7 @@
 
 use tracing_subscriber::EnvFilter;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
-pub enum LogFormat {
-    Human,
-    Json,
-}
+pub use crate::config::LogFormat;
 
 /// `STOREKEYD_LOG` (or `RUST_LOG`) sets the filter, e.g. `storekeyd=debug`; `default` otherwise.
 pub fn init(format: LogFormat, default: &str) {

@@ -34,6 +34,8 @@ CREATE TABLE store_keys (
 CREATE INDEX store_keys_pending ON store_keys (id) WHERE state = 'pending';
 -- The due-key query and the "next due" wake-up time.
 CREATE INDEX store_keys_due ON store_keys (next_attempt_at) WHERE state = 'active';
+-- The earliest expiry among active keys (a metric and an alert).
+CREATE INDEX store_keys_active_exp ON store_keys (expires_at) WHERE state = 'active';
 -- Status: flagged keys and counts by state.
 CREATE INDEX store_keys_state ON store_keys (state, kind);
 

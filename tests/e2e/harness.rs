@@ -89,6 +89,8 @@ pub struct TestEnv {
     /// The backend's connection.
     pub db: Db,
     pub dir: TempDir,
+    /// Where the running daemon serves /metrics, /healthz and /readyz.
+    pub metrics_addr: Option<std::net::SocketAddr>,
     emu_stop: CancellationToken,
     daemon: Option<(CancellationToken, JoinHandle<Result<(), DaemonError>>)>,
 }
@@ -110,6 +112,7 @@ impl TestEnv {
             config,
             db,
             dir,
+            metrics_addr: None,
             emu_stop,
             daemon: None,
         }
@@ -121,7 +124,15 @@ impl TestEnv {
         let db = Db::open(&self.config.database_url()).await.unwrap();
         let stop = CancellationToken::new();
         let config = Arc::new(self.config.clone());
-        let handle = tokio::spawn(daemon::run(config, db, self.clock.clone(), stop.clone()));
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        self.metrics_addr = Some(listener.local_addr().unwrap());
+        let handle = tokio::spawn(daemon::run(
+            config,
+            db,
+            self.clock.clone(),
+            Some(listener),
+            stop.clone(),
+        ));
         self.daemon = Some((stop, handle));
     }
 
@@ -258,6 +269,7 @@ pub fn test_config(emu: &Emulator, dir: &TempDir) -> Config {
     r.rate_limit = 1000.0;
     r.lease = Duration::from_secs(10);
     r.shutdown_grace = Duration::from_secs(10);
+    config.metrics.listen = "127.0.0.1:0".parse().unwrap();
     config.http.connect_timeout = Duration::from_secs(1);
     config.http.request_timeout = Duration::from_secs(2);
     config.validate().unwrap();

@@ -1,0 +1,297 @@
+//! Prometheus metrics: a small registry of our own, one per daemon (no global recorder, so tests
+//! run several daemons in one process), rendered in the text exposition format 0.0.4.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::time::Duration;
+
+/// Every outcome a renewal attempt or decision can have; pre-registered at zero so that
+/// `rate()` and alerts work from the first scrape.
+pub const OUTCOMES: [&str; 12] = [
+    "renewed",
+    "revoked",
+    "auth_invalid",
+    "client_id_mismatch",
+    "throttled",
+    "transient",
+    "unexpected",
+    "token_error",
+    "superseded",
+    "expired",
+    "invalid",
+    "misconfigured",
+];
+
+/// Seconds; renew and token calls are expected well under a second, timeouts at 20 s.
+const BUCKETS: [f64; 11] = [0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 30.0];
+
+#[derive(Debug, Default)]
+pub struct Counter(Mutex<BTreeMap<&'static str, u64>>);
+
+impl Counter {
+    fn with(labels: &[&'static str]) -> Self {
+        Counter(Mutex::new(labels.iter().map(|l| (*l, 0)).collect()))
+    }
+
+    pub fn inc(&self, label: &'static str) {
+        *lock(&self.0).entry(label).or_default() += 1;
+    }
+
+    pub fn get(&self, label: &str) -> u64 {
+        lock(&self.0).get(label).copied().unwrap_or(0)
+    }
+}
+
+#[derive(Debug)]
+pub struct Histogram {
+    buckets: [AtomicU64; BUCKETS.len()],
+    count: AtomicU64,
+    sum_micros: AtomicU64,
+}
+
+impl Default for Histogram {
+    fn default() -> Self {
+        Histogram {
+            buckets: std::array::from_fn(|_| AtomicU64::new(0)),
+            count: AtomicU64::new(0),
+            sum_micros: AtomicU64::new(0),
+        }
+    }
+}
+
+impl Histogram {
+    pub fn observe(&self, d: Duration) {
+        let secs = d.as_secs_f64();
+        for (bucket, le) in self.buckets.iter().zip(BUCKETS) {
+            if secs <= le {
+                bucket.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        self.count.fetch_add(1, Ordering::Relaxed);
+        let micros = u64::try_from(d.as_micros()).unwrap_or(u64::MAX);
+        self.sum_micros.fetch_add(micros, Ordering::Relaxed);
+    }
+
+    pub fn count(&self) -> u64 {
+        self.count.load(Ordering::Relaxed)
+    }
+}
+
+/// What the daemon counts as it works.
+#[derive(Debug)]
+pub struct Metrics {
+    pub renewals: Counter,
+    pub token_requests: Counter,
+    pub renew_latency: Histogram,
+    pub token_latency: Histogram,
+    pub in_flight: AtomicI64,
+    pub last_success: AtomicI64,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Metrics {
+            renewals: Counter::with(&OUTCOMES),
+            token_requests: Counter::with(&["ok", "error"]),
+            renew_latency: Histogram::default(),
+            token_latency: Histogram::default(),
+            in_flight: AtomicI64::new(0),
+            last_success: AtomicI64::new(0),
+        }
+    }
+}
+
+/// What the database says about the keys, read at scrape time.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct KeyStats {
+    /// (state, kind, count), every state and kind present even at zero.
+    pub by_state_kind: Vec<(String, String, i64)>,
+    pub earliest_expiry: Option<i64>,
+    pub due: i64,
+    pub next_due: Option<i64>,
+}
+
+impl KeyStats {
+    pub fn count(&self, state: &str) -> i64 {
+        self.by_state_kind
+            .iter()
+            .filter(|(s, _, _)| s == state)
+            .map(|(_, _, n)| n)
+            .sum()
+    }
+}
+
+/// Extra gauges the daemon knows at render time.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Gauges {
+    pub ready: bool,
+}
+
+impl Metrics {
+    pub fn render(&self, keys: &KeyStats, gauges: Gauges) -> String {
+        let mut out = String::with_capacity(4096);
+        header(
+            &mut out,
+            "storekeyd_build_info",
+            "gauge",
+            "Build information; always 1.",
+        );
+        let _ = writeln!(
+            out,
+            "storekeyd_build_info{{version=\"{}\"}} 1",
+            env!("CARGO_PKG_VERSION")
+        );
+        self.render_counters(&mut out);
+        histogram(
+            &mut out,
+            "storekeyd_renew_request_duration_seconds",
+            "Duration of renew calls to the Store.",
+            &self.renew_latency,
+        );
+        histogram(
+            &mut out,
+            "storekeyd_token_request_duration_seconds",
+            "Duration of access token requests to Entra ID.",
+            &self.token_latency,
+        );
+        header(
+            &mut out,
+            "storekeyd_renewals_in_flight",
+            "gauge",
+            "Renewal attempts currently in flight.",
+        );
+        let _ = writeln!(
+            out,
+            "storekeyd_renewals_in_flight {}",
+            self.in_flight.load(Ordering::Relaxed)
+        );
+        header(
+            &mut out,
+            "storekeyd_last_renewal_success_timestamp_seconds",
+            "gauge",
+            "Unix time of the last successful renewal (0: none since start).",
+        );
+        let _ = writeln!(
+            out,
+            "storekeyd_last_renewal_success_timestamp_seconds {}",
+            self.last_success.load(Ordering::Relaxed)
+        );
+        render_keys(&mut out, keys);
+        header(
+            &mut out,
+            "storekeyd_ready",
+            "gauge",
+            "1 when the database and every application's credential work.",
+        );
+        let _ = writeln!(out, "storekeyd_ready {}", u8::from(gauges.ready));
+        out
+    }
+
+    fn render_counters(&self, out: &mut String) {
+        header(
+            out,
+            "storekeyd_renewals_total",
+            "counter",
+            "Renewal attempts and decisions on keys, by outcome.",
+        );
+        for (outcome, n) in lock(&self.renewals.0).iter() {
+            let _ = writeln!(out, "storekeyd_renewals_total{{outcome=\"{outcome}\"}} {n}");
+        }
+        header(
+            out,
+            "storekeyd_token_requests_total",
+            "counter",
+            "Access token requests to Entra ID, by outcome.",
+        );
+        for (outcome, n) in lock(&self.token_requests.0).iter() {
+            let _ = writeln!(
+                out,
+                "storekeyd_token_requests_total{{outcome=\"{outcome}\"}} {n}"
+            );
+        }
+    }
+}
+
+fn render_keys(out: &mut String, keys: &KeyStats) {
+    header(
+        out,
+        "storekeyd_keys",
+        "gauge",
+        "Stored keys by state and kind.",
+    );
+    for (state, kind, n) in &keys.by_state_kind {
+        let _ = writeln!(
+            out,
+            "storekeyd_keys{{state=\"{state}\",kind=\"{kind}\"}} {n}"
+        );
+    }
+    header(
+        out,
+        "storekeyd_keys_due",
+        "gauge",
+        "Active keys due for renewal now (the backlog).",
+    );
+    let _ = writeln!(out, "storekeyd_keys_due {}", keys.due);
+    if let Some(exp) = keys.earliest_expiry {
+        header(
+            out,
+            "storekeyd_earliest_expiry_timestamp_seconds",
+            "gauge",
+            "Unix time at which the first active key expires.",
+        );
+        let _ = writeln!(out, "storekeyd_earliest_expiry_timestamp_seconds {exp}");
+    }
+}
+
+fn header(out: &mut String, name: &str, kind: &str, help: &str) {
+    let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+}
+
+fn histogram(out: &mut String, name: &str, help: &str, h: &Histogram) {
+    header(out, name, "histogram", help);
+    for (bucket, le) in h.buckets.iter().zip(BUCKETS) {
+        let _ = writeln!(
+            out,
+            "{name}_bucket{{le=\"{le}\"}} {}",
+            bucket.load(Ordering::Relaxed)
+        );
+    }
+    let count = h.count.load(Ordering::Relaxed);
+    let _ = writeln!(out, "{name}_bucket{{le=\"+Inf\"}} {count}");
+    let sum = h.sum_micros.load(Ordering::Relaxed) as f64 / 1e6;
+    let _ = writeln!(out, "{name}_sum {sum}\n{name}_count {count}");
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn renders_counters_histograms_and_key_gauges() {
+        let m = Metrics::default();
+        m.renewals.inc("renewed");
+        m.renewals.inc("renewed");
+        m.renew_latency.observe(Duration::from_millis(30));
+        let keys = KeyStats {
+            by_state_kind: vec![("active".into(), "collections".into(), 3)],
+            earliest_expiry: Some(1_700_000_000),
+            due: 1,
+            next_due: None,
+        };
+        let text = m.render(&keys, Gauges { ready: true });
+        assert!(text.contains("storekeyd_renewals_total{outcome=\"renewed\"} 2\n"));
+        assert!(text.contains("storekeyd_renewals_total{outcome=\"revoked\"} 0\n"));
+        assert!(text.contains("storekeyd_renew_request_duration_seconds_bucket{le=\"0.025\"} 0\n"));
+        assert!(text.contains("storekeyd_renew_request_duration_seconds_bucket{le=\"0.05\"} 1\n"));
+        assert!(text.contains("storekeyd_renew_request_duration_seconds_count 1\n"));
+        assert!(text.contains("storekeyd_keys{state=\"active\",kind=\"collections\"} 3\n"));
+        assert!(text.contains("storekeyd_earliest_expiry_timestamp_seconds 1700000000\n"));
+        assert!(text.contains("storekeyd_ready 1\n"));
+    }
+}

@@ -1,0 +1,178 @@
+//! The loopback HTTP listener: `/metrics` (Prometheus), `/healthz` (the process and its loop are
+//! alive) and `/readyz` (database and credentials work).
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use axum::Router;
+use axum::extract::State;
+use axum::http::{StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use tokio::net::TcpListener;
+use tokio::sync::Mutex;
+use tokio_util::sync::CancellationToken;
+
+use crate::db::DbError;
+use crate::metrics::{Gauges, KeyStats};
+use crate::renewer::Renewer;
+
+/// Database-derived gauges are recomputed at most this often, however often Prometheus scrapes.
+const KEY_STATS_TTL: Duration = Duration::from_secs(10);
+
+/// Liveness: the run loop beats on every pass.
+#[derive(Debug)]
+pub struct Health {
+    epoch: Instant,
+    last_beat_ms: AtomicU64,
+    stale_after: Duration,
+    /// Set by the loop when a pass fails on the database (locked, read-only, full).
+    pub db_failing: AtomicBool,
+}
+
+impl Health {
+    pub fn new(stale_after: Duration) -> Self {
+        Health {
+            epoch: Instant::now(),
+            last_beat_ms: AtomicU64::new(0),
+            stale_after,
+            db_failing: AtomicBool::new(false),
+        }
+    }
+
+    pub fn beat(&self) {
+        let ms = u64::try_from(self.epoch.elapsed().as_millis()).unwrap_or(u64::MAX);
+        self.last_beat_ms.store(ms, Ordering::Relaxed);
+    }
+
+    pub fn alive(&self) -> bool {
+        let last = Duration::from_millis(self.last_beat_ms.load(Ordering::Relaxed));
+        self.epoch.elapsed().saturating_sub(last) < self.stale_after
+    }
+}
+
+#[derive(Clone)]
+pub struct Observer {
+    pub renewer: Arc<Renewer>,
+    pub health: Arc<Health>,
+    cache: Arc<Mutex<Option<(Instant, KeyStats)>>>,
+}
+
+impl Observer {
+    pub fn new(renewer: Arc<Renewer>, health: Arc<Health>) -> Self {
+        Observer {
+            renewer,
+            health,
+            cache: Arc::default(),
+        }
+    }
+
+    /// Key statistics, from a cache no older than [`KEY_STATS_TTL`].
+    pub async fn key_stats(&self) -> Result<KeyStats, DbError> {
+        let mut cache = self.cache.lock().await;
+        if let Some((at, stats)) = cache.as_ref()
+            && at.elapsed() < KEY_STATS_TTL
+        {
+            return Ok(stats.clone());
+        }
+        let stats = self.renewer.db.key_stats(self.renewer.clock.now()).await?;
+        *cache = Some((Instant::now(), stats.clone()));
+        Ok(stats)
+    }
+
+    /// Every readiness check with its result; ready when all pass.
+    pub async fn readiness(&self) -> Vec<(String, Result<(), String>)> {
+        let mut checks = Vec::new();
+        let db = self
+            .renewer
+            .db
+            .check_schema()
+            .await
+            .map_err(|e| e.to_string());
+        let db = db.and_then(|()| {
+            if self.health.db_failing.load(Ordering::Relaxed) {
+                Err(
+                    "the last pass of the run loop failed on the database (see the logs)"
+                        .to_owned(),
+                )
+            } else {
+                Ok(())
+            }
+        });
+        checks.push(("database".to_owned(), db));
+        for (app, last) in self.renewer.tokens.status() {
+            let result = last.unwrap_or_else(|| Err("no access token requested yet".to_owned()));
+            checks.push((format!("application {app}"), result));
+        }
+        checks
+    }
+}
+
+pub fn router(observer: Observer) -> Router {
+    Router::new()
+        .route("/metrics", get(metrics))
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
+        .with_state(observer)
+}
+
+pub async fn serve(
+    listener: TcpListener,
+    observer: Observer,
+    shutdown: CancellationToken,
+) -> std::io::Result<()> {
+    axum::serve(listener, router(observer))
+        .with_graceful_shutdown(async move { shutdown.cancelled().await })
+        .await
+}
+
+async fn metrics(State(o): State<Observer>) -> Response {
+    let keys = match o.key_stats().await {
+        Ok(k) => k,
+        Err(e) => {
+            tracing::warn!(error = %e, "metrics: cannot read key statistics");
+            KeyStats::default()
+        }
+    };
+    let ready = o.readiness().await.iter().all(|(_, r)| r.is_ok());
+    let body = o.renewer.metrics.render(&keys, Gauges { ready });
+    (
+        [(
+            header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
+        body,
+    )
+        .into_response()
+}
+
+async fn healthz(State(o): State<Observer>) -> Response {
+    if o.health.alive() {
+        (StatusCode::OK, "ok\n").into_response()
+    } else {
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "the run loop has not completed a pass recently\n",
+        )
+            .into_response()
+    }
+}
+
+async fn readyz(State(o): State<Observer>) -> Response {
+    let checks = o.readiness().await;
+    let ready = checks.iter().all(|(_, r)| r.is_ok());
+    let mut body = String::new();
+    for (name, result) in &checks {
+        match result {
+            Ok(()) => body.push_str(&format!("ok    {name}\n")),
+            Err(e) => body.push_str(&format!("fail  {name}: {e}\n")),
+        }
+    }
+    let status = if ready {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    (status, body).into_response()
+}

@@ -1,0 +1,267 @@
+//! What `status` and `inspect` print. Building a report reads the database; rendering is pure.
+
+use std::fmt::Write as _;
+use std::time::Duration;
+
+use serde::Serialize;
+
+use crate::claims::{Claims, KeyText};
+use crate::config::Config;
+use crate::db::{Db, DbError, KeySummary};
+use crate::ingest::utc;
+use crate::metrics::KeyStats;
+use crate::schedule;
+
+/// `storekeyd status`.
+#[derive(Debug, Clone, Serialize)]
+pub struct StatusReport {
+    pub generated_at: i64,
+    pub keys: KeyStats,
+    /// Active keys that expire within `expiring_window_secs`.
+    pub expiring_window_secs: i64,
+    pub expiring: Vec<KeySummary>,
+    pub flagged: Vec<KeySummary>,
+    pub flagged_total: i64,
+}
+
+impl StatusReport {
+    pub async fn build(db: &Db, now: i64, window: Duration, limit: u32) -> Result<Self, DbError> {
+        let window_secs = i64::try_from(window.as_secs()).unwrap_or(i64::MAX);
+        let (flagged, flagged_total) = db.flagged(limit).await?;
+        Ok(StatusReport {
+            generated_at: now,
+            keys: db.key_stats(now).await?,
+            expiring_window_secs: window_secs,
+            expiring: db.expiring(now.saturating_add(window_secs), limit).await?,
+            flagged,
+            flagged_total,
+        })
+    }
+
+    /// Healthy: nothing flagged, nothing active about to expire.
+    pub fn healthy(&self) -> bool {
+        self.flagged_total == 0 && self.expiring.is_empty()
+    }
+
+    pub fn render(&self) -> String {
+        let now = self.generated_at;
+        let mut out = String::new();
+        let _ = writeln!(out, "storekeyd status at {}\n", utc(now));
+        let _ = writeln!(
+            out,
+            "{:<16}{:>13}{:>10}{:>8}",
+            "keys", "collections", "purchase", "total"
+        );
+        for state in crate::db::State::ALL {
+            let count = |kind: &str| {
+                self.keys
+                    .by_state_kind
+                    .iter()
+                    .find(|(s, k, _)| s == state.as_str() && k == kind)
+                    .map_or(0, |(_, _, n)| *n)
+            };
+            let (c, p) = (count("collections"), count("purchase"));
+            let _ = writeln!(out, "  {:<14}{c:>13}{p:>10}{:>8}", state.as_str(), c + p);
+        }
+        let next = self
+            .keys
+            .next_due
+            .map_or_else(|| "none".to_owned(), |t| when(t, now));
+        let _ = writeln!(out, "\nnext renewal:    {next}; {} due now", self.keys.due);
+        let earliest = self
+            .keys
+            .earliest_expiry
+            .map_or_else(|| "none".to_owned(), |t| when(t, now));
+        let _ = writeln!(out, "earliest expiry: {earliest}");
+        let window = humantime::format_duration(Duration::from_secs(
+            u64::try_from(self.expiring_window_secs).unwrap_or(0),
+        ));
+        self.render_list(
+            &mut out,
+            &format!("expiring within {window}"),
+            &self.expiring,
+            self.expiring.len() as i64,
+        );
+        self.render_list(&mut out, "flagged", &self.flagged, self.flagged_total);
+        out
+    }
+
+    fn render_list(&self, out: &mut String, title: &str, rows: &[KeySummary], total: i64) {
+        if total == 0 {
+            let _ = writeln!(out, "\n{title}: none");
+            return;
+        }
+        let _ = writeln!(out, "\n{title}: {total}");
+        for r in rows {
+            let exp = r
+                .expires_at
+                .map_or_else(|| "-".to_owned(), |t| when(t, self.generated_at));
+            let _ = writeln!(
+                out,
+                "  #{:<6} {:<20} {:<12} {:<14} key {}  expires {exp}",
+                r.id,
+                r.user_ref,
+                r.kind,
+                r.state,
+                r.key_fp.as_deref().unwrap_or("-"),
+            );
+            if let Some(reason) = &r.reason {
+                let _ = writeln!(out, "           {reason}");
+            }
+        }
+        if (rows.len() as i64) < total {
+            let _ = writeln!(out, "  … and {} more (--limit)", total - rows.len() as i64);
+        }
+    }
+}
+
+/// `storekeyd inspect`: a key's claims, never its payload or the key itself.
+#[derive(Debug, Clone, Serialize)]
+pub struct Inspection {
+    pub fingerprint: String,
+    pub kind: String,
+    pub algorithm: Option<String>,
+    pub client_id: String,
+    pub user_id: Option<String>,
+    pub issued_at: i64,
+    pub not_before: Option<i64>,
+    pub expires_at: i64,
+    pub lifetime_secs: i64,
+    pub refresh_uri: Option<String>,
+    pub has_payload: bool,
+    /// When the daemon would renew it under the configured policy (without jitter).
+    pub renewal_at: i64,
+    pub expired: bool,
+    /// The database row, when inspected by row.
+    pub row: Option<KeySummary>,
+}
+
+impl Inspection {
+    pub fn new(
+        key: &KeyText,
+        claims: &Claims,
+        config: &Config,
+        now: i64,
+        row: Option<KeySummary>,
+    ) -> Self {
+        Inspection {
+            fingerprint: key.fingerprint().to_string(),
+            kind: claims.kind.to_string(),
+            algorithm: claims.algorithm.clone(),
+            client_id: claims.client_id.clone(),
+            user_id: claims.user_id.clone(),
+            issued_at: claims.issued_at,
+            not_before: claims.not_before,
+            expires_at: claims.expires_at,
+            lifetime_secs: claims.lifetime_secs(),
+            refresh_uri: claims.refresh_uri.clone(),
+            has_payload: claims.has_payload,
+            renewal_at: schedule::renewal_time(claims, &config.policy(), 0.0),
+            expired: claims.expires_at <= now,
+            row,
+        }
+    }
+
+    pub fn render(&self, now: i64) -> String {
+        let mut out = String::new();
+        let line = |out: &mut String, name: &str, value: &str| {
+            let _ = writeln!(out, "{name:<14}{value}");
+        };
+        line(&mut out, "fingerprint", &self.fingerprint);
+        line(&mut out, "kind", &self.kind);
+        line(
+            &mut out,
+            "algorithm",
+            self.algorithm.as_deref().unwrap_or("-"),
+        );
+        line(&mut out, "client id", &self.client_id);
+        line(&mut out, "user id", self.user_id.as_deref().unwrap_or("-"));
+        line(&mut out, "issued", &when(self.issued_at, now));
+        line(
+            &mut out,
+            "not before",
+            &self
+                .not_before
+                .map_or_else(|| "-".to_owned(), |t| when(t, now)),
+        );
+        line(&mut out, "expires", &when(self.expires_at, now));
+        let lifetime = humantime::format_duration(Duration::from_secs(
+            u64::try_from(self.lifetime_secs).unwrap_or(0),
+        ));
+        line(&mut out, "lifetime", &lifetime.to_string());
+        line(&mut out, "renews at", &when(self.renewal_at, now));
+        line(
+            &mut out,
+            "refresh uri",
+            self.refresh_uri.as_deref().unwrap_or("-"),
+        );
+        line(
+            &mut out,
+            "payload",
+            if self.has_payload {
+                "present (not shown)"
+            } else {
+                "absent"
+            },
+        );
+        if let Some(row) = &self.row {
+            line(
+                &mut out,
+                "row",
+                &format!("#{} {} ({})", row.id, row.user_ref, row.kind),
+            );
+            line(&mut out, "state", &row.state);
+            if let Some(reason) = &row.reason {
+                line(&mut out, "reason", reason);
+            }
+            if let Some(next) = row.next_attempt_at {
+                line(&mut out, "next attempt", &when(next, now));
+            }
+        }
+        out
+    }
+}
+
+/// `2026-11-25T10:00:00Z (in 3d 4h)` or `(2h 5m ago)`.
+pub fn when(t: i64, now: i64) -> String {
+    format!("{} ({})", utc(t), relative(t - now))
+}
+
+/// A signed number of seconds as the two largest units: `in 3d 4h`, `5m 2s ago`, `now`.
+pub fn relative(delta: i64) -> String {
+    if delta == 0 {
+        return "now".to_owned();
+    }
+    let secs = delta.unsigned_abs();
+    let units = [(86_400, "d"), (3600, "h"), (60, "m"), (1, "s")];
+    let mut parts = Vec::new();
+    let mut rest = secs;
+    for (size, name) in units {
+        if rest >= size {
+            parts.push(format!("{}{name}", rest / size));
+            rest %= size;
+        }
+        if parts.len() == 2 {
+            break;
+        }
+    }
+    let text = parts.join(" ");
+    if delta > 0 {
+        format!("in {text}")
+    } else {
+        format!("{text} ago")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn relative_times_read_naturally() {
+        assert_eq!(relative(0), "now");
+        assert_eq!(relative(90), "in 1m 30s");
+        assert_eq!(relative(-7200), "2h ago");
+        assert_eq!(relative(3 * 86_400 + 4 * 3600 + 59), "in 3d 4h");
+    }
+}
