@@ -30,13 +30,15 @@ pub enum DbError {
     Migrate(#[from] sqlx::migrate::MigrateError),
     #[error("database: {0}")]
     Query(#[from] sqlx::Error),
-    #[error(
-        "database: schema version is {found:?}, this storekeyd expects {expected:?}; run `storekeyd migrate`"
-    )]
+    #[error("database: schema version is {}, this storekeyd expects {}; run `storekeyd migrate`", version(*.found), version(*.expected))]
     Schema {
         found: Option<i64>,
         expected: Option<i64>,
     },
+}
+
+fn version(v: Option<i64>) -> String {
+    v.map_or_else(|| "none (empty database)".to_owned(), |v| v.to_string())
 }
 
 /// The states a key row can be in; the strings are the backend contract.
@@ -548,10 +550,20 @@ impl Db {
 
     /// The database answers and its schema is the one this binary expects.
     pub async fn check_schema(&self) -> Result<(), DbError> {
-        let (version,): (Option<i64>,) =
-            sqlx::query_as("SELECT MAX(version) FROM _sqlx_migrations WHERE success")
-                .fetch_one(&self.pool)
-                .await?;
+        let (tables,): (i64,) = sqlx::query_as(
+            "SELECT COUNT(*) FROM sqlite_master WHERE type = 'table' AND name = '_sqlx_migrations'",
+        )
+        .fetch_one(&self.pool)
+        .await?;
+        let version = if tables == 0 {
+            None
+        } else {
+            let (v,): (Option<i64>,) =
+                sqlx::query_as("SELECT MAX(version) FROM _sqlx_migrations WHERE success")
+                    .fetch_one(&self.pool)
+                    .await?;
+            v
+        };
         let expected = migrator().iter().map(|m| m.version).max();
         if version != expected {
             return Err(DbError::Schema {

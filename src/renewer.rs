@@ -300,7 +300,9 @@ impl Renewer {
             Retry::Expired => self.flag_expired(row, claims, event).await,
             Retry::At(at) => {
                 event.key_id = row.id;
-                event.at = now;
+                if event.at == 0 {
+                    event.at = now;
+                }
                 event.key_fp = Some(row.key.fingerprint().to_string());
                 event.detail = Some(format!("{detail}; attempt {attempts}, next at {}", utc(at)));
                 let reason = format!("retrying: {detail}");
@@ -339,7 +341,9 @@ impl Renewer {
         mut event: Event,
     ) -> Result<Settled, DbError> {
         event.key_id = row.id;
-        event.at = self.clock.now();
+        if event.at == 0 {
+            event.at = self.clock.now();
+        }
         event.key_fp = Some(row.key.fingerprint().to_string());
         if event.outcome.is_empty() {
             event.outcome = state.as_str();

@@ -161,7 +161,7 @@ pub async fn execute(cli: Cli) -> ExitCode {
     let exit = match result {
         Ok(exit) => exit,
         Err(e) => {
-            eprintln!("storekeyd: {e:#}");
+            eprintln!("storekeyd: {}", chain(&e));
             if e.downcast_ref::<UsageError>().is_some() || e.downcast_ref::<ConfigError>().is_some()
             {
                 Exit::Usage
@@ -279,6 +279,20 @@ pub fn shutdown_signal() -> anyhow::Result<CancellationToken> {
         t.cancel();
     });
     Ok(token)
+}
+
+/// The error and its causes, skipping causes whose text the message already includes (our
+/// error types spell out their source).
+fn chain(e: &anyhow::Error) -> String {
+    let mut text = e.to_string();
+    for cause in e.chain().skip(1) {
+        let c = cause.to_string();
+        if !text.contains(&c) {
+            text.push_str(": ");
+            text.push_str(&c);
+        }
+    }
+    text
 }
 
 /// Reads a key given as an argument, or from stdin for `-`.

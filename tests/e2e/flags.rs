@@ -12,21 +12,17 @@ use crate::harness::{APP, DAY, TestEnv};
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_revoked_key_is_flagged_after_a_fresh_token_retry_and_others_renew() {
     let mut env = TestEnv::new().await;
-    env.add_user("alice").await;
-    let revoked = env.add_user("mallory").await;
-    env.add_user("carol").await;
+    env.add_due_user("alice").await;
+    let revoked = env.add_due_user("mallory").await;
+    env.add_due_user("carol").await;
     assert!(env.emu.revoke_key(&revoked));
     env.spawn_daemon().await;
 
-    env.run_until(
-        Duration::from_secs(DAY),
-        "mallory flagged and the others renewed",
-        || async {
-            let rows = env.rows().await;
-            rows.iter().any(|r| r.state == "revoked")
-                && rows.iter().filter(|r| r.renewals >= 1).count() == 2
-        },
-    )
+    env.wait_until("mallory flagged and the others renewed", || async {
+        let rows = env.rows().await;
+        rows.iter().any(|r| r.state == "revoked")
+            && rows.iter().filter(|r| r.renewals >= 1).count() == 2
+    })
     .await;
     env.stop_daemon().await;
 

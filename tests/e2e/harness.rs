@@ -169,6 +169,18 @@ impl TestEnv {
         key
     }
 
+    /// Mints a collections key issued 20 days ago (due now) for `user` and stores it. Tests that
+    /// count exact outcomes use these and leave the clock alone: a clock that jumps by days
+    /// would also expire access tokens in flight.
+    pub async fn add_due_user(&self, user: &str) -> String {
+        let issued = self.clock.now() - 20 * DAY as i64;
+        let key = self
+            .emu
+            .mint_at(Kind::Collections, APP, user, KEY_LIFETIME, issued);
+        self.store(user, Kind::Collections, &key).await;
+        key
+    }
+
     pub async fn row(&self, user: &str, kind: Kind) -> Row {
         let sql = format!("{ROW_SELECT} WHERE user_ref = ? AND kind = ?");
         let raw: RawRow = sqlx::query_as(sqlx::AssertSqlSafe(sql))
@@ -228,6 +240,59 @@ impl TestEnv {
         Fut: std::future::Future<Output = bool>,
     {
         self.run_until(Duration::ZERO, what, check).await;
+    }
+}
+
+/// What a run of the binary printed and how it exited.
+#[derive(Debug)]
+pub struct Output {
+    pub code: i32,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+impl TestEnv {
+    /// Writes this env's config to a file for the binary, returning its path.
+    pub fn write_config(&self) -> std::path::PathBuf {
+        let path = self.dir.path().join("storekeyd.toml");
+        std::fs::write(&path, toml::to_string(&self.config).unwrap()).unwrap();
+        path
+    }
+
+    /// Runs `storekeyd --config <this env's config> ARGS`, feeding `stdin`.
+    pub async fn cli(&self, args: &[&str], stdin: &str) -> Output {
+        use tokio::io::AsyncWriteExt as _;
+        let config = self.write_config();
+        let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_storekeyd"))
+            .arg("--config")
+            .arg(&config)
+            .args(args)
+            .env("STOREKEYD_LOG", "off")
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .unwrap();
+        let mut input = child.stdin.take().unwrap();
+        input.write_all(stdin.as_bytes()).await.unwrap();
+        drop(input);
+        let out = tokio::time::timeout(Duration::from_secs(60), child.wait_with_output())
+            .await
+            .expect("the command did not finish")
+            .unwrap();
+        Output {
+            code: out.status.code().unwrap_or(-1),
+            stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+            stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+        }
+    }
+
+    /// GETs a path from the running daemon's metrics listener.
+    pub async fn get(&self, path: &str) -> (u16, String) {
+        let addr = self.metrics_addr.expect("daemon not running");
+        let resp = reqwest::get(format!("http://{addr}{path}")).await.unwrap();
+        (resp.status().as_u16(), resp.text().await.unwrap())
     }
 }
 

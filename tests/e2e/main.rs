@@ -3,8 +3,11 @@
 
 mod harness;
 
+mod cli;
 mod consistency;
 mod contract;
 mod demo;
 mod flags;
+mod observe;
 mod renewal;
+mod systemd;
