@@ -254,19 +254,51 @@ fn truncate(s: &str) -> String {
 /// A key as it is held in memory: the text plus a fingerprint, with `Debug` that shows only the
 /// fingerprint so that no log line or error can carry the credential.
 #[derive(Clone, PartialEq, Eq)]
-pub struct KeyText(String);
+pub struct KeyText {
+    text: String,
+    /// The stored bytes when they are not UTF-8 (a backend bound a blob): kept so that writes can
+    /// still compare-and-swap on exactly what was read. The text is then a lossy rendering that
+    /// never decodes.
+    raw: Option<Box<[u8]>>,
+}
 
 impl KeyText {
     pub fn new(key: impl Into<String>) -> Self {
-        KeyText(key.into())
+        KeyText {
+            text: key.into(),
+            raw: None,
+        }
+    }
+
+    /// From a column's bytes, whatever they are.
+    pub fn from_bytes(bytes: Vec<u8>) -> Self {
+        match String::from_utf8(bytes) {
+            Ok(text) => KeyText { text, raw: None },
+            Err(e) => {
+                let raw = e.into_bytes();
+                KeyText {
+                    text: String::from_utf8_lossy(&raw).into_owned(),
+                    raw: Some(raw.into()),
+                }
+            }
+        }
     }
 
     pub fn expose(&self) -> &str {
-        &self.0
+        &self.text
+    }
+
+    /// The exact bytes the database holds, for compare-and-swap.
+    pub fn cas_bytes(&self) -> &[u8] {
+        self.raw.as_deref().unwrap_or(self.text.as_bytes())
+    }
+
+    pub fn is_utf8(&self) -> bool {
+        self.raw.is_none()
     }
 
     pub fn fingerprint(&self) -> Fingerprint {
-        Fingerprint::of(&self.0)
+        Fingerprint::of(&self.text)
     }
 }
 

@@ -16,17 +16,23 @@ pub const ENV_PREFIX: &str = "STOREKEYD_";
 /// Variables with the prefix that are not config overrides.
 const ENV_RESERVED: [&str; 3] = ["STOREKEYD_CONFIG", "STOREKEYD_LOG", "STOREKEYD_LOG_FORMAT"];
 
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct Config {
     /// `sqlite://PATH`; defaults to `storekeyd.db` in the state directory.
     pub database_url: Option<String>,
     /// Defaults to `$STATE_DIRECTORY` (systemd's `StateDirectory=`) or `/var/lib/storekeyd`.
     pub state_directory: Option<PathBuf>,
+    /// How long one statement waits for a lock another connection holds (a backend's long
+    /// transaction) before failing; failed writes of renewal results are retried beyond it.
+    #[serde(with = "human")]
+    pub database_busy_timeout: Duration,
     pub endpoints: Endpoints,
     pub entra: Entra,
     pub applications: Vec<Application>,
     pub renew: Renew,
+    pub breaker: Breaker,
+    pub guard: Guard,
     pub http: Http,
     pub events: Events,
     pub metrics: Metrics,
@@ -127,6 +133,56 @@ pub struct Renew {
     pub shutdown_grace: Duration,
 }
 
+/// The outage breaker (one per renew endpoint).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Breaker {
+    /// Different keys failing transiently (5xx, timeout, connection, 429) within `window` that
+    /// open the breaker.
+    pub threshold: usize,
+    #[serde(with = "human")]
+    pub window: Duration,
+    /// The first wait before a probe; doubles after each failed probe, up to `probe_max`.
+    #[serde(with = "human")]
+    pub probe_initial: Duration,
+    #[serde(with = "human")]
+    pub probe_max: Duration,
+}
+
+impl Default for Breaker {
+    fn default() -> Self {
+        Breaker {
+            threshold: 10,
+            window: Duration::from_secs(60),
+            probe_initial: Duration::from_secs(15),
+            probe_max: Duration::from_secs(300),
+        }
+    }
+}
+
+/// The false-revocation guard.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Guard {
+    /// Different keys of one application refused with AuthenticationTokenInvalid within
+    /// `window`, outnumbering its renewals there, that raise the credential alarm.
+    pub threshold: usize,
+    #[serde(with = "human")]
+    pub window: Duration,
+    /// With no recent renewal to vouch for the credential, flag a key refused this many times.
+    pub confirm_attempts: u32,
+}
+
+impl Default for Guard {
+    fn default() -> Self {
+        Guard {
+            threshold: 5,
+            window: Duration::from_secs(900),
+            confirm_attempts: 3,
+        }
+    }
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct Http {
@@ -146,6 +202,26 @@ pub struct Events {
 }
 
 const DAY: u64 = 86_400;
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            database_url: None,
+            state_directory: None,
+            database_busy_timeout: crate::db::BUSY_TIMEOUT,
+            endpoints: Endpoints::default(),
+            entra: Entra::default(),
+            applications: Vec::new(),
+            renew: Renew::default(),
+            breaker: Breaker::default(),
+            guard: Guard::default(),
+            http: Http::default(),
+            events: Events::default(),
+            metrics: Metrics::default(),
+            log: Log::default(),
+        }
+    }
+}
 
 impl Default for Endpoints {
     fn default() -> Self {
@@ -339,6 +415,26 @@ impl Config {
                 "must be at least three times `http.request_timeout` (token, renew, retry)",
             ));
         }
+        if self.breaker.threshold < 2 {
+            return Err(field_error(
+                "breaker.threshold",
+                "must be at least 2 (one failing key is that key's problem)",
+            ));
+        }
+        if self.guard.threshold < 2 {
+            return Err(field_error("guard.threshold", "must be at least 2"));
+        }
+        if self.guard.confirm_attempts == 0 {
+            return Err(field_error("guard.confirm_attempts", "must be at least 1"));
+        }
+        if self.breaker.probe_initial.is_zero()
+            || self.breaker.probe_max < self.breaker.probe_initial
+        {
+            return Err(field_error(
+                "breaker.probe_max",
+                "must be at least `breaker.probe_initial`, which must be above zero",
+            ));
+        }
         if self.http.max_body_bytes < 1024 {
             return Err(field_error("http.max_body_bytes", "must be at least 1024"));
         }
@@ -375,6 +471,23 @@ impl Config {
             jitter: self.renew.jitter,
             backoff_base: self.renew.backoff_base,
             backoff_cap: self.renew.backoff_cap,
+        }
+    }
+
+    pub fn breaker_policy(&self) -> crate::breaker::BreakerPolicy {
+        crate::breaker::BreakerPolicy {
+            threshold: self.breaker.threshold,
+            window: self.breaker.window,
+            probe_initial: self.breaker.probe_initial,
+            probe_max: self.breaker.probe_max,
+        }
+    }
+
+    pub fn guard_policy(&self) -> crate::guard::GuardPolicy {
+        crate::guard::GuardPolicy {
+            threshold: self.guard.threshold,
+            window: self.guard.window,
+            confirm_attempts: self.guard.confirm_attempts,
         }
     }
 

@@ -74,6 +74,7 @@ pub async fn run(
     shutdown: CancellationToken,
 ) -> Result<(), DaemonError> {
     let renewer = Arc::new(build_renewer(config.clone(), db.clone(), clock.clone())?);
+    db.clear_alarms().await?;
     let rechecked = db.recheck_misconfigured(clock.now()).await?;
     if rechecked > 0 {
         tracing::info!(

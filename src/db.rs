@@ -15,7 +15,7 @@ use crate::fingerprint::Fingerprint;
 use crate::metrics::KeyStats;
 
 /// A backend's long transaction holds the write lock; wait this long before calling it a failure.
-const BUSY_TIMEOUT: Duration = Duration::from_secs(15);
+pub const BUSY_TIMEOUT: Duration = Duration::from_secs(15);
 
 #[derive(Debug, thiserror::Error)]
 pub enum DbError {
@@ -35,6 +35,20 @@ pub enum DbError {
         found: Option<i64>,
         expected: Option<i64>,
     },
+}
+
+impl DbError {
+    /// Another connection holds the lock (a backend's long transaction): worth waiting for.
+    pub fn is_busy(&self) -> bool {
+        match self {
+            DbError::Query(sqlx::Error::Database(e)) => e
+                .code()
+                .and_then(|c| c.parse::<i32>().ok())
+                .is_some_and(|c| matches!(c & 0xff, 5 | 6)),
+            DbError::Query(sqlx::Error::PoolTimedOut) => true,
+            _ => false,
+        }
+    }
 }
 
 fn version(v: Option<i64>) -> String {
@@ -105,10 +119,10 @@ type FlatSummary = (
     Option<i64>,
     Option<i64>,
     i64,
-    String,
+    Vec<u8>,
 );
 
-fn split_summary(r: FlatSummary) -> (SummaryRow, String) {
+fn split_summary(r: FlatSummary) -> (SummaryRow, Vec<u8>) {
     ((r.0, r.1, r.2, r.3, r.4, r.5, r.6, r.7, r.8, r.9), r.10)
 }
 
@@ -192,7 +206,12 @@ pub struct Db {
 impl Db {
     /// Opens (creating if needed, mode 0600) and migrates the database: what the daemon does.
     pub async fn open(url: &str) -> Result<Db, DbError> {
-        let db = Db::connect(url).await?;
+        Db::open_with(url, BUSY_TIMEOUT).await
+    }
+
+    /// [`Db::open`] with another busy timeout (`database_busy_timeout`).
+    pub async fn open_with(url: &str, busy_timeout: Duration) -> Result<Db, DbError> {
+        let db = Db::connect_with(url, busy_timeout).await?;
         db.migrate().await?;
         Ok(db)
     }
@@ -200,6 +219,10 @@ impl Db {
     /// Opens (creating if needed, mode 0600) without touching the schema: what the CLI does, so
     /// an upgrade only migrates when asked to.
     pub async fn connect(url: &str) -> Result<Db, DbError> {
+        Db::connect_with(url, BUSY_TIMEOUT).await
+    }
+
+    async fn connect_with(url: &str, busy_timeout: Duration) -> Result<Db, DbError> {
         let open_err = |source| DbError::Open {
             url: url.to_owned(),
             source,
@@ -210,7 +233,7 @@ impl Db {
             .journal_mode(SqliteJournalMode::Wal)
             // FULL: a renewed key that was acknowledged is on disk, even across a power cut.
             .synchronous(SqliteSynchronous::Full)
-            .busy_timeout(BUSY_TIMEOUT);
+            .busy_timeout(busy_timeout);
         create_private(options.get_filename())?;
         let pool = SqlitePoolOptions::new()
             .max_connections(4)
@@ -235,8 +258,8 @@ impl Db {
 
     /// Keys written by a backend since the last look, oldest first.
     pub async fn pending(&self, limit: u32) -> Result<Vec<PendingRow>, DbError> {
-        let rows: Vec<(i64, String, String)> = sqlx::query_as(
-            "SELECT id, kind, key FROM store_keys WHERE state = 'pending' ORDER BY id LIMIT ?",
+        let rows: Vec<(i64, String, Vec<u8>)> = sqlx::query_as(
+            "SELECT id, kind, CAST(key AS BLOB) FROM store_keys WHERE state = 'pending' ORDER BY id LIMIT ?",
         )
         .bind(limit)
         .fetch_all(&self.pool)
@@ -246,7 +269,7 @@ impl Db {
             .map(|(id, kind, key)| PendingRow {
                 id,
                 kind,
-                key: KeyText::new(key),
+                key: KeyText::from_bytes(key),
             })
             .collect())
     }
@@ -264,7 +287,7 @@ impl Db {
             "UPDATE store_keys SET state = 'active', reason = NULL, key_fp = ?, client_id = ?,
                  issued_at = ?, expires_at = ?, next_attempt_at = ?, lease_until = NULL,
                  attempts = 0, updated_at = ?
-             WHERE id = ? AND key = ?",
+             WHERE id = ? AND CAST(key AS BLOB) = ?",
         )
         .bind(a.key_fp.to_string())
         .bind(&a.claims.client_id)
@@ -273,7 +296,7 @@ impl Db {
         .bind(a.next_attempt_at)
         .bind(event.at)
         .bind(id)
-        .bind(key.expose())
+        .bind(key.cas_bytes())
         .execute(&mut *tx)
         .await?
         .rows_affected()
@@ -294,14 +317,14 @@ impl Db {
         let done = sqlx::query(
             "UPDATE store_keys SET state = ?, reason = ?, key_fp = ?, next_attempt_at = NULL,
                  lease_until = NULL, updated_at = ?
-             WHERE id = ? AND key = ?",
+             WHERE id = ? AND CAST(key AS BLOB) = ?",
         )
         .bind(state.as_str())
         .bind(reason)
         .bind(key.fingerprint().to_string())
         .bind(event.at)
         .bind(id)
-        .bind(key.expose())
+        .bind(key.cas_bytes())
         .execute(&mut *tx)
         .await?
         .rows_affected()
@@ -324,7 +347,7 @@ impl Db {
                  client_id = ?, issued_at = ?, expires_at = ?, next_attempt_at = ?,
                  lease_until = NULL, attempts = 0, renewals = renewals + 1,
                  last_renewed_at = ?, updated_at = ?
-             WHERE id = ? AND key = ?",
+             WHERE id = ? AND CAST(key AS BLOB) = ?",
         )
         .bind(new.expose())
         .bind(a.key_fp.to_string())
@@ -335,7 +358,7 @@ impl Db {
         .bind(event.at)
         .bind(event.at)
         .bind(id)
-        .bind(old.expose())
+        .bind(old.cas_bytes())
         .execute(&mut *tx)
         .await?
         .rows_affected()
@@ -356,13 +379,13 @@ impl Db {
         let done = sqlx::query(
             "UPDATE store_keys SET next_attempt_at = ?, lease_until = NULL,
                  attempts = attempts + 1, reason = ?, updated_at = ?
-             WHERE id = ? AND key = ? AND state = 'active'",
+             WHERE id = ? AND CAST(key AS BLOB) = ? AND state = 'active'",
         )
         .bind(next_attempt_at)
         .bind(reason)
         .bind(event.at)
         .bind(id)
-        .bind(key.expose())
+        .bind(key.cas_bytes())
         .execute(&mut *tx)
         .await?
         .rows_affected()
@@ -378,12 +401,12 @@ impl Db {
         lease_until: i64,
         limit: u32,
     ) -> Result<Vec<ClaimedRow>, DbError> {
-        let rows: Vec<(i64, String, i64)> = sqlx::query_as(
+        let rows: Vec<(i64, Vec<u8>, i64)> = sqlx::query_as(
             "UPDATE store_keys SET next_attempt_at = ?1, lease_until = ?1
              WHERE id IN (SELECT id FROM store_keys
                           WHERE state = 'active' AND next_attempt_at <= ?2
                           ORDER BY next_attempt_at LIMIT ?3)
-             RETURNING id, key, attempts",
+             RETURNING id, CAST(key AS BLOB), attempts",
         )
         .bind(lease_until)
         .bind(now)
@@ -394,7 +417,7 @@ impl Db {
             .into_iter()
             .map(|(id, key, attempts)| ClaimedRow {
                 id,
-                key: KeyText::new(key),
+                key: KeyText::from_bytes(key),
                 attempts: u32::try_from(attempts).unwrap_or(u32::MAX),
             })
             .collect();
@@ -410,10 +433,10 @@ impl Db {
         now: i64,
         lease_until: i64,
     ) -> Result<Option<ClaimedRow>, DbError> {
-        let row: Option<(i64, String, i64)> = sqlx::query_as(
+        let row: Option<(i64, Vec<u8>, i64)> = sqlx::query_as(
             "UPDATE store_keys SET next_attempt_at = ?1, lease_until = ?1
              WHERE id = ?2 AND state = 'active' AND (lease_until IS NULL OR lease_until <= ?3)
-             RETURNING id, key, attempts",
+             RETURNING id, CAST(key AS BLOB), attempts",
         )
         .bind(lease_until)
         .bind(id)
@@ -422,15 +445,15 @@ impl Db {
         .await?;
         Ok(row.map(|(id, key, attempts)| ClaimedRow {
             id,
-            key: KeyText::new(key),
+            key: KeyText::from_bytes(key),
             attempts: u32::try_from(attempts).unwrap_or(u32::MAX),
         }))
     }
 
     /// Active keys due now, without reserving them (`renew --due --dry-run`).
     pub async fn due_rows(&self, now: i64, limit: u32) -> Result<Vec<ClaimedRow>, DbError> {
-        let rows: Vec<(i64, String, i64)> = sqlx::query_as(
-            "SELECT id, key, attempts FROM store_keys
+        let rows: Vec<(i64, Vec<u8>, i64)> = sqlx::query_as(
+            "SELECT id, CAST(key AS BLOB), attempts FROM store_keys
              WHERE state = 'active' AND next_attempt_at <= ? ORDER BY next_attempt_at LIMIT ?",
         )
         .bind(now)
@@ -441,7 +464,7 @@ impl Db {
             .into_iter()
             .map(|(id, key, attempts)| ClaimedRow {
                 id,
-                key: KeyText::new(key),
+                key: KeyText::from_bytes(key),
                 attempts: u32::try_from(attempts).unwrap_or(u32::MAX),
             })
             .collect())
@@ -449,14 +472,14 @@ impl Db {
 
     /// One row's summary and its key (`inspect --row`, `renew --row`).
     pub async fn key_row(&self, id: i64) -> Result<Option<(KeySummary, KeyText)>, DbError> {
-        let row: Option<(SummaryRow, String)> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
-            "SELECT {SUMMARY_COLUMNS}, key FROM store_keys WHERE id = ?"
+        let row: Option<(SummaryRow, Vec<u8>)> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+            "SELECT {SUMMARY_COLUMNS}, CAST(key AS BLOB) FROM store_keys WHERE id = ?"
         )))
         .bind(id)
         .fetch_optional(&self.pool)
         .await
         .map(|r: Option<FlatSummary>| r.map(split_summary))?;
-        Ok(row.map(|(s, k)| (KeySummary::from(s), KeyText::new(k))))
+        Ok(row.map(|(s, k)| (KeySummary::from(s), KeyText::from_bytes(k))))
     }
 
     /// Flagged keys, most recently flagged first, and how many there are in all.
@@ -574,6 +597,65 @@ impl Db {
         Ok(())
     }
 
+    /// Raises (or updates) a named alarm for `status`.
+    pub async fn set_alarm(&self, name: &str, detail: &str, since: i64) -> Result<(), DbError> {
+        sqlx::query(
+            "INSERT INTO storekeyd_alarms (name, detail, since) VALUES (?, ?, ?)
+             ON CONFLICT (name) DO UPDATE SET detail = excluded.detail",
+        )
+        .bind(name)
+        .bind(detail)
+        .bind(since)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    pub async fn clear_alarm(&self, name: &str) -> Result<(), DbError> {
+        sqlx::query("DELETE FROM storekeyd_alarms WHERE name = ?")
+            .bind(name)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    /// At start: the conditions behind alarms live in the daemon's memory, which is new.
+    pub async fn clear_alarms(&self) -> Result<(), DbError> {
+        sqlx::query("DELETE FROM storekeyd_alarms")
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    /// (name, detail, since), oldest first.
+    pub async fn alarms(&self) -> Result<Vec<(String, String, i64)>, DbError> {
+        Ok(
+            sqlx::query_as("SELECT name, detail, since FROM storekeyd_alarms ORDER BY since, name")
+                .fetch_all(&self.pool)
+                .await?,
+        )
+    }
+
+    /// Reschedules a claimed key without an attempt (its endpoint's breaker is open).
+    pub async fn defer(
+        &self,
+        id: i64,
+        key: &KeyText,
+        next_attempt_at: i64,
+    ) -> Result<bool, DbError> {
+        Ok(sqlx::query(
+            "UPDATE store_keys SET next_attempt_at = ?, lease_until = NULL
+             WHERE id = ? AND CAST(key AS BLOB) = ? AND state = 'active'",
+        )
+        .bind(next_attempt_at)
+        .bind(id)
+        .bind(key.cas_bytes())
+        .execute(&self.pool)
+        .await?
+        .rows_affected()
+            == 1)
+    }
+
     /// Gives keys flagged for configuration reasons another check, e.g. after a config change.
     pub async fn recheck_misconfigured(&self, now: i64) -> Result<u64, DbError> {
         Ok(sqlx::query(
@@ -656,11 +738,18 @@ where
 
 /// The schema, embedded in the binary from `migrations/sqlite`.
 pub fn migrator() -> Migrator {
-    let migrations: [(i64, &'static str, &'static str); 1] = [(
-        1,
-        "init",
-        include_str!("../migrations/sqlite/0001_init.sql"),
-    )];
+    let migrations: [(i64, &'static str, &'static str); 2] = [
+        (
+            1,
+            "init",
+            include_str!("../migrations/sqlite/0001_init.sql"),
+        ),
+        (
+            2,
+            "alarms",
+            include_str!("../migrations/sqlite/0002_alarms.sql"),
+        ),
+    ];
     Migrator::with_migrations(
         migrations
             .into_iter()

@@ -1,5 +1,6 @@
 //! storekeyd keeps Microsoft Store ID keys fresh. See ARCHITECTURE.md for the codemap.
 
+pub mod breaker;
 pub mod claims;
 pub mod clock;
 pub mod config;
@@ -10,6 +11,7 @@ pub mod demo;
 pub mod emulator;
 pub mod entra;
 pub mod fingerprint;
+pub mod guard;
 pub mod http;
 pub mod import;
 pub mod ingest;
@@ -21,6 +23,7 @@ pub mod outcome;
 pub mod ratelimit;
 pub mod renewer;
 pub mod report;
+pub mod safety;
 pub mod schedule;
 pub mod store_api;
 pub mod telemetry;

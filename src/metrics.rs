@@ -124,13 +124,17 @@ impl KeyStats {
 }
 
 /// Extra gauges the daemon knows at render time.
-#[derive(Debug, Clone, Copy, Default)]
+#[derive(Debug, Clone, Default)]
 pub struct Gauges {
     pub ready: bool,
+    /// (kind, open) for every renew endpoint.
+    pub breakers: Vec<(String, bool)>,
+    /// (application, alarm raised) for every configured application.
+    pub credential_alarms: Vec<(String, bool)>,
 }
 
 impl Metrics {
-    pub fn render(&self, keys: &KeyStats, gauges: Gauges) -> String {
+    pub fn render(&self, keys: &KeyStats, gauges: &Gauges) -> String {
         let mut out = String::with_capacity(4096);
         header(
             &mut out,
@@ -186,6 +190,33 @@ impl Metrics {
             "1 when the database and every application's credential work.",
         );
         let _ = writeln!(out, "storekeyd_ready {}", u8::from(gauges.ready));
+        header(
+            &mut out,
+            "storekeyd_breaker_open",
+            "gauge",
+            "1 while a renew endpoint's outage breaker is open (renewals paused, probing).",
+        );
+        for (kind, open) in &gauges.breakers {
+            let _ = writeln!(
+                out,
+                "storekeyd_breaker_open{{kind=\"{kind}\"}} {}",
+                u8::from(*open)
+            );
+        }
+        header(
+            &mut out,
+            "storekeyd_credential_alarm",
+            "gauge",
+            "1 while many keys of an application are refused at once: its credential, not revocations.",
+        );
+        for (app, raised) in &gauges.credential_alarms {
+            let _ = writeln!(
+                out,
+                "storekeyd_credential_alarm{{application=\"{}\"}} {}",
+                escape(app),
+                u8::from(*raised)
+            );
+        }
         out
     }
 
@@ -245,6 +276,13 @@ fn render_keys(out: &mut String, keys: &KeyStats) {
     }
 }
 
+/// Label values: backslash, double quote and newline escaped, as the text format requires.
+fn escape(v: &str) -> String {
+    v.replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
+}
+
 fn header(out: &mut String, name: &str, kind: &str, help: &str) {
     let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
 }
@@ -284,7 +322,12 @@ mod tests {
             due: 1,
             next_due: None,
         };
-        let text = m.render(&keys, Gauges { ready: true });
+        let gauges = Gauges {
+            ready: true,
+            breakers: vec![("purchase".into(), true)],
+            credential_alarms: vec![("a\"b".into(), false)],
+        };
+        let text = m.render(&keys, &gauges);
         assert!(text.contains("storekeyd_renewals_total{outcome=\"renewed\"} 2\n"));
         assert!(text.contains("storekeyd_renewals_total{outcome=\"revoked\"} 0\n"));
         assert!(text.contains("storekeyd_renew_request_duration_seconds_bucket{le=\"0.025\"} 0\n"));
@@ -293,5 +336,10 @@ mod tests {
         assert!(text.contains("storekeyd_keys{state=\"active\",kind=\"collections\"} 3\n"));
         assert!(text.contains("storekeyd_earliest_expiry_timestamp_seconds 1700000000\n"));
         assert!(text.contains("storekeyd_ready 1\n"));
+        assert!(text.contains("storekeyd_breaker_open{kind=\"purchase\"} 1\n"));
+        assert!(
+            text.contains("storekeyd_credential_alarm{application=\"a\\\"b\"} 0\n"),
+            "{text}"
+        );
     }
 }

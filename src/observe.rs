@@ -101,8 +101,19 @@ impl Observer {
             }
         });
         checks.push(("database".to_owned(), db));
+        let alarms = self.renewer.safety.credential_alarms();
         for (app, last) in self.renewer.tokens.status() {
-            let result = last.unwrap_or_else(|| Err("no access token requested yet".to_owned()));
+            let mut result =
+                last.unwrap_or_else(|| Err("no access token requested yet".to_owned()));
+            if alarms.iter().any(|a| {
+                self.renewer
+                    .config
+                    .application(a)
+                    .is_some_and(|c| c.label() == app)
+            }) {
+                result =
+                    Err("credential alarm: the Store refuses many of its keys at once".to_owned());
+            }
             checks.push((format!("application {app}"), result));
         }
         checks
@@ -136,7 +147,23 @@ async fn metrics(State(o): State<Observer>) -> Response {
         }
     };
     let ready = o.readiness().await.iter().all(|(_, r)| r.is_ok());
-    let body = o.renewer.metrics.render(&keys, Gauges { ready });
+    let open = o.renewer.safety.open_breakers();
+    let alarms = o.renewer.safety.credential_alarms();
+    let gauges = Gauges {
+        ready,
+        breakers: crate::claims::Kind::ALL
+            .iter()
+            .map(|k| (k.to_string(), open.contains(k)))
+            .collect(),
+        credential_alarms: o
+            .renewer
+            .config
+            .applications
+            .iter()
+            .map(|a| (a.label().to_owned(), alarms.contains(&a.client_id)))
+            .collect(),
+    };
+    let body = o.renewer.metrics.render(&keys, &gauges);
     (
         [(
             header::CONTENT_TYPE,

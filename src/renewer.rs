@@ -5,15 +5,18 @@ use std::sync::Arc;
 
 use tracing::Instrument as _;
 
+use crate::breaker::Permit;
 use crate::claims::{self, Claims, KeyText, Kind};
 use crate::clock::Clock;
 use crate::config::Config;
 use crate::db::{Activation, ClaimedRow, Db, DbError, Event, State};
 use crate::entra::{AccessToken, TokenClient};
+use crate::guard::Verdict;
 use crate::ingest::utc;
 use crate::metrics::Metrics;
 use crate::outcome::{self, Outcome};
 use crate::ratelimit::RateLimiter;
+use crate::safety::Safety;
 use crate::schedule::{self, Retry};
 use crate::store_api::{RenewClient, RenewResponse};
 
@@ -23,6 +26,8 @@ pub enum Settled {
     Renewed,
     Retry,
     Flagged(State),
+    /// Not attempted: the endpoint's outage breaker is open.
+    Deferred,
     /// The backend replaced the key while we worked on it; our result was dropped.
     Superseded,
 }
@@ -35,6 +40,7 @@ pub struct Renewer {
     pub limiter: RateLimiter,
     pub clock: Clock,
     pub metrics: Arc<Metrics>,
+    pub safety: Safety,
     endpoints: HashMap<Kind, reqwest::Url>,
 }
 
@@ -63,7 +69,9 @@ impl Renewer {
             endpoints.insert(kind, url);
         }
         let limiter = RateLimiter::per_second(config.renew.rate_limit);
+        let safety = Safety::new(&config, db.clone(), clock.clone());
         Ok(Renewer {
+            safety,
             db,
             config,
             tokens,
@@ -139,6 +147,11 @@ impl Renewer {
                 .flag(&row, State::Misconfigured, &reason, Event::default())
                 .await;
         }
+        let permit = self.safety.permit(claims.kind);
+        if let Permit::Wait(until) = permit {
+            return self.defer(&row, until).await;
+        }
+        let probe = permit == Permit::Probe;
         self.limiter.acquire().await;
         let token = match self.tokens.token(&claims.client_id).await {
             Ok(t) => t,
@@ -151,6 +164,9 @@ impl Renewer {
         let Some(mut resp) = self.call(&claims, &token, &row.key).await else {
             return self.flag_expired(&row, &claims, Event::default()).await;
         };
+        self.safety
+            .observe(claims.kind, row.id, &resp.outcome, probe)
+            .await;
         if let Outcome::AuthInvalid { .. } = resp.outcome {
             // First suspect ourselves: the Store cannot tell a bad ticket from a revoked key.
             self.db
@@ -168,6 +184,9 @@ impl Renewer {
             let Some(second) = self.call(&claims, &fresh, &row.key).await else {
                 return self.flag_expired(&row, &claims, Event::default()).await;
             };
+            self.safety
+                .observe(claims.kind, row.id, &second.outcome, false)
+                .await;
             resp = second;
         }
         self.settle(&row, &claims, resp).await
@@ -218,10 +237,22 @@ impl Renewer {
                 }
             },
             Outcome::AuthInvalid { detail } => {
-                let reason = "the Store refused the key with AuthenticationTokenInvalid, also with a freshly minted access token: it is revoked or no longer renewable; the client must mint a new key";
-                let mut event = self.event(row, &resp, &detail);
-                event.outcome = "revoked";
-                self.flag(row, State::Revoked, reason, event).await
+                match self
+                    .safety
+                    .refused(&claims.client_id, row.id, row.attempts)
+                    .await
+                {
+                    Verdict::Revoked => {
+                        let reason = "the Store refused the key with AuthenticationTokenInvalid, also with a freshly minted access token, while other keys of its application renew: it is revoked or no longer renewable; the client must mint a new key";
+                        let mut event = self.event(row, &resp, &detail);
+                        event.outcome = "revoked";
+                        self.flag(row, State::Revoked, reason, event).await
+                    }
+                    Verdict::Defer(why) => {
+                        let event = self.event(row, &resp, why);
+                        self.retry(row, claims, None, why, event).await
+                    }
+                }
             }
             Outcome::ClientIdMismatch { detail } => {
                 let reason = format!(
@@ -264,10 +295,13 @@ impl Renewer {
             next_attempt_at: next,
         };
         let applied = self
-            .db
-            .write_renewed(row.id, &row.key, new_key, &activation, &event)
+            .persist(|| {
+                self.db
+                    .write_renewed(row.id, &row.key, new_key, &activation, &event)
+            })
             .await?;
         if self.counted(applied, "renewed") {
+            self.safety.renewed(&new_claims.client_id, row.id).await;
             self.metrics
                 .last_success
                 .store(event.at, std::sync::atomic::Ordering::Relaxed);
@@ -307,8 +341,7 @@ impl Renewer {
                 event.detail = Some(format!("{detail}; attempt {attempts}, next at {}", utc(at)));
                 let reason = format!("retrying: {detail}");
                 let applied = self
-                    .db
-                    .write_retry(row.id, &row.key, at, &reason, &event)
+                    .persist(|| self.db.write_retry(row.id, &row.key, at, &reason, &event))
                     .await?;
                 if self.counted(applied, event.outcome) {
                     tracing::info!(outcome = event.outcome, attempts, next = %utc(at), "{detail}; will retry");
@@ -352,8 +385,7 @@ impl Renewer {
             event.detail = Some(reason.to_owned());
         }
         let applied = self
-            .db
-            .flag(row.id, &row.key, state, reason, &event)
+            .persist(|| self.db.flag(row.id, &row.key, state, reason, &event))
             .await?;
         if self.counted(applied, event.outcome) {
             tracing::warn!(state = state.as_str(), reason, "key flagged");
@@ -361,6 +393,38 @@ impl Renewer {
         } else {
             Ok(Settled::Superseded)
         }
+    }
+
+    /// Retries a write while another connection holds the database lock (a backend's long
+    /// transaction), for up to one lease: the Store has already acted, and its result (above all
+    /// a new key) must not be lost to a lock.
+    async fn persist<F, Fut>(&self, mut write: F) -> Result<bool, DbError>
+    where
+        F: FnMut() -> Fut,
+        Fut: std::future::Future<Output = Result<bool, DbError>>,
+    {
+        let deadline = std::time::Instant::now() + self.config.renew.lease;
+        loop {
+            match write().await {
+                Err(e) if e.is_busy() && std::time::Instant::now() < deadline => {
+                    tracing::warn!(error = %e, "database is locked; retrying the write");
+                    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+                }
+                other => return other,
+            }
+        }
+    }
+
+    /// Puts a key back without an attempt until its endpoint's breaker lets calls through, spread
+    /// over a few seconds so the backlog does not return as one burst.
+    async fn defer(&self, row: &ClaimedRow, until: std::time::Instant) -> Result<Settled, DbError> {
+        let wait = until.saturating_duration_since(std::time::Instant::now());
+        let at = self.clock.now()
+            + i64::try_from(wait.as_secs()).unwrap_or(i64::MAX / 2)
+            + 1
+            + fastrand::i64(0..=2);
+        self.db.defer(row.id, &row.key, at).await?;
+        Ok(Settled::Deferred)
     }
 
     /// Counts the outcome of a write, or `superseded` if the backend's write won.

@@ -22,6 +22,8 @@ pub struct StatusReport {
     pub expiring: Vec<KeySummary>,
     pub flagged: Vec<KeySummary>,
     pub flagged_total: i64,
+    /// Conditions the running daemon has raised: (name, detail, since).
+    pub alarms: Vec<(String, String, i64)>,
 }
 
 impl StatusReport {
@@ -35,18 +37,28 @@ impl StatusReport {
             expiring: db.expiring(now.saturating_add(window_secs), limit).await?,
             flagged,
             flagged_total,
+            alarms: db.alarms().await?,
         })
     }
 
     /// Healthy: nothing flagged, nothing active about to expire.
     pub fn healthy(&self) -> bool {
-        self.flagged_total == 0 && self.expiring.is_empty()
+        self.flagged_total == 0 && self.expiring.is_empty() && self.alarms.is_empty()
     }
 
     pub fn render(&self) -> String {
         let now = self.generated_at;
         let mut out = String::new();
         let _ = writeln!(out, "storekeyd status at {}\n", utc(now));
+        if self.alarms.is_empty() {
+            let _ = writeln!(out, "alarms: none\n");
+        } else {
+            let _ = writeln!(out, "alarms: {}", self.alarms.len());
+            for (name, detail, since) in &self.alarms {
+                let _ = writeln!(out, "  {name} since {}\n    {detail}", when(*since, now));
+            }
+            out.push('\n');
+        }
         let _ = writeln!(
             out,
             "{:<16}{:>13}{:>10}{:>8}",

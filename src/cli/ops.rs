@@ -224,6 +224,9 @@ async fn renew_one(renewer: &Renewer, claimed: ClaimedRow) -> anyhow::Result<boo
         Settled::Retry => format!("not renewed, will be retried: {reason}"),
         Settled::Flagged(state) => format!("flagged {}: {reason}", state.as_str()),
         Settled::Superseded => "the backend replaced the key meanwhile; result dropped".to_owned(),
+        Settled::Deferred => {
+            "not attempted: the endpoint is failing for many keys (outage breaker open)".to_owned()
+        }
     };
     println!("#{id} {user} {kind}: {what}");
     Ok(settled == Settled::Renewed)

@@ -166,6 +166,17 @@ async fn renew_one_row_now_or_rehearse_it() {
     );
     assert_eq!(env.row("alice", Kind::Collections).await.renewals, 1);
 
+    // A one-shot process has seen no renewal of this application vouch for the credential, so a
+    // refusal is retried before it is believed: flagged on the third refusal in a row.
+    for _ in 0..2 {
+        let out = env.cli(&["renew", "--row", "2"], "").await;
+        assert_eq!(out.code, 3, "{out:?}");
+        assert!(
+            out.stdout.contains("not renewed, will be retried")
+                && out.stdout.contains("AuthenticationTokenInvalid"),
+            "{out:?}"
+        );
+    }
     let out = env.cli(&["renew", "--row", "2"], "").await;
     assert_eq!(out.code, 3, "{out:?}");
     assert!(out.stdout.contains("flagged revoked"), "{out:?}");
@@ -204,7 +215,7 @@ async fn check_and_migrate_and_bad_config() {
     assert!(out.stderr.contains("run `storekeyd migrate`"), "{out:?}");
     let out = env.cli(&["migrate"], "").await;
     assert_eq!(out.code, 0, "{out:?}");
-    assert!(out.stdout.contains("schema at version 1"));
+    assert!(out.stdout.contains("schema at version 2"));
     assert_eq!(env.cli(&["status"], "").await.code, 0);
 
     env.emu.register_app("test-tenant", "app-main", "rotated");

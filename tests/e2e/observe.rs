@@ -57,7 +57,6 @@ async fn metrics_describe_renewals_and_keys_without_key_material() {
     for expected in [
         "storekeyd_renewals_total{outcome=\"renewed\"} ",
         "storekeyd_renewals_total{outcome=\"revoked\"} 1\n",
-        "storekeyd_renewals_total{outcome=\"auth_invalid\"} 1\n",
         "storekeyd_keys{state=\"revoked\",kind=\"collections\"} 1\n",
         "storekeyd_keys{state=\"active\",kind=\"collections\"} 1\n",
         "storekeyd_earliest_expiry_timestamp_seconds ",

@@ -1,0 +1,144 @@
+//! The daemon's two circuit-level protections, wired to their side effects: the outage breaker
+//! per endpoint ([`crate::breaker`]) and the false-revocation guard ([`crate::guard`]). Each
+//! state change is logged, recorded in `storekeyd_alarms` for `status`, and exposed as a metric.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::time::Instant;
+
+use crate::breaker::{Breaker, Permit, Transition};
+use crate::claims::Kind;
+use crate::clock::Clock;
+use crate::config::Config;
+use crate::db::Db;
+use crate::guard::{AlarmChange, RevocationGuard, Verdict};
+use crate::outcome::Outcome;
+
+pub struct Safety {
+    breakers: Mutex<HashMap<Kind, Breaker>>,
+    guard: Mutex<RevocationGuard>,
+    db: Db,
+    clock: Clock,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+fn breaker_alarm(kind: Kind) -> String {
+    format!("breaker:{kind}")
+}
+
+fn credential_alarm(app: &str) -> String {
+    format!("credential:{app}")
+}
+
+impl Safety {
+    pub fn new(config: &Config, db: Db, clock: Clock) -> Self {
+        let breakers = Kind::ALL
+            .into_iter()
+            .map(|k| (k, Breaker::new(config.breaker_policy())))
+            .collect();
+        Safety {
+            breakers: Mutex::new(breakers),
+            guard: Mutex::new(RevocationGuard::new(config.guard_policy())),
+            db,
+            clock,
+        }
+    }
+
+    /// Whether a renew call to `kind`'s endpoint may go out now.
+    pub fn permit(&self, kind: Kind) -> Permit {
+        lock(&self.breakers)
+            .get_mut(&kind)
+            .map_or(Permit::Call, |b| b.permit(Instant::now()))
+    }
+
+    /// Feeds one renew call's outcome to the endpoint's breaker.
+    pub async fn observe(&self, kind: Kind, key_id: i64, outcome: &Outcome, probe: bool) {
+        let transition = {
+            let mut breakers = lock(&self.breakers);
+            let Some(b) = breakers.get_mut(&kind) else {
+                return;
+            };
+            match outcome {
+                Outcome::Throttled { .. } | Outcome::Transient { .. } => {
+                    b.failure(Instant::now(), key_id)
+                }
+                // A probe that got nonsense has not shown the endpoint works.
+                Outcome::Unexpected { .. } if probe => b.failure(Instant::now(), key_id),
+                Outcome::Unexpected { .. } => None,
+                Outcome::Renewed(_)
+                | Outcome::AuthInvalid { .. }
+                | Outcome::ClientIdMismatch { .. } => b.success(),
+            }
+        };
+        match transition {
+            Some(Transition::Opened) => {
+                let detail = format!(
+                    "the {kind} renew endpoint is failing for many different keys: renewals to it are paused and it is probed with one request at growing intervals"
+                );
+                tracing::error!(%kind, "outage breaker opened: {detail}");
+                self.record(&breaker_alarm(kind), Some(&detail)).await;
+            }
+            Some(Transition::Closed) => {
+                tracing::warn!(%kind, "outage breaker closed: the endpoint answers again; renewals resume");
+                self.record(&breaker_alarm(kind), None).await;
+            }
+            None => {}
+        }
+    }
+
+    /// A key of application `app` renewed.
+    pub async fn renewed(&self, app: &str, key_id: i64) {
+        let change = lock(&self.guard).success(app, key_id, Instant::now());
+        if change == Some(AlarmChange::Cleared) {
+            tracing::warn!(app, "credential alarm cleared: a renewal succeeded again");
+            self.record(&credential_alarm(app), None).await;
+        }
+    }
+
+    /// A key of `app` refused twice with AuthenticationTokenInvalid: revoked, or is it us?
+    pub async fn refused(&self, app: &str, key_id: i64, prior_failures: u32) -> Verdict {
+        let (verdict, change) =
+            lock(&self.guard).refused(app, key_id, prior_failures, Instant::now());
+        if change == Some(AlarmChange::Raised) {
+            let detail = format!(
+                "the Store refuses many keys of application {app} at once (AuthenticationTokenInvalid) while none renews: that is the credential or configuration, not revocations; no key is flagged revoked until a renewal succeeds again"
+            );
+            tracing::error!(app, "credential alarm: {detail}");
+            self.record(&credential_alarm(app), Some(&detail)).await;
+        }
+        verdict
+    }
+
+    /// The kinds whose breaker is open.
+    pub fn open_breakers(&self) -> Vec<Kind> {
+        let breakers = lock(&self.breakers);
+        Kind::ALL
+            .into_iter()
+            .filter(|k| breakers.get(k).is_some_and(Breaker::is_open))
+            .collect()
+    }
+
+    /// The applications whose credential alarm is raised.
+    pub fn credential_alarms(&self) -> Vec<String> {
+        lock(&self.guard)
+            .alarms()
+            .into_iter()
+            .map(|(app, _)| app)
+            .collect()
+    }
+
+    /// Writes or clears the alarm row; a failure is logged, never fatal (the metric and the log
+    /// line carry the same news).
+    async fn record(&self, name: &str, detail: Option<&str>) {
+        let result = match detail {
+            Some(d) => self.db.set_alarm(name, d, self.clock.now()).await,
+            None => self.db.clear_alarm(name).await,
+        };
+        if let Err(e) = result {
+            tracing::warn!(alarm = name, error = %e, "could not record the alarm for `status`");
+        }
+    }
+}
