@@ -29,6 +29,12 @@ impl Clock {
         UNIX_EPOCH + Duration::from_secs(secs)
     }
 
+    /// Moves this clock (and every clone of it) back, as an NTP step backwards would.
+    pub fn rewind(&self, by: Duration) {
+        let secs = i64::try_from(by.as_secs()).unwrap_or(i64::MAX);
+        self.offset_secs.fetch_sub(secs, Ordering::Relaxed);
+    }
+
     /// Moves this clock (and every clone of it) forward.
     pub fn advance(&self, by: Duration) {
         let secs = i64::try_from(by.as_secs()).unwrap_or(i64::MAX);

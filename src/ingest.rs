@@ -113,7 +113,7 @@ async fn ingest_row(db: &Db, config: &Config, now: i64, row: &PendingRow) -> Res
     };
     match check(&row.kind, &row.key, now, config) {
         Ok(claims) => {
-            let next = schedule::renewal_time(&claims, &config.policy(), fastrand::f64());
+            let next = schedule::renewal_time(&claims, &config.policy(), now, fastrand::f64());
             event.outcome = "accepted";
             event.detail = Some(format!("next renewal at {}", utc(next)));
             let activation = Activation {

@@ -277,7 +277,12 @@ impl Renewer {
         new_claims: &Claims,
         resp: &RenewResponse,
     ) -> Result<Settled, DbError> {
-        let next = schedule::renewal_time(new_claims, &self.config.policy(), fastrand::f64());
+        let next = schedule::renewal_time(
+            new_claims,
+            &self.config.policy(),
+            self.clock.now(),
+            fastrand::f64(),
+        );
         let fp = new_key.fingerprint();
         let mut event = self.event(
             row,

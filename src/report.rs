@@ -168,7 +168,7 @@ impl Inspection {
             lifetime_secs: claims.lifetime_secs(),
             refresh_uri: claims.refresh_uri.clone(),
             has_payload: claims.has_payload,
-            renewal_at: schedule::renewal_time(claims, &config.policy(), 0.0),
+            renewal_at: schedule::renewal_time(claims, &config.policy(), now, 0.0),
             expired: claims.expires_at <= now,
             row,
         }

@@ -22,9 +22,10 @@ pub struct Policy {
 /// The earlier of `iat + max_age` and `exp - margin`, minus up to `jitter` (`jitter_draw` in
 /// `[0, 1)` picks how much), but never sooner than a quarter of the key's lifetime after `iat`:
 /// a key that lives shorter than the margin (demo and test keys) would otherwise be due again the
-/// moment it was renewed.
-pub fn renewal_time(claims: &Claims, policy: &Policy, jitter_draw: f64) -> i64 {
-    let iat = claims.issued_at;
+/// moment it was renewed. An `iat` in the future (clock skew) counts as `now`, so a skewed key is
+/// never scheduled later than its age allows by our clock.
+pub fn renewal_time(claims: &Claims, policy: &Policy, now: i64, jitter_draw: f64) -> i64 {
+    let iat = claims.issued_at.min(now);
     let exp = claims.expires_at;
     let target =
         (iat.saturating_add(secs(policy.max_age))).min(exp.saturating_sub(secs(policy.margin)));
@@ -125,7 +126,28 @@ mod tests {
     #[test]
     fn thirty_day_key_renews_at_fourteen_days() {
         let c = claims(1_000_000, 30 * DAY);
-        assert_eq!(renewal_time(&c, &policy(), 0.0), 1_000_000 + 14 * DAY);
+        assert_eq!(
+            renewal_time(&c, &policy(), c.issued_at, 0.0),
+            1_000_000 + 14 * DAY
+        );
+    }
+
+    #[test]
+    fn a_future_iat_counts_as_now() {
+        let c = claims(1_000_000 + 7200, 30 * DAY);
+        assert_eq!(
+            renewal_time(&c, &policy(), 1_000_000, 0.0),
+            1_000_000 + 14 * DAY
+        );
+    }
+
+    #[test]
+    fn keys_valid_for_decades_still_renew_at_max_age() {
+        let c = claims(1_000_000, 50 * 365 * DAY);
+        assert_eq!(
+            renewal_time(&c, &policy(), 1_000_000, 0.0),
+            1_000_000 + 14 * DAY
+        );
     }
 
     #[test]
@@ -133,15 +155,15 @@ mod tests {
         let mut p = policy();
         p.margin = Duration::from_secs(20 * DAY as u64);
         let c = claims(0, 30 * DAY);
-        assert_eq!(renewal_time(&c, &p, 0.0), 10 * DAY);
+        assert_eq!(renewal_time(&c, &p, c.issued_at, 0.0), 10 * DAY);
     }
 
     #[test]
     fn jitter_only_moves_earlier_and_within_bound() {
         let c = claims(0, 30 * DAY);
-        let base = renewal_time(&c, &policy(), 0.0);
+        let base = renewal_time(&c, &policy(), c.issued_at, 0.0);
         for draw in [0.1, 0.5, 0.999] {
-            let t = renewal_time(&c, &policy(), draw);
+            let t = renewal_time(&c, &policy(), c.issued_at, draw);
             assert!(t <= base && t >= base - 3600, "{t} vs {base}");
         }
     }
@@ -150,7 +172,7 @@ mod tests {
     fn short_lived_keys_wait_a_quarter_of_their_life() {
         // A 60 s key with a 7 d margin would be due before it was issued.
         let c = claims(1000, 60);
-        assert_eq!(renewal_time(&c, &policy(), 0.9), 1015);
+        assert_eq!(renewal_time(&c, &policy(), c.issued_at, 0.9), 1015);
     }
 
     #[test]
@@ -195,7 +217,7 @@ mod tests {
             iat in 0i64..4_000_000_000, lifetime in 4i64..100 * DAY, draw in 0.0f64..1.0
         ) {
             let c = claims(iat, lifetime);
-            let t = renewal_time(&c, &policy(), draw);
+            let t = renewal_time(&c, &policy(), c.issued_at, draw);
             proptest::prop_assert!(t < c.expires_at && t >= iat);
         }
 

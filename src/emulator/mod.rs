@@ -19,7 +19,7 @@ use axum::routing::{get, post};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
-pub use state::{Emulator, Faults, Stats};
+pub use state::{Emulator, Faults, Stats, WrongSuccessor};
 
 use crate::clock::Clock;
 

@@ -9,7 +9,7 @@ use axum::response::{IntoResponse, Response};
 use serde_json::{Value, json};
 
 use super::AppState;
-use super::state::{Emulator, Faults, key_id, lock};
+use super::state::{Emulator, Faults, WrongSuccessor, key_id, lock};
 use super::token;
 use crate::claims::Kind;
 use crate::outcome::{AUTH_TOKEN_INVALID, INCONSISTENT_CLIENT_ID};
@@ -55,6 +55,11 @@ async fn handle(st: AppState, kind: Kind, body: Bytes) -> Response {
             "<html><body>Service Unavailable</body></html>",
         )
             .into_response(),
+        Some(Injected::Huge) => {
+            let body = format!("{{\"key\":\"{}\"}}", "A".repeat(2 << 20));
+            (StatusCode::OK, body).into_response()
+        }
+        Some(Injected::Trickle) => trickle(st.shutdown.clone()),
         None => renew(&st.emu, &faults, kind, &body),
     };
     finish(&st.emu, response)
@@ -64,6 +69,25 @@ enum Injected {
     Timeout,
     Status(StatusCode),
     Garbage,
+    Huge,
+    Trickle,
+}
+
+/// A 200 whose body comes one byte every 200 ms: only a whole-request timeout ends it.
+fn trickle(stop: tokio_util::sync::CancellationToken) -> Response {
+    let body = br#"{"key":"eyJhbGciOiJSUzI1NiJ9.e30.c2lnbmF0dXJl"}"#.to_vec();
+    let stream = futures_util::stream::unfold((body, 0usize, stop), |(body, i, stop)| async move {
+        if i >= body.len() {
+            return None;
+        }
+        tokio::select! {
+            () = stop.cancelled() => return None,
+            () = tokio::time::sleep(Duration::from_millis(200)) => {}
+        }
+        let byte = Bytes::copy_from_slice(&body[i..=i]);
+        Some((Ok::<_, std::io::Error>(byte), (body, i + 1, stop)))
+    });
+    Response::new(axum::body::Body::from_stream(stream))
 }
 
 fn injected(f: &Faults) -> Option<Injected> {
@@ -83,6 +107,8 @@ fn injected(f: &Faults) -> Option<Injected> {
             Injected::Status(StatusCode::SERVICE_UNAVAILABLE),
         ),
         (f.garbage_rate, Injected::Garbage),
+        (f.huge_body_rate, Injected::Huge),
+        (f.trickle_rate, Injected::Trickle),
     ];
     for (rate, what) in table {
         if draw < rate {
@@ -139,12 +165,17 @@ fn renew(emu: &Emulator, faults: &Faults, kind: Kind, body: &[u8]) -> Response {
             "the key's clientId and the token's appid differ",
         );
     }
-    let new_key = emu.mint(
-        kind,
-        &issued.client_id,
-        &issued.user_id,
-        issued.lifetime_secs,
-    );
+    let (mut new_kind, mut client, mut user) =
+        (kind, issued.client_id.clone(), issued.user_id.clone());
+    match faults.wrong_successor {
+        Some(WrongSuccessor::Kind) => {
+            new_kind = Kind::ALL.into_iter().find(|k| *k != kind).unwrap_or(kind);
+        }
+        Some(WrongSuccessor::Client) => client.push_str("-other"),
+        Some(WrongSuccessor::User) => user.push_str("-other"),
+        None => {}
+    }
+    let new_key = emu.mint(new_kind, &client, &user, issued.lifetime_secs);
     lock(&emu.stats).renewed += 1;
     (StatusCode::OK, axum::Json(json!({ "key": new_key }))).into_response()
 }

@@ -33,6 +33,21 @@ pub struct Faults {
     pub inconsistent_client_ids: Vec<String>,
     /// Token responses give `expires_in` as a string, as the v1 endpoint does.
     pub expires_in_as_string: bool,
+    /// 200 with a body far larger than any key (2 MiB).
+    pub huge_body_rate: f64,
+    /// 200 whose body arrives one byte every 200 ms.
+    pub trickle_rate: f64,
+    /// Renew, but answer with a key that is not the same credential: `kind`, `client` or `user`
+    /// differs.
+    pub wrong_successor: Option<WrongSuccessor>,
+}
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum WrongSuccessor {
+    Kind,
+    Client,
+    User,
 }
 
 /// Request counters, for tests, benchmarks and the demo's summary.
@@ -49,6 +64,7 @@ pub struct Stats {
 
 #[derive(Debug, Clone)]
 pub struct Issued {
+    pub key: String,
     pub kind: Kind,
     pub client_id: String,
     pub user_id: String,
@@ -69,6 +85,10 @@ pub struct Emulator {
     pub ticket_secret: [u8; 32],
     pub apps: Mutex<HashMap<String, App>>,
     pub keys: Mutex<HashMap<[u8; 32], Issued>>,
+    /// The newest key issued for each (kind, user), by mint or renewal.
+    pub latest: Mutex<HashMap<(Kind, String), String>>,
+    /// Every access token issued, for tests that look for leaks.
+    pub tokens: Mutex<Vec<String>>,
     pub faults: Mutex<Faults>,
     pub stats: Mutex<Stats>,
 }
@@ -92,6 +112,8 @@ impl Emulator {
             ticket_secret,
             apps: Mutex::default(),
             keys: Mutex::default(),
+            latest: Mutex::default(),
+            tokens: Mutex::default(),
             faults: Mutex::default(),
             stats: Mutex::default(),
         }
@@ -139,6 +161,7 @@ impl Emulator {
         };
         let key = keymint::mint(&spec);
         let issued = Issued {
+            key: key.clone(),
             kind,
             client_id: spec.client_id,
             user_id: spec.user_id,
@@ -146,8 +169,24 @@ impl Emulator {
             expires_at: spec.issued_at + lifetime_secs,
             revoked: false,
         };
+        lock(&self.latest).insert((kind, issued.user_id.clone()), key.clone());
         lock(&self.keys).insert(key_id(&key), issued);
         key
+    }
+
+    /// The newest key issued for a user (by mint or renewal).
+    pub fn latest_key(&self, kind: Kind, user_id: &str) -> Option<String> {
+        lock(&self.latest).get(&(kind, user_id.to_owned())).cloned()
+    }
+
+    /// Every key issued so far.
+    pub fn issued_keys(&self) -> Vec<String> {
+        lock(&self.keys).values().map(|k| k.key.clone()).collect()
+    }
+
+    /// Every access token issued so far.
+    pub fn issued_tokens(&self) -> Vec<String> {
+        lock(&self.tokens).clone()
     }
 
     /// Revokes one key; returns whether the emulator had issued it.

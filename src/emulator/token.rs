@@ -120,6 +120,12 @@ fn issue(
             e.to_string(),
         )
     })?;
+    {
+        let mut tokens = lock(&emu.tokens);
+        if tokens.len() < 100_000 {
+            tokens.push(token.clone());
+        }
+    }
     let expires_in = if emu.faults().expires_in_as_string {
         json!(expires_in.to_string())
     } else {

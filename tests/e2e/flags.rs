@@ -38,9 +38,16 @@ async fn a_revoked_key_is_flagged_after_a_fresh_token_retry_and_others_renew() {
     // Each attempt retries once with a fresh token (`auth_invalid`); if mallory came up before
     // any other key had renewed, the guard deferred it once more before believing the Store.
     assert_eq!(outcomes.first().map(String::as_str), Some("accepted"));
-    assert_eq!(outcomes.last().map(String::as_str), Some("revoked"), "{outcomes:?}");
+    assert_eq!(
+        outcomes.last().map(String::as_str),
+        Some("revoked"),
+        "{outcomes:?}"
+    );
     let middle = &outcomes[1..outcomes.len() - 1];
-    assert!(!middle.is_empty() && middle.iter().all(|o| o == "auth_invalid"), "{outcomes:?}");
+    assert!(
+        !middle.is_empty() && middle.iter().all(|o| o == "auth_invalid"),
+        "{outcomes:?}"
+    );
     assert!(middle.len() <= 3, "{outcomes:?}");
     for user in ["alice", "carol"] {
         assert_eq!(env.row(user, Kind::Collections).await.state, "active");

@@ -173,12 +173,26 @@ impl TestEnv {
     /// count exact outcomes use these and leave the clock alone: a clock that jumps by days
     /// would also expire access tokens in flight.
     pub async fn add_due_user(&self, user: &str) -> String {
+        self.add_due_key(user, APP).await
+    }
+
+    /// Like [`TestEnv::add_due_user`] for any application.
+    pub async fn add_due_key(&self, user: &str, client_id: &str) -> String {
         let issued = self.clock.now() - 20 * DAY as i64;
         let key = self
             .emu
-            .mint_at(Kind::Collections, APP, user, KEY_LIFETIME, issued);
+            .mint_at(Kind::Collections, client_id, user, KEY_LIFETIME, issued);
         self.store(user, Kind::Collections, &key).await;
         key
+    }
+
+    /// Counts rows by state.
+    pub async fn count(&self, state: &str) -> usize {
+        self.rows()
+            .await
+            .iter()
+            .filter(|r| r.state == state)
+            .count()
     }
 
     pub async fn row(&self, user: &str, kind: Kind) -> Row {
@@ -241,6 +255,21 @@ impl TestEnv {
     {
         self.run_until(Duration::ZERO, what, check).await;
     }
+}
+
+/// The value of one sample in Prometheus text, e.g. `storekeyd_breaker_open{kind="collections"}`.
+pub fn metric(text: &str, sample: &str) -> Option<f64> {
+    text.lines()
+        .find_map(|l| {
+            l.strip_prefix(sample)
+                .and_then(|rest| rest.strip_prefix(' '))
+        })
+        .and_then(|v| v.trim().parse().ok())
+}
+
+/// Whether the `STOREKEYD_FULL` opt-in asks for the long versions of the reliability tests.
+pub fn full() -> bool {
+    std::env::var_os("STOREKEYD_FULL").is_some()
 }
 
 /// What a run of the binary printed and how it exited.

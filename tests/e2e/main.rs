@@ -9,5 +9,6 @@ mod contract;
 mod demo;
 mod flags;
 mod observe;
+mod outage;
 mod renewal;
 mod systemd;
