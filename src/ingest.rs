@@ -26,6 +26,12 @@ pub fn check(
     now: i64,
     config: &Config,
 ) -> Result<Claims, Flag> {
+    if !key.is_utf8() {
+        return Err(flag(
+            State::Invalid,
+            "not a Store ID key: the stored value is not UTF-8 text",
+        ));
+    }
     let claims = claims::decode(key.expose())
         .map_err(|e| flag(State::Invalid, format!("not a Store ID key: {e}")))?;
     if Kind::parse(declared_kind) != Some(claims.kind) {

@@ -50,11 +50,11 @@ pub struct Row {
     pub key_fp: Option<String>,
 }
 
-const ROW_SELECT: &str = "SELECT id, key, state, reason, expires_at, next_attempt_at, lease_until, renewals, attempts, key_fp FROM store_keys";
+const ROW_SELECT: &str = "SELECT id, CAST(key AS BLOB), state, reason, expires_at, next_attempt_at, lease_until, renewals, attempts, key_fp FROM store_keys";
 
 type RawRow = (
     i64,
-    String,
+    Vec<u8>,
     String,
     Option<String>,
     Option<i64>,
@@ -69,7 +69,7 @@ impl From<RawRow> for Row {
     fn from(r: RawRow) -> Row {
         Row {
             id: r.0,
-            key: r.1,
+            key: String::from_utf8_lossy(&r.1).into_owned(),
             state: r.2,
             reason: r.3,
             expires_at: r.4,

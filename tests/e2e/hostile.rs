@@ -1,0 +1,144 @@
+//! Hostile input from both sides: rows no key can be, answers no Store would give.
+
+use std::time::Duration;
+
+use base64::Engine as _;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use storekeyd::claims::{AUD_COLLECTIONS, CLAIM_CLIENT_ID, Kind};
+use storekeyd::emulator::{Faults, WrongSuccessor};
+use storekeyd::keymint;
+
+use crate::harness::{APP, TestEnv};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rows_that_cannot_be_keys_are_flagged_and_never_stall_the_others() {
+    let mut env = TestEnv::new().await;
+    let pool = env.db.pool();
+    let upsert = storekeyd::contract::UPSERT_KEY;
+    // Bytes that are not UTF-8, bound as a blob; a number; deep JSON; a megabyte claim.
+    sqlx::query(upsert)
+        .bind("blob")
+        .bind("collections")
+        .bind(vec![0x80u8, 0xff, 0x00, 0x41])
+        .execute(pool)
+        .await
+        .unwrap();
+    sqlx::query(upsert)
+        .bind("number")
+        .bind("collections")
+        .bind(12345i64)
+        .execute(pool)
+        .await
+        .unwrap();
+    let deep = format!("{}{}", "[".repeat(5_000), "]".repeat(5_000));
+    let deep_key = format!("e30.{}.c2ln", URL_SAFE_NO_PAD.encode(deep));
+    env.store("deep", Kind::Collections, &deep_key).await;
+    let big = keymint::encode_claims(&serde_json::json!({
+        "aud": AUD_COLLECTIONS, "iat": 1, "exp": 4_000_000_000i64, CLAIM_CLIENT_ID: APP, "pad": "x".repeat(1 << 20)
+    }));
+    env.store("big", Kind::Collections, &big).await;
+    env.add_due_user("alice").await;
+    env.spawn_daemon().await;
+
+    env.wait_until("alice renewed", || async {
+        env.row("alice", Kind::Collections).await.renewals == 1
+    })
+    .await;
+    env.wait_until("the rest flagged", || async {
+        env.count("invalid").await == 4
+    })
+    .await;
+    env.stop_daemon().await;
+    for (user, why) in [
+        ("blob", "not UTF-8"),
+        ("number", "not a JWT"),
+        ("deep", "not a JSON object"),
+        ("big", "more than the"),
+    ] {
+        let reason = env.row(user, Kind::Collections).await.reason.unwrap();
+        assert!(reason.contains(why), "{user}: {reason}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn answers_no_store_would_give_are_never_written() {
+    let mut env = TestEnv::new().await;
+    env.config.http.request_timeout = Duration::from_secs(1);
+    env.config.renew.lease = Duration::from_secs(3);
+    env.spawn_daemon().await;
+    let scenarios = [
+        (
+            "huge",
+            Faults {
+                huge_body_rate: 1.0,
+                ..Faults::default()
+            },
+            "body over",
+        ),
+        (
+            "trickle",
+            Faults {
+                trickle_rate: 1.0,
+                ..Faults::default()
+            },
+            "timed out",
+        ),
+        (
+            "kind",
+            Faults {
+                wrong_successor: Some(WrongSuccessor::Kind),
+                ..Faults::default()
+            },
+            "purchase key",
+        ),
+        (
+            "client",
+            Faults {
+                wrong_successor: Some(WrongSuccessor::Client),
+                ..Faults::default()
+            },
+            "another clientId",
+        ),
+        (
+            "user",
+            Faults {
+                wrong_successor: Some(WrongSuccessor::User),
+                ..Faults::default()
+            },
+            "another userId",
+        ),
+    ];
+    for (user, faults, expected) in scenarios {
+        env.set_faults(faults);
+        let key = env.add_due_user(user).await;
+        let id = {
+            env.wait_until(&format!("{user}: ingested"), || async {
+                env.row(user, Kind::Collections).await.state == "active"
+            })
+            .await;
+            env.row(user, Kind::Collections).await.id
+        };
+        env.wait_until(&format!("{user}: a failed attempt"), || async {
+            sqlx::query_as::<_, (String,)>("SELECT COALESCE(detail, '') FROM store_key_events WHERE key_id = ? AND outcome IN ('unexpected', 'transient')")
+                .bind(id)
+                .fetch_all(env.db.pool())
+                .await
+                .unwrap()
+                .iter()
+                .any(|(d,)| d.contains(expected))
+        })
+        .await;
+        let row = env.row(user, Kind::Collections).await;
+        assert_eq!(
+            (row.key.as_str(), row.state.as_str(), row.renewals),
+            (key.as_str(), "active", 0),
+            "{user}: the old key must be kept"
+        );
+    }
+    env.set_faults(Faults::default());
+    env.wait_until("all renewed once the Store behaves", || async {
+        env.rows().await.iter().all(|r| r.renewals == 1)
+    })
+    .await;
+    env.stop_daemon().await;
+}
