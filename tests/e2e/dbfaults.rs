@@ -38,7 +38,7 @@ async fn a_long_write_lock_delays_but_loses_no_renewal() {
         .unwrap();
     let locked = Instant::now();
     env.wait_until("the Store renewed every key", || async {
-        env.emu.stats().renewed >= keys as u64
+        env.emu.stats().renewed >= keys
     })
     .await;
     tokio::time::sleep(Duration::from_secs(hold).saturating_sub(locked.elapsed())).await;
@@ -54,7 +54,7 @@ async fn a_long_write_lock_delays_but_loses_no_renewal() {
     );
     assert_eq!(
         env.emu.stats().renewed,
-        keys as u64,
+        keys,
         "the Store renewed a key twice: a result was lost"
     );
     env.stop_daemon().await;
