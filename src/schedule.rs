@@ -20,7 +20,8 @@ pub struct Policy {
 /// The scheduled renewal time of a healthy key.
 ///
 /// The earlier of `iat + max_age` and `exp - margin`, minus up to `jitter` (`jitter_draw` in
-/// `[0, 1)` picks how much), but never sooner than a quarter of the key's lifetime after `iat`:
+/// `[0, 1)` picks how much), but never sooner than a quarter of the key's lifetime (at most
+/// `max_age`) after `iat`:
 /// a key that lives shorter than the margin (demo and test keys) would otherwise be due again the
 /// moment it was renewed. An `iat` in the future (clock skew) counts as `now`, so a skewed key is
 /// never scheduled later than its age allows by our clock.
@@ -30,7 +31,9 @@ pub fn renewal_time(claims: &Claims, policy: &Policy, now: i64, jitter_draw: f64
     let target =
         (iat.saturating_add(secs(policy.max_age))).min(exp.saturating_sub(secs(policy.margin)));
     let jitter = (secs_f(policy.jitter) * jitter_draw.clamp(0.0, 1.0)) as i64;
-    let floor = iat + (exp - iat).max(0) / 4;
+    // A quarter of the lifetime, but never more than max_age (a key valid for decades still
+    // renews on Microsoft's cadence).
+    let floor = iat + ((exp - iat).max(0) / 4).min(secs(policy.max_age));
     target.saturating_sub(jitter).max(floor)
 }
 

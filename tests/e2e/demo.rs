@@ -7,7 +7,7 @@ async fn the_demo_renews_keys_and_flags_the_bad_ones() {
     let output = tokio::time::timeout(
         Duration::from_secs(90),
         tokio::process::Command::new(env!("CARGO_BIN_EXE_storekeyd"))
-            .args(["demo", "--duration", "25s"])
+            .args(["demo", "--duration", "30s"])
             .output(),
     )
     .await

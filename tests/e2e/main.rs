@@ -4,6 +4,7 @@
 mod harness;
 
 mod cli;
+mod clock;
 mod consistency;
 mod contract;
 mod crash;
@@ -11,6 +12,7 @@ mod dbfaults;
 mod demo;
 mod flags;
 mod hostile;
+mod hygiene;
 mod observe;
 mod outage;
 mod renewal;

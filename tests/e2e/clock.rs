@@ -1,0 +1,90 @@
+//! Clock edge cases: skewed keys, and a system clock that jumps.
+
+use std::time::Duration;
+
+use storekeyd::claims::Kind;
+
+use crate::harness::{APP, DAY, KEY_LIFETIME, TestEnv};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn skewed_and_far_future_keys_are_accepted_and_scheduled_by_our_clock() {
+    let mut env = TestEnv::new().await;
+    env.config.renew.jitter = Duration::ZERO;
+    let now = env.clock.now();
+    // Issued two hours "in the future" (the Store's clock ahead of ours), and one valid for 50 years.
+    let skewed = env
+        .emu
+        .mint_at(Kind::Collections, APP, "skewed", KEY_LIFETIME, now + 7200);
+    env.store("skewed", Kind::Collections, &skewed).await;
+    let decades = env.emu.mint_at(
+        Kind::Collections,
+        APP,
+        "decades",
+        50 * 365 * DAY as i64,
+        now,
+    );
+    env.store("decades", Kind::Collections, &decades).await;
+    env.spawn_daemon().await;
+    env.wait_until("both active", || async { env.count("active").await == 2 })
+        .await;
+    env.stop_daemon().await;
+    let skewed = env.row("skewed", Kind::Collections).await;
+    let next = skewed.next_attempt_at.unwrap();
+    assert!(
+        (now + 14 * DAY as i64..now + 14 * DAY as i64 + 5).contains(&next),
+        "skewed key scheduled at {next}, not 14 days from our now {now}"
+    );
+    let decades = env.row("decades", Kind::Collections).await;
+    assert!(
+        (now + 14 * DAY as i64..now + 14 * DAY as i64 + 5)
+            .contains(&decades.next_attempt_at.unwrap())
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_forward_jump_past_expiry_flags_without_sending() {
+    let mut env = TestEnv::new().await;
+    env.add_user("alice").await;
+    env.spawn_daemon().await;
+    env.wait_until("active", || async { env.count("active").await == 1 })
+        .await;
+    // The machine wakes from a long suspend, or NTP steps the clock 40 days forward.
+    env.clock.advance(Duration::from_secs(40 * DAY));
+    env.wait_until("flagged expired", || async {
+        env.count("expired").await == 1
+    })
+    .await;
+    env.stop_daemon().await;
+    assert_eq!(
+        env.emu.stats().renew_requests,
+        0,
+        "an expired key was sent to the Store"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backward_jump_delays_but_duplicates_nothing() {
+    let mut env = TestEnv::new().await;
+    env.add_user("alice").await;
+    env.spawn_daemon().await;
+    env.run_until(Duration::from_secs(DAY), "the first renewal", || async {
+        env.row("alice", Kind::Collections).await.renewals == 1
+    })
+    .await;
+    // NTP steps the clock 10 days back: the renewed key now looks issued in the future.
+    env.clock.rewind(Duration::from_secs(10 * DAY));
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(env.get("/healthz").await.0, 200);
+    assert_eq!(
+        env.row("alice", Kind::Collections).await.renewals,
+        1,
+        "renewed again after a backward jump"
+    );
+    env.run_until(Duration::from_secs(DAY), "the next renewal", || async {
+        env.row("alice", Kind::Collections).await.renewals == 2
+    })
+    .await;
+    env.stop_daemon().await;
+    assert_eq!(env.emu.stats().renewed, 2);
+    assert_eq!(env.row("alice", Kind::Collections).await.state, "active");
+}
