@@ -470,4 +470,17 @@ mod tests {
         let Credential::Secret(s) = load_credential(&app).unwrap();
         assert_eq!(s.expose_secret(), "s3cret");
     }
+
+    proptest::proptest! {
+        #[test]
+        fn token_response_parsing_never_panics(status in 100u16..600, body in proptest::collection::vec(proptest::num::u8::ANY, 0..300)) {
+            let _ = parse_token_response("a", status, &body, 0);
+        }
+
+        #[test]
+        fn token_json_shapes_never_panic(token in proptest::option::of(".{0,20}"), expires in proptest::option::of(proptest::num::i64::ANY), error in proptest::option::of(".{0,20}")) {
+            let body = serde_json::json!({"access_token": token, "expires_in": expires, "error": error}).to_string();
+            let _ = parse_token_response("a", 200, body.as_bytes(), i64::MAX);
+        }
+    }
 }

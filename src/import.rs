@@ -227,4 +227,12 @@ mod tests {
         assert!(reject(Format::Jsonl, "{\"user\": \"x\"}").contains("unknown field"));
         assert!(reject(Format::Jsonl, "{nope").contains("malformed JSON"));
     }
+
+    proptest::proptest! {
+        #[test]
+        fn import_lines_never_panic(line in ".{0,300}") {
+            let _ = parse_line(Format::Csv, &line);
+            let _ = parse_line(Format::Jsonl, &line);
+        }
+    }
 }
