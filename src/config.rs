@@ -13,6 +13,22 @@ use crate::claims::Kind;
 use crate::schedule::Policy;
 
 pub const ENV_PREFIX: &str = "STOREKEYD_";
+/// The top-level settings, which an override's name must start with.
+const SETTINGS: [&str; 13] = [
+    "database_url",
+    "state_directory",
+    "database_busy_timeout",
+    "endpoints",
+    "entra",
+    "applications",
+    "renew",
+    "breaker",
+    "guard",
+    "http",
+    "events",
+    "metrics",
+    "log",
+];
 /// Variables with the prefix that are not config overrides.
 const ENV_RESERVED: [&str; 3] = ["STOREKEYD_CONFIG", "STOREKEYD_LOG", "STOREKEYD_LOG_FORMAT"];
 
@@ -542,6 +558,11 @@ fn apply_env(
             .split("__")
             .map(str::to_ascii_lowercase)
             .collect();
+        // Only names that start with a setting override it: STOREKEYD_SECRET_MAIN (a secret
+        // named by client_secret_env) or a tool's own STOREKEYD_* variable is not config.
+        if !path.first().is_some_and(|top| SETTINGS.contains(&top.as_str())) {
+            continue;
+        }
         let value = format!("v = {raw}")
             .parse::<toml::Table>()
             .ok()
@@ -680,6 +701,15 @@ mod tests {
     }
 
     #[test]
+    fn every_setting_can_be_overridden() {
+        let text = toml::to_string(&Config::default()).unwrap();
+        let table: toml::Table = toml::from_str(&text).unwrap();
+        for key in table.keys() {
+            assert!(SETTINGS.contains(&key.as_str()), "`{key}` missing from SETTINGS");
+        }
+    }
+
+    #[test]
     fn environment_overrides_file() {
         let env = vec![
             ("STOREKEYD_RENEW__MARGIN".to_owned(), "3d".to_owned()),
@@ -689,12 +719,16 @@ mod tests {
                 "sqlite:///tmp/x.db".to_owned(),
             ),
             ("STOREKEYD_CONFIG".to_owned(), "/ignored".to_owned()),
+            ("STOREKEYD_SECRET_MAIN".to_owned(), "a secret, not a setting".to_owned()),
             ("OTHER".to_owned(), "x".to_owned()),
         ];
         let c = Config::from_toml("[renew]\nmargin = \"5d\"", "t", env).unwrap();
         assert_eq!(c.renew.margin, Duration::from_secs(3 * DAY));
         assert_eq!(c.renew.concurrency, 3);
         assert_eq!(c.database_url(), "sqlite:///tmp/x.db");
+        let typo = vec![("STOREKEYD_RENEW__JITTR".to_owned(), "1h".to_owned())];
+        let e = Config::from_toml("", "t", typo).unwrap_err().to_string();
+        assert!(e.contains("unknown field `jittr`"), "{e}");
         let bad = vec![("STOREKEYD_RENEW__JITTER".to_owned(), "soon".to_owned())];
         let e = Config::from_toml("", "t", bad).unwrap_err().to_string();
         assert!(

@@ -14,6 +14,8 @@ async fn a_long_write_lock_delays_but_loses_no_renewal() {
     let (hold, busy) = if full() { (30, 15) } else { (4, 1) };
     let mut env = TestEnv::new().await;
     env.config.database_busy_timeout = Duration::from_secs(busy);
+    // Results are kept and retried for up to a lease (2 minutes by default).
+    env.config.renew.lease = Duration::from_secs(120);
     let keys = 6;
     for i in 0..keys {
         env.add_due_user(&format!("user-{i}")).await;

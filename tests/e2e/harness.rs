@@ -227,13 +227,14 @@ impl TestEnv {
     }
 
     /// Polls `check` every 20 ms, moving the shared clock forward by `step` each time, until it
-    /// holds; panics with `what` after 30 s of real time.
+    /// holds; panics with `what` after 30 s of real time (10 minutes for the long versions).
     pub async fn run_until<F, Fut>(&self, step: Duration, what: &str, mut check: F)
     where
         F: FnMut() -> Fut,
         Fut: std::future::Future<Output = bool>,
     {
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        let limit = if full() { 600 } else { 30 };
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(limit);
         loop {
             if check().await {
                 return;
