@@ -560,7 +560,10 @@ fn apply_env(
             .collect();
         // Only names that start with a setting override it: STOREKEYD_SECRET_MAIN (a secret
         // named by client_secret_env) or a tool's own STOREKEYD_* variable is not config.
-        if !path.first().is_some_and(|top| SETTINGS.contains(&top.as_str())) {
+        if !path
+            .first()
+            .is_some_and(|top| SETTINGS.contains(&top.as_str()))
+        {
             continue;
         }
         let value = format!("v = {raw}")
@@ -705,7 +708,10 @@ mod tests {
         let text = toml::to_string(&Config::default()).unwrap();
         let table: toml::Table = toml::from_str(&text).unwrap();
         for key in table.keys() {
-            assert!(SETTINGS.contains(&key.as_str()), "`{key}` missing from SETTINGS");
+            assert!(
+                SETTINGS.contains(&key.as_str()),
+                "`{key}` missing from SETTINGS"
+            );
         }
     }
 
@@ -719,7 +725,10 @@ mod tests {
                 "sqlite:///tmp/x.db".to_owned(),
             ),
             ("STOREKEYD_CONFIG".to_owned(), "/ignored".to_owned()),
-            ("STOREKEYD_SECRET_MAIN".to_owned(), "a secret, not a setting".to_owned()),
+            (
+                "STOREKEYD_SECRET_MAIN".to_owned(),
+                "a secret, not a setting".to_owned(),
+            ),
             ("OTHER".to_owned(), "x".to_owned()),
         ];
         let c = Config::from_toml("[renew]\nmargin = \"5d\"", "t", env).unwrap();
