@@ -73,11 +73,12 @@ async fn seed(db: &Db, n: u64, now: i64) {
         "WITH RECURSIVE seq(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM seq WHERE i < ?1)
          INSERT INTO store_keys (user_ref, kind, key, state, key_fp, client_id, issued_at, expires_at, next_attempt_at)
          SELECT 'user-' || i, CASE i % 2 WHEN 0 THEN 'collections' ELSE 'purchase' END,
-                'key-' || i, 'active', 'fp', 'app', ?2, ?2 + 30 * 86400, ?2 + 3600 + (i % (14 * 86400))
+                'key-' || i, 'active', 'fp', 'app', ?2, ?2 + 30 * 86400, ?3 + 3600 + (i % (14 * 86400))
          FROM seq",
     )
     .bind(n as i64)
     .bind(now - DAY)
+    .bind(now)
     .execute(db.pool())
     .await
     .expect("seed");

@@ -164,14 +164,16 @@ impl Loop {
     async fn run_until(&mut self, shutdown: &CancellationToken) {
         while !shutdown.is_cancelled() {
             let wait = match self.cycle().await {
-                Ok(wait) => {
-                    self.health.db_failing.store(false, Ordering::Relaxed);
+                Ok((wait, wrote)) => {
+                    if wrote {
+                        self.health.db_ok();
+                    }
                     wait
                 }
                 Err(e) => {
-                    // A locked or unwritable database: say so, and try again after a poll.
+                    // A locked, read-only or full database: say so, and try again after a poll.
                     tracing::error!(error = %e, "cycle failed; retrying after the poll interval");
-                    self.health.db_failing.store(true, Ordering::Relaxed);
+                    self.health.db_failed(&e);
                     self.config.renew.poll_interval
                 }
             };
@@ -192,10 +194,19 @@ impl Loop {
     }
 
     /// One pass; returns how long to sleep before the next.
-    async fn cycle(&mut self) -> Result<Duration, DbError> {
+    /// One pass; returns how long to sleep, and whether it wrote anything (a successful write
+    /// clears a database alarm).
+    async fn cycle(&mut self) -> Result<(Duration, bool), DbError> {
+        let mut claimed = 0;
+        let wait = self.pass(&mut claimed).await?;
+        Ok((wait, claimed > 0))
+    }
+
+    async fn pass(&mut self, wrote: &mut usize) -> Result<Duration, DbError> {
         let now = self.clock.now();
         let batch = self.config.renew.batch_size;
         let ingested = ingest::ingest_pending(&self.db, &self.config, now, batch).await?;
+        *wrote += ingested;
         let free = self
             .config
             .renew
@@ -205,6 +216,7 @@ impl Loop {
             let limit = u32::try_from(free).unwrap_or(u32::MAX).min(batch);
             let lease_until = now + secs(self.config.renew.lease);
             for row in self.db.claim_due(now, lease_until, limit).await? {
+                *wrote += 1;
                 self.spawn(row);
             }
         }
@@ -255,9 +267,10 @@ impl Loop {
         };
         let row = self.in_flight.remove(&task);
         match result {
-            Ok(Ok(_)) => {}
+            Ok(Ok(_)) => self.health.db_ok(),
             // The row keeps its lease and is retried when it runs out.
             Ok(Err(e)) => {
+                self.health.db_failed(&e);
                 tracing::error!(row, error = %e, "could not record a renewal result; will retry after the lease")
             }
             Err(e) if e.is_cancelled() => {}

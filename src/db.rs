@@ -21,6 +21,10 @@ pub const BUSY_TIMEOUT: Duration = Duration::from_secs(15);
 pub enum DbError {
     #[error("database: cannot open `{url}`: {source}")]
     Open { url: String, source: sqlx::Error },
+    #[error(
+        "database: `{path}` is not writable ({cause}); storekeyd writes the file and creates `-wal` and `-shm` files beside it"
+    )]
+    NotWritable { path: String, cause: std::io::Error },
     #[error("database: cannot create `{path}` with mode 0600: {source}")]
     Create {
         path: String,
@@ -234,12 +238,17 @@ impl Db {
             // FULL: a renewed key that was acknowledged is on disk, even across a power cut.
             .synchronous(SqliteSynchronous::Full)
             .busy_timeout(busy_timeout);
-        create_private(options.get_filename())?;
-        let pool = SqlitePoolOptions::new()
+        let path = options.get_filename().to_owned();
+        create_private(&path)?;
+        let pool = match SqlitePoolOptions::new()
             .max_connections(4)
             .connect_with(options)
             .await
-            .map_err(open_err)?;
+        {
+            Ok(pool) => pool,
+            // SQLite only says "unable to open database file"; say why when we can tell.
+            Err(e) => return Err(not_writable(&path).unwrap_or_else(|| open_err(e))),
+        };
         Ok(Db { pool })
     }
 
@@ -403,7 +412,7 @@ impl Db {
     ) -> Result<Vec<ClaimedRow>, DbError> {
         let rows: Vec<(i64, Vec<u8>, i64)> = sqlx::query_as(
             "UPDATE store_keys SET next_attempt_at = ?1, lease_until = ?1
-             WHERE id IN (SELECT id FROM store_keys
+             WHERE id IN (SELECT id FROM store_keys INDEXED BY store_keys_due
                           WHERE state = 'active' AND next_attempt_at <= ?2
                           ORDER BY next_attempt_at LIMIT ?3)
              RETURNING id, CAST(key AS BLOB), attempts",
@@ -453,7 +462,7 @@ impl Db {
     /// Active keys due now, without reserving them (`renew --due --dry-run`).
     pub async fn due_rows(&self, now: i64, limit: u32) -> Result<Vec<ClaimedRow>, DbError> {
         let rows: Vec<(i64, Vec<u8>, i64)> = sqlx::query_as(
-            "SELECT id, CAST(key AS BLOB), attempts FROM store_keys
+            "SELECT id, CAST(key AS BLOB), attempts FROM store_keys INDEXED BY store_keys_due
              WHERE state = 'active' AND next_attempt_at <= ? ORDER BY next_attempt_at LIMIT ?",
         )
         .bind(now)
@@ -502,7 +511,8 @@ impl Db {
     /// Active keys expiring before `before`, soonest first.
     pub async fn expiring(&self, before: i64, limit: u32) -> Result<Vec<KeySummary>, DbError> {
         let rows: Vec<SummaryRow> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
-            "SELECT {SUMMARY_COLUMNS} FROM store_keys WHERE state = 'active' AND expires_at < ?
+            "SELECT {SUMMARY_COLUMNS} FROM store_keys INDEXED BY store_keys_active_exp
+             WHERE state = 'active' AND expires_at < ?
              ORDER BY expires_at LIMIT ?"
         )))
         .bind(before)
@@ -530,7 +540,7 @@ impl Db {
     /// When the earliest active key is next due (an index lookup, not a scan).
     pub async fn next_due(&self) -> Result<Option<i64>, DbError> {
         let (next,): (Option<i64>,) =
-            sqlx::query_as("SELECT MIN(next_attempt_at) FROM store_keys WHERE state = 'active'")
+            sqlx::query_as("SELECT MIN(next_attempt_at) FROM store_keys INDEXED BY store_keys_due WHERE state = 'active'")
                 .fetch_one(&self.pool)
                 .await?;
         Ok(next)
@@ -554,11 +564,11 @@ impl Db {
             }
         }
         let (earliest_expiry,): (Option<i64>,) =
-            sqlx::query_as("SELECT MIN(expires_at) FROM store_keys WHERE state = 'active'")
+            sqlx::query_as("SELECT MIN(expires_at) FROM store_keys INDEXED BY store_keys_active_exp WHERE state = 'active'")
                 .fetch_one(&self.pool)
                 .await?;
         let (due,): (i64,) = sqlx::query_as(
-            "SELECT COUNT(*) FROM store_keys WHERE state = 'active' AND next_attempt_at <= ?",
+            "SELECT COUNT(*) FROM store_keys INDEXED BY store_keys_due WHERE state = 'active' AND next_attempt_at <= ?",
         )
         .bind(now)
         .fetch_one(&self.pool)
@@ -764,6 +774,21 @@ pub fn migrator() -> Migrator {
             })
             .collect(),
     )
+}
+
+/// Whether the database file cannot be opened for writing (a read-only file system, say).
+fn not_writable(path: &Path) -> Option<DbError> {
+    if path.as_os_str().is_empty() || path.to_str() == Some(":memory:") {
+        return None;
+    }
+    std::fs::OpenOptions::new()
+        .append(true)
+        .open(path)
+        .err()
+        .map(|cause| DbError::NotWritable {
+            path: path.display().to_string(),
+            cause,
+        })
 }
 
 /// SQLite creates the database with the umask's mode; a file of bearer credentials must be

@@ -114,3 +114,156 @@ async fn failing_writes_make_it_unready_without_corruption_and_it_recovers() {
         .unwrap();
     assert_eq!(check, "ok");
 }
+
+/// A small tmpfs for the database, unmounted on drop. `None` where mounting is not permitted.
+struct SmallDisk(std::path::PathBuf);
+
+impl SmallDisk {
+    fn mount(size: &str) -> Option<SmallDisk> {
+        let dir = tempfile::tempdir().unwrap().keep();
+        let ok = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(&dir)
+            .stderr(std::process::Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success());
+        ok.then_some(SmallDisk(dir))
+    }
+
+    fn remount(&self, mode: &str) {
+        let status = std::process::Command::new("mount")
+            .args(["-o", &format!("remount,{mode}")])
+            .arg(&self.0)
+            .status()
+            .unwrap();
+        assert!(status.success(), "remount {mode} failed");
+    }
+
+    /// Fills the file system up to its last byte with a file it can later delete.
+    fn fill(&self) -> std::path::PathBuf {
+        use std::io::Write as _;
+        let path = self.0.join("filler");
+        let mut f = std::fs::File::create(&path).unwrap();
+        let block = vec![0u8; 4096];
+        while f.write_all(&block).is_ok() {}
+        let _ = f.write_all(&[0u8; 1]);
+        path
+    }
+}
+
+impl Drop for SmallDisk {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg("-l")
+            .arg(&self.0)
+            .status();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_read_only_then_full_disk_is_reported_and_recovered_from() {
+    use storekeyd::claims::Kind;
+    let Some(disk) = SmallDisk::mount("16M") else {
+        eprintln!(
+            "cannot mount a tmpfs here (not root?): the trigger-based test covers failing writes"
+        );
+        return;
+    };
+    let mut env = TestEnv::with_database(Some(disk.0.join("keys.db"))).await;
+    env.config.renew.lease = Duration::from_secs(6);
+
+    // Read-only at start (Linux refuses to remount a file system read-only while a file on it is
+    // open for writing, so this is what a read-only disk looks like to storekeyd): a clear error
+    // and exit 1, no half-started daemon.
+    env.db.close().await;
+    disk.remount("ro");
+    let config =
+        env.write_config_to(&std::env::temp_dir().join(format!("ro-{}.toml", std::process::id())));
+    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_storekeyd"))
+        .args(["run", "--config"])
+        .arg(&config)
+        .env("STOREKEYD_LOG", "off")
+        .output()
+        .await
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    eprintln!(
+        "read-only disk: exit {:?}, {}",
+        out.status.code(),
+        stderr.trim()
+    );
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        stderr.contains("is not writable (Read-only file system"),
+        "{stderr}"
+    );
+    disk.remount("rw");
+    env.db = storekeyd::db::Db::open(&env.config.database_url())
+        .await
+        .unwrap();
+
+    // Slow answers, so that the disk fills while renewals are in flight.
+    env.set_faults(Faults {
+        latency_ms: 1500,
+        ..Faults::default()
+    });
+    env.spawn_daemon().await;
+    // Full: not a byte left for the results of renewals already in flight.
+    for i in 0..100 {
+        env.add_due_user(&format!("user-{i}")).await;
+    }
+    env.wait_until("renewals in flight", || async {
+        env.emu.stats().renew_requests >= 5
+    })
+    .await;
+    let _ = sqlx::query("PRAGMA wal_checkpoint(TRUNCATE)")
+        .execute(env.db.pool())
+        .await;
+    let filler = disk.fill();
+    env.wait_until("not ready on a full disk", || async {
+        env.get("/readyz").await.0 == 503
+    })
+    .await;
+    let (_, body) = env.get("/readyz").await;
+    eprintln!(
+        "full disk: /readyz says {}",
+        body.lines()
+            .find(|l| l.contains("database"))
+            .unwrap_or_default()
+    );
+    std::fs::remove_file(filler).unwrap();
+    env.wait_until("every key renewed once there is room", || async {
+        env.rows().await.iter().all(|r| r.renewals == 1)
+    })
+    .await;
+    env.wait_until("ready again", || async {
+        env.get("/readyz").await.0 == 200
+    })
+    .await;
+    env.stop_daemon().await;
+    let (check,): (String,) = sqlx::query_as("PRAGMA integrity_check")
+        .fetch_one(env.db.pool())
+        .await
+        .unwrap();
+    assert_eq!(check, "ok");
+    let rows = env.rows().await;
+    for row in &rows {
+        let user = sqlx::query_as::<_, (String,)>("SELECT user_ref FROM store_keys WHERE id = ?")
+            .bind(row.id)
+            .fetch_one(env.db.pool())
+            .await
+            .unwrap()
+            .0;
+        assert_eq!(
+            env.emu.latest_key(Kind::Collections, &user).as_deref(),
+            Some(row.key.as_str()),
+            "{user}"
+        );
+    }
+    eprintln!(
+        "full disk: {} keys, {} renewals by the Store ({} redone after failed writes), integrity ok",
+        rows.len(),
+        env.emu.stats().renewed,
+        env.emu.stats().renewed as usize - rows.len()
+    );
+}

@@ -97,6 +97,11 @@ pub struct TestEnv {
 
 impl TestEnv {
     pub async fn new() -> TestEnv {
+        TestEnv::with_database(None).await
+    }
+
+    /// A test env whose database lives at `path` (a file system the test controls).
+    pub async fn with_database(path: Option<std::path::PathBuf>) -> TestEnv {
         init_logging();
         let clock = Clock::system();
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -104,7 +109,10 @@ impl TestEnv {
         let emu_stop = CancellationToken::new();
         tokio::spawn(emulator::serve(listener, emu.clone(), emu_stop.clone()));
         let dir = tempfile::tempdir().unwrap();
-        let config = test_config(&emu, &dir);
+        let mut config = test_config(&emu, &dir);
+        if let Some(path) = path {
+            config.database_url = Some(format!("sqlite://{}", path.display()));
+        }
         let db = Db::open(&config.database_url()).await.unwrap();
         TestEnv {
             clock,
@@ -284,9 +292,12 @@ pub struct Output {
 impl TestEnv {
     /// Writes this env's config to a file for the binary, returning its path.
     pub fn write_config(&self) -> std::path::PathBuf {
-        let path = self.dir.path().join("storekeyd.toml");
-        std::fs::write(&path, toml::to_string(&self.config).unwrap()).unwrap();
-        path
+        self.write_config_to(&self.dir.path().join("storekeyd.toml"))
+    }
+
+    pub fn write_config_to(&self, path: &std::path::Path) -> std::path::PathBuf {
+        std::fs::write(path, toml::to_string(&self.config).unwrap()).unwrap();
+        path.to_owned()
     }
 
     /// Runs `storekeyd --config <this env's config> ARGS`, feeding `stdin`.
