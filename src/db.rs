@@ -296,7 +296,7 @@ impl Db {
             "UPDATE store_keys SET state = 'active', reason = NULL, key_fp = ?, client_id = ?,
                  issued_at = ?, expires_at = ?, next_attempt_at = ?, lease_until = NULL,
                  attempts = 0, updated_at = ?
-             WHERE id = ? AND CAST(key AS BLOB) = ?",
+             WHERE id = ? AND CAST(key AS BLOB) = ? AND state = 'pending'",
         )
         .bind(a.key_fp.to_string())
         .bind(&a.claims.client_id)
