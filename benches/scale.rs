@@ -8,6 +8,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use storekeyd::claims::Kind;
 use storekeyd::clock::Clock;
 use storekeyd::config::Config;
 use storekeyd::db::Db;
@@ -47,11 +48,14 @@ async fn run(n: u64) {
     })
     .await;
     let next_due = time(20, || async {
-        db.next_due().await.expect("next_due").is_some()
+        db.next_due(&Kind::ALL).await.expect("next_due").is_some()
     })
     .await;
     let claim = time(20, || async {
-        db.claim_due(now, now + 120, 64).await.expect("claim").len()
+        db.claim_due(now, now + 120, 64, &Kind::ALL)
+            .await
+            .expect("claim")
+            .len()
     })
     .await;
     let stats = time(3, || async { db.key_stats(now).await.expect("stats").due }).await;

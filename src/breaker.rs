@@ -88,16 +88,38 @@ impl Breaker {
             State::Open {
                 next_probe,
                 probing,
-                ..
+                interval,
             } => {
                 if !*probing && now >= *next_probe {
                     *probing = true;
                     Permit::Probe
+                } else if *probing {
+                    // The probe's answer decides; until then the others wait an interval.
+                    Permit::Wait(now + (*interval).max(PROBE_PENDING_WAIT))
                 } else {
-                    // While a probe is out, the others wait a little rather than spin on it.
-                    Permit::Wait((*next_probe).max(now + PROBE_PENDING_WAIT))
+                    Permit::Wait(*next_probe)
                 }
             }
+        }
+    }
+
+    /// The probe was granted but never sent (no token, the key expired, the task died): another
+    /// caller may probe.
+    pub fn abandon_probe(&mut self) {
+        if let State::Open { probing, .. } = &mut self.state {
+            *probing = false;
+        }
+    }
+
+    /// Whether calls are held back now: open, and either a probe is out or its time has not come.
+    pub fn paused(&self, now: Instant) -> bool {
+        match self.state {
+            State::Open {
+                next_probe,
+                probing,
+                ..
+            } => probing || now < next_probe,
+            State::Closed => false,
         }
     }
 
@@ -197,8 +219,9 @@ mod tests {
         assert_eq!(b.permit(t0), Permit::Wait(t0 + Duration::from_secs(10)));
         let t1 = t0 + Duration::from_secs(10);
         assert_eq!(b.permit(t1), Permit::Probe);
-        // Only one probe at a time.
-        assert_eq!(b.permit(t1), Permit::Wait(t1 + PROBE_PENDING_WAIT));
+        // Only one probe at a time; the others wait an interval for its answer.
+        assert!(b.paused(t1));
+        assert_eq!(b.permit(t1), Permit::Wait(t1 + Duration::from_secs(10)));
         assert_eq!(b.failure(t1, 4), None);
         assert_eq!(
             b.permit(t1 + Duration::from_secs(19)),
@@ -216,6 +239,21 @@ mod tests {
         assert_eq!(b.permit(t4), Permit::Probe);
         assert_eq!(b.success(), Some(Transition::Closed));
         assert_eq!(b.permit(t4), Permit::Call);
+        assert!(!b.paused(t4));
+    }
+
+    #[test]
+    fn an_abandoned_probe_lets_the_next_caller_probe() {
+        let t0 = Instant::now();
+        let mut b = Breaker::new(policy());
+        for k in 0..3 {
+            b.failure(t0, k);
+        }
+        let t1 = t0 + Duration::from_secs(10);
+        assert_eq!(b.permit(t1), Permit::Probe);
+        b.abandon_probe();
+        assert!(!b.paused(t1));
+        assert_eq!(b.permit(t1), Permit::Probe);
     }
 
     proptest::proptest! {

@@ -424,11 +424,12 @@ impl Config {
                 "must not be shorter than `renew.backoff_base`",
             ));
         }
-        // A lease shorter than one attempt would let a second attempt start while the first runs.
-        if r.lease < self.http.request_timeout.saturating_mul(3) {
+        // A lease shorter than one attempt (token, renew, fresh token, renew) would let another
+        // process start a second attempt while the first runs.
+        if r.lease < self.http.request_timeout.saturating_mul(5) {
             return Err(field_error(
                 "renew.lease",
-                "must be at least three times `http.request_timeout` (token, renew, retry)",
+                "must be at least five times `http.request_timeout` (an attempt can make four requests)",
             ));
         }
         if self.breaker.threshold < 2 {

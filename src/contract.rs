@@ -2,10 +2,14 @@
 //! keeps the two in step).
 
 /// Adds or replaces a user's key. Parameters: user reference, kind (`collections` or
-/// `purchase`), key. Replacing a flagged key makes it pending, then active once checked.
+/// `purchase`), key. A new key over a flagged one makes it pending, then active once checked;
+/// the same key again changes nothing (backends re-store keys on every login, and a renewal in
+/// flight must not be disturbed by that). SQLite 3.24 or later (any SQLite since 2018).
 pub const UPSERT_KEY: &str = "INSERT INTO store_keys (user_ref, kind, key) VALUES (?1, ?2, ?3)
 ON CONFLICT (user_ref, kind) DO UPDATE
-SET key = excluded.key, state = 'pending', reason = NULL, updated_at = unixepoch();";
+SET key = excluded.key, state = 'pending', reason = NULL,
+    updated_at = CAST(strftime('%s', 'now') AS INTEGER)
+WHERE store_keys.key IS NOT excluded.key;";
 
 /// Reads a user's usable key, if there is one. Parameters: user reference, kind.
 pub const READ_KEY: &str = "SELECT key FROM store_keys

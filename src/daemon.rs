@@ -12,6 +12,7 @@ use tokio::net::TcpListener;
 use tokio::task::{Id, JoinSet};
 use tokio_util::sync::CancellationToken;
 
+use crate::claims::Kind;
 use crate::clock::Clock;
 use crate::config::Config;
 use crate::db::{ClaimedRow, Db, DbError};
@@ -25,6 +26,8 @@ use crate::store_api::RenewClient;
 
 /// Events older than the retention are pruned this often.
 const PRUNE_EVERY_SECS: i64 = 3600;
+/// At most this many thousand events are pruned per pass of the loop.
+const PRUNE_BATCHES_PER_PASS: u32 = 10;
 /// How often a failing application's credential is tried again outside renewals.
 const TOKEN_RECHECK: Duration = Duration::from_secs(300);
 /// How often the systemd STATUS line is recomputed.
@@ -212,10 +215,17 @@ impl Loop {
             .renew
             .concurrency
             .saturating_sub(self.tasks.len());
+        // An endpoint whose breaker holds calls back gets no claims: its keys stay put until
+        // the probe time instead of being claimed and deferred over and over.
+        let paused = self.renewer.safety.paused_kinds();
+        let kinds: Vec<Kind> = Kind::ALL
+            .into_iter()
+            .filter(|k| !paused.contains(k))
+            .collect();
         if free > 0 {
             let limit = u32::try_from(free).unwrap_or(u32::MAX).min(batch);
             let lease_until = now + secs(self.config.renew.lease);
-            for row in self.db.claim_due(now, lease_until, limit).await? {
+            for row in self.db.claim_due(now, lease_until, limit, &kinds).await? {
                 *wrote += 1;
                 self.spawn(row);
             }
@@ -229,11 +239,14 @@ impl Loop {
             // Full: a finishing task wakes the loop.
             return Ok(poll);
         }
-        Ok(match self.db.next_due().await? {
+        let until_due = match self.db.next_due(&kinds).await? {
             Some(due) if due <= now => Duration::ZERO,
             Some(due) => Duration::from_secs(u64::try_from(due - now).unwrap_or(0)).min(poll),
             None => poll,
-        })
+        };
+        // Wake for the next probe of a paused endpoint too.
+        let until_probe = self.renewer.safety.next_probe_in().unwrap_or(poll);
+        Ok(until_due.min(until_probe.max(Duration::from_millis(100))))
     }
 
     /// A one-line STATUS for `systemctl status`, refreshed at most once a minute (it counts keys).
@@ -284,13 +297,19 @@ impl Loop {
         if now - self.last_prune < PRUNE_EVERY_SECS {
             return Ok(());
         }
-        self.last_prune = now;
-        let pruned = self
+        let (pruned, more) = self
             .db
-            .prune_events(now - secs(self.config.events.retention))
+            .prune_events(
+                now - secs(self.config.events.retention),
+                PRUNE_BATCHES_PER_PASS,
+            )
             .await?;
+        // A large backlog of old events is worked off over several passes.
+        if !more {
+            self.last_prune = now;
+        }
         if pruned > 0 {
-            tracing::debug!(events = pruned, "pruned old events");
+            tracing::debug!(events = pruned, more, "pruned old events");
         }
         Ok(())
     }

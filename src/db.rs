@@ -191,7 +191,23 @@ pub struct PendingRow {
 pub struct ClaimedRow {
     pub id: i64,
     pub key: KeyText,
+    /// Consecutive failed attempts before this one.
     pub attempts: u32,
+    /// Consecutive refusals (AuthenticationTokenInvalid) the guard deferred before this one.
+    pub refusals: u32,
+}
+
+type RawClaim = (i64, Vec<u8>, i64, i64);
+
+impl From<RawClaim> for ClaimedRow {
+    fn from((id, key, attempts, refusals): RawClaim) -> Self {
+        ClaimedRow {
+            id,
+            key: KeyText::from_bytes(key),
+            attempts: u32::try_from(attempts).unwrap_or(u32::MAX),
+            refusals: u32::try_from(refusals).unwrap_or(u32::MAX),
+        }
+    }
 }
 
 /// How a checked or renewed key is written back.
@@ -295,7 +311,7 @@ impl Db {
         let done = sqlx::query(
             "UPDATE store_keys SET state = 'active', reason = NULL, key_fp = ?, client_id = ?,
                  issued_at = ?, expires_at = ?, next_attempt_at = ?, lease_until = NULL,
-                 attempts = 0, updated_at = ?
+                 attempts = 0, refusals = 0, updated_at = ?
              WHERE id = ? AND CAST(key AS BLOB) = ? AND state = 'pending'",
         )
         .bind(a.key_fp.to_string())
@@ -354,7 +370,7 @@ impl Db {
         let done = sqlx::query(
             "UPDATE store_keys SET key = ?, state = 'active', reason = NULL, key_fp = ?,
                  client_id = ?, issued_at = ?, expires_at = ?, next_attempt_at = ?,
-                 lease_until = NULL, attempts = 0, renewals = renewals + 1,
+                 lease_until = NULL, attempts = 0, refusals = 0, renewals = renewals + 1,
                  last_renewed_at = ?, updated_at = ?
              WHERE id = ? AND CAST(key AS BLOB) = ?",
         )
@@ -376,21 +392,25 @@ impl Db {
     }
 
     /// Schedules another attempt after a failure that may pass, if the row still holds the key.
+    /// `refused`: the Store refused the key and the guard could not yet believe it.
+    #[allow(clippy::too_many_arguments)]
     pub async fn write_retry(
         &self,
         id: i64,
         key: &KeyText,
         next_attempt_at: i64,
         reason: &str,
+        refused: bool,
         event: &Event,
     ) -> Result<bool, DbError> {
         let mut tx = self.pool.begin().await?;
         let done = sqlx::query(
             "UPDATE store_keys SET next_attempt_at = ?, lease_until = NULL,
-                 attempts = attempts + 1, reason = ?, updated_at = ?
+                 attempts = attempts + 1, refusals = refusals + ?, reason = ?, updated_at = ?
              WHERE id = ? AND CAST(key AS BLOB) = ? AND state = 'active'",
         )
         .bind(next_attempt_at)
+        .bind(i64::from(refused))
         .bind(reason)
         .bind(event.at)
         .bind(id)
@@ -409,27 +429,29 @@ impl Db {
         now: i64,
         lease_until: i64,
         limit: u32,
+        kinds: &[Kind],
     ) -> Result<Vec<ClaimedRow>, DbError> {
-        let rows: Vec<(i64, Vec<u8>, i64)> = sqlx::query_as(
-            "UPDATE store_keys SET next_attempt_at = ?1, lease_until = ?1
-             WHERE id IN (SELECT id FROM store_keys INDEXED BY store_keys_due
-                          WHERE state = 'active' AND next_attempt_at <= ?2
-                          ORDER BY next_attempt_at LIMIT ?3)
-             RETURNING id, CAST(key AS BLOB), attempts",
-        )
-        .bind(lease_until)
-        .bind(now)
-        .bind(limit)
-        .fetch_all(&self.pool)
-        .await?;
-        let mut claimed: Vec<ClaimedRow> = rows
-            .into_iter()
-            .map(|(id, key, attempts)| ClaimedRow {
-                id,
-                key: KeyText::from_bytes(key),
-                attempts: u32::try_from(attempts).unwrap_or(u32::MAX),
-            })
-            .collect();
+        let mut claimed = Vec::new();
+        for kind in kinds {
+            let left = limit.saturating_sub(u32::try_from(claimed.len()).unwrap_or(u32::MAX));
+            if left == 0 {
+                break;
+            }
+            let rows: Vec<RawClaim> = sqlx::query_as(
+                "UPDATE store_keys SET next_attempt_at = ?1, lease_until = ?1
+                 WHERE id IN (SELECT id FROM store_keys INDEXED BY store_keys_due_kind
+                              WHERE state = 'active' AND kind = ?2 AND next_attempt_at <= ?3
+                              ORDER BY next_attempt_at LIMIT ?4)
+                 RETURNING id, CAST(key AS BLOB), attempts, refusals",
+            )
+            .bind(lease_until)
+            .bind(kind.as_str())
+            .bind(now)
+            .bind(left)
+            .fetch_all(&self.pool)
+            .await?;
+            claimed.extend(rows.into_iter().map(ClaimedRow::from));
+        }
         claimed.sort_by_key(|r| r.id);
         Ok(claimed)
     }
@@ -442,41 +464,30 @@ impl Db {
         now: i64,
         lease_until: i64,
     ) -> Result<Option<ClaimedRow>, DbError> {
-        let row: Option<(i64, Vec<u8>, i64)> = sqlx::query_as(
+        let row: Option<RawClaim> = sqlx::query_as(
             "UPDATE store_keys SET next_attempt_at = ?1, lease_until = ?1
              WHERE id = ?2 AND state = 'active' AND (lease_until IS NULL OR lease_until <= ?3)
-             RETURNING id, CAST(key AS BLOB), attempts",
+             RETURNING id, CAST(key AS BLOB), attempts, refusals",
         )
         .bind(lease_until)
         .bind(id)
         .bind(now)
         .fetch_optional(&self.pool)
         .await?;
-        Ok(row.map(|(id, key, attempts)| ClaimedRow {
-            id,
-            key: KeyText::from_bytes(key),
-            attempts: u32::try_from(attempts).unwrap_or(u32::MAX),
-        }))
+        Ok(row.map(ClaimedRow::from))
     }
 
     /// Active keys due now, without reserving them (`renew --due --dry-run`).
     pub async fn due_rows(&self, now: i64, limit: u32) -> Result<Vec<ClaimedRow>, DbError> {
-        let rows: Vec<(i64, Vec<u8>, i64)> = sqlx::query_as(
-            "SELECT id, CAST(key AS BLOB), attempts FROM store_keys INDEXED BY store_keys_due
+        let rows: Vec<RawClaim> = sqlx::query_as(
+            "SELECT id, CAST(key AS BLOB), attempts, refusals FROM store_keys INDEXED BY store_keys_due
              WHERE state = 'active' AND next_attempt_at <= ? ORDER BY next_attempt_at LIMIT ?",
         )
         .bind(now)
         .bind(limit)
         .fetch_all(&self.pool)
         .await?;
-        Ok(rows
-            .into_iter()
-            .map(|(id, key, attempts)| ClaimedRow {
-                id,
-                key: KeyText::from_bytes(key),
-                attempts: u32::try_from(attempts).unwrap_or(u32::MAX),
-            })
-            .collect())
+        Ok(rows.into_iter().map(ClaimedRow::from).collect())
     }
 
     /// One row's summary and its key (`inspect --row`, `renew --row`).
@@ -538,11 +549,21 @@ impl Db {
     }
 
     /// When the earliest active key is next due (an index lookup, not a scan).
-    pub async fn next_due(&self) -> Result<Option<i64>, DbError> {
-        let (next,): (Option<i64>,) =
-            sqlx::query_as("SELECT MIN(next_attempt_at) FROM store_keys INDEXED BY store_keys_due WHERE state = 'active'")
-                .fetch_one(&self.pool)
-                .await?;
+    pub async fn next_due(&self, kinds: &[Kind]) -> Result<Option<i64>, DbError> {
+        let mut next: Option<i64> = None;
+        for kind in kinds {
+            let (due,): (Option<i64>,) = sqlx::query_as(
+                "SELECT MIN(next_attempt_at) FROM store_keys INDEXED BY store_keys_due_kind
+                 WHERE state = 'active' AND kind = ?",
+            )
+            .bind(kind.as_str())
+            .fetch_one(&self.pool)
+            .await?;
+            next = match (next, due) {
+                (Some(a), Some(b)) => Some(a.min(b)),
+                (a, b) => a.or(b),
+            };
+        }
         Ok(next)
     }
 
@@ -577,7 +598,7 @@ impl Db {
             by_state_kind,
             earliest_expiry,
             due,
-            next_due: self.next_due().await?,
+            next_due: self.next_due(&Kind::ALL).await?,
         })
     }
 
@@ -682,10 +703,16 @@ impl Db {
         Ok(())
     }
 
-    /// Deletes events older than `before`, a bounded batch at a time so the write lock is short.
-    pub async fn prune_events(&self, before: i64) -> Result<u64, DbError> {
+    /// Deletes events older than `before`, at most `max_batches` bounded batches (so the write
+    /// lock is short and one pass of the loop stays short); returns how many it deleted and
+    /// whether there are more.
+    pub async fn prune_events(
+        &self,
+        before: i64,
+        max_batches: u32,
+    ) -> Result<(u64, bool), DbError> {
         let mut total = 0;
-        loop {
+        for _ in 0..max_batches {
             let n = sqlx::query(
                 "DELETE FROM store_key_events WHERE id IN
                    (SELECT id FROM store_key_events WHERE at < ? ORDER BY at LIMIT 1000)",
@@ -696,9 +723,10 @@ impl Db {
             .rows_affected();
             total += n;
             if n < 1000 {
-                return Ok(total);
+                return Ok((total, false));
             }
         }
+        Ok((total, true))
     }
 }
 
@@ -748,7 +776,7 @@ where
 
 /// The schema, embedded in the binary from `migrations/sqlite`.
 pub fn migrator() -> Migrator {
-    let migrations: [(i64, &'static str, &'static str); 2] = [
+    let migrations: [(i64, &'static str, &'static str); 3] = [
         (
             1,
             "init",
@@ -758,6 +786,11 @@ pub fn migrator() -> Migrator {
             2,
             "alarms",
             include_str!("../migrations/sqlite/0002_alarms.sql"),
+        ),
+        (
+            3,
+            "per kind claims",
+            include_str!("../migrations/sqlite/0003_per_kind_claims.sql"),
         ),
     ];
     Migrator::with_migrations(

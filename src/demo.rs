@@ -63,7 +63,7 @@ pub fn config(emu: &Emulator, dir: &Path) -> Result<Config, std::io::Error> {
     r.poll_interval = Duration::from_secs(1);
     r.backoff_base = Duration::from_secs(1);
     r.backoff_cap = Duration::from_secs(4);
-    r.lease = Duration::from_secs(15);
+    r.lease = Duration::from_secs(25);
     r.shutdown_grace = Duration::from_secs(5);
     config.http.request_timeout = Duration::from_secs(5);
     Ok(config)
@@ -166,11 +166,14 @@ async fn seed(emu: &Emulator, db: &Db) -> Result<(), sqlx::Error> {
             emu.mint(kind, app, &user, KEY_LIFETIME_SECS),
         ));
     }
-    let revoked = emu.mint(
+    // Issued a little earlier than the others, so it comes up first: storekeyd believes the
+    // Store's refusal once other keys of the application renew (or on the third refusal).
+    let revoked = emu.mint_at(
         Kind::Collections,
         APPS[0],
         "player-revoked",
         KEY_LIFETIME_SECS,
+        emu.clock.now() - 5,
     );
     emu.revoke_key(&revoked);
     rows.push(("player-revoked".into(), Kind::Collections, revoked));

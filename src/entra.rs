@@ -151,6 +151,8 @@ pub enum TokenError {
         error: String,
         description: String,
     },
+    #[error("token request for `{app}` failed moments ago, not retried yet: {detail}")]
+    Recent { app: String, detail: String },
     #[error("token response for `{app}` (HTTP {status}) is not a token: {detail}")]
     Malformed {
         app: String,
@@ -159,12 +161,21 @@ pub enum TokenError {
     },
 }
 
+/// How long a failed token request answers for its application.
+const FAILURE_COOLDOWN: std::time::Duration = std::time::Duration::from_secs(5);
+
+#[derive(Default)]
+struct Cached {
+    token: Option<Arc<AccessToken>>,
+    failed: Option<(Instant, String)>,
+}
+
 struct AppTokens {
     app: Application,
     credential: Credential,
     // Held across the token request: one request in flight per application, however many
     // renewals are waiting for it.
-    cached: Mutex<Option<Arc<AccessToken>>>,
+    cached: Mutex<Cached>,
     /// The result of the last token request, for readiness and `check`.
     last: std::sync::Mutex<Option<Result<(), String>>>,
 }
@@ -203,7 +214,7 @@ impl TokenClient {
                     AppTokens {
                         app,
                         credential,
-                        cached: Mutex::new(None),
+                        cached: Mutex::new(Cached::default()),
                         last: std::sync::Mutex::new(None),
                     },
                 )
@@ -275,11 +286,21 @@ impl TokenClient {
             .get(client_id)
             .ok_or_else(|| TokenError::UnknownApplication(client_id.to_owned()))?;
         let mut cached = entry.cached.lock().await;
-        if let Some(token) = cached.as_ref()
+        if let Some(token) = cached.token.as_ref()
             && token.expires_at - self.clock.now() > REFRESH_AHEAD_SECS
             && Some(token.fingerprint) != stale
         {
             return Ok(token.clone());
+        }
+        // Those who queued behind a failed request share its failure for a moment instead of
+        // each waiting out a request of their own (and keeping other applications waiting).
+        if let Some((at, error)) = &cached.failed
+            && at.elapsed() < FAILURE_COOLDOWN
+        {
+            return Err(TokenError::Recent {
+                app: entry.app.label().to_owned(),
+                detail: error.clone(),
+            });
         }
         let started = Instant::now();
         let result = self.request(entry).await;
@@ -295,8 +316,15 @@ impl TokenClient {
             .last
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(summary);
-        let token = Arc::new(result?);
-        *cached = Some(token.clone());
+        let token = match result {
+            Ok(t) => Arc::new(t),
+            Err(e) => {
+                cached.failed = Some((Instant::now(), e.to_string()));
+                return Err(e);
+            }
+        };
+        cached.failed = None;
+        cached.token = Some(token.clone());
         Ok(token)
     }
 

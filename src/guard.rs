@@ -35,7 +35,7 @@ pub enum AlarmChange {
 }
 
 const AWAITING: &str = "the Store refused the key (AuthenticationTokenInvalid), but no renewal of this application succeeded recently to show that our credential works; it is tried again before being flagged revoked";
-const ALARM: &str = "the Store is refusing many keys of this application at once (AuthenticationTokenInvalid): that is our credential or configuration, not revocations";
+pub const ALARM: &str = "the Store is refusing many keys of this application at once (AuthenticationTokenInvalid): that is our credential or configuration, not revocations";
 /// Keys remembered with their refusal count, per application; beyond it the oldest are forgotten
 /// (which only delays flagging them).
 const MAX_TRACKED_KEYS: usize = 100_000;
@@ -81,29 +81,47 @@ impl RevocationGuard {
         }
     }
 
-    /// A key of `app` renewed: the credential works.
-    pub fn success(&mut self, app: &str, key_id: i64, now: Instant) -> Option<AlarmChange> {
+    /// A key of `app` renewed, by an attempt that began at `started`: the credential worked
+    /// then. Only an attempt begun after the alarm was raised clears it (one already in flight
+    /// when the credential broke proves nothing).
+    pub fn success(
+        &mut self,
+        app: &str,
+        key_id: i64,
+        started: Instant,
+        now: Instant,
+    ) -> Option<AlarmChange> {
         let window = self.policy.window;
         let a = self.apps.entry(app.to_owned()).or_default();
         a.prune(now, window);
-        a.successes.push_back(now);
-        // Bounded: only the count within the window matters.
+        a.successes.push_back(started);
+        // Bounded: only the ones within the window matter.
         if a.successes.len() > 10_000 {
             a.successes.pop_front();
         }
         a.strikes.remove(&key_id);
-        a.refusals.clear();
-        a.alarm_since.take().map(|_| AlarmChange::Cleared)
+        match a.alarm_since {
+            Some(since) if started > since => {
+                a.alarm_since = None;
+                Some(AlarmChange::Cleared)
+            }
+            _ => None,
+        }
+    }
+
+    /// Raises the alarm for `app` without a refusal (a CLI process learning of the daemon's).
+    pub fn raise(&mut self, app: &str, now: Instant) {
+        self.apps.entry(app.to_owned()).or_default().alarm_since = Some(now);
     }
 
     /// A key of `app` was refused twice (the second time with a fresh access token).
-    /// `prior_failures` is how many attempts on it failed in a row before this one, as the
-    /// database remembers it (across restarts and processes).
+    /// `prior_refusals` is how many attempts in a row the database remembers were refused for it
+    /// before this one (across restarts and processes).
     pub fn refused(
         &mut self,
         app: &str,
         key_id: i64,
-        prior_failures: u32,
+        prior_refusals: u32,
         now: Instant,
     ) -> (Verdict, Option<AlarmChange>) {
         let policy = self.policy;
@@ -115,18 +133,22 @@ impl RevocationGuard {
         }
         let strikes = {
             let s = a.strikes.entry(key_id).or_insert(0);
-            *s = (*s + 1).max(prior_failures.saturating_add(1));
+            *s = (*s + 1).max(prior_refusals.saturating_add(1));
             *s
         };
         if a.alarm_since.is_some() {
             return (Verdict::Defer(ALARM), None);
         }
+        // Evidence that the credential works: renewals begun after the refusals began. Ones from
+        // before prove nothing about now.
+        let oldest = a.refusals.front().map_or(now, |(t, _)| *t);
+        let evidence = a.successes.iter().filter(|t| **t > oldest).count();
         let refused = a.distinct_refused();
-        if refused >= policy.threshold && a.successes.len() < refused {
+        if refused >= policy.threshold && evidence < refused {
             a.alarm_since = Some(now);
             return (Verdict::Defer(ALARM), Some(AlarmChange::Raised));
         }
-        if !a.successes.is_empty() || strikes >= policy.confirm_attempts {
+        if evidence > 0 || strikes >= policy.confirm_attempts {
             a.strikes.remove(&key_id);
             return (Verdict::Revoked, None);
         }
@@ -147,6 +169,8 @@ impl RevocationGuard {
 
 #[cfg(test)]
 mod tests {
+    use std::time::Duration;
+
     use super::*;
 
     fn guard() -> RevocationGuard {
@@ -157,12 +181,45 @@ mod tests {
         })
     }
 
+    fn at(t: Instant, secs: u64) -> Instant {
+        t + Duration::from_secs(secs)
+    }
+
     #[test]
-    fn a_refusal_among_successes_is_a_revocation() {
+    fn a_refusal_is_believed_once_a_later_renewal_shows_the_credential_works() {
         let t = Instant::now();
         let mut g = guard();
-        g.success("a", 1, t);
-        assert_eq!(g.refused("a", 2, 0, t), (Verdict::Revoked, None));
+        assert!(matches!(
+            g.refused("a", 2, 0, at(t, 1)).0,
+            Verdict::Defer(_)
+        ));
+        g.success("a", 1, at(t, 2), at(t, 3));
+        assert_eq!(g.refused("a", 2, 1, at(t, 4)), (Verdict::Revoked, None));
+    }
+
+    #[test]
+    fn renewals_from_before_the_refusals_prove_nothing() {
+        let t = Instant::now();
+        let mut g = guard();
+        for k in 0..200 {
+            g.success("a", k, t, t);
+        }
+        // The credential breaks: refusal after refusal, no renewal since.
+        assert!(matches!(
+            g.refused("a", 500, 0, at(t, 1)).0,
+            Verdict::Defer(_)
+        ));
+        assert!(matches!(
+            g.refused("a", 501, 0, at(t, 1)).0,
+            Verdict::Defer(_)
+        ));
+        assert_eq!(
+            g.refused("a", 502, 0, at(t, 1)),
+            (Verdict::Defer(ALARM), Some(AlarmChange::Raised))
+        );
+        // A renewal that was already in flight when the alarm was raised does not clear it.
+        assert_eq!(g.success("a", 7, at(t, 1), at(t, 2)), None);
+        assert_eq!(g.alarms().len(), 1);
     }
 
     #[test]
@@ -176,15 +233,18 @@ mod tests {
             (Verdict::Defer(ALARM), Some(AlarmChange::Raised))
         );
         // Even a key refused many times is not flagged while the alarm stands.
-        for _ in 0..5 {
-            assert_eq!(g.refused("a", 1, 0, t).0, Verdict::Defer(ALARM));
+        for n in 0..5 {
+            assert_eq!(g.refused("a", 1, n, t).0, Verdict::Defer(ALARM));
         }
-        assert_eq!(g.alarms().len(), 1);
         // Another application is judged on its own.
-        g.success("b", 9, t);
-        assert_eq!(g.refused("b", 10, 0, t).0, Verdict::Revoked);
-        // The credential works again: the alarm clears.
-        assert_eq!(g.success("a", 4, t), Some(AlarmChange::Cleared));
+        assert!(matches!(g.refused("b", 10, 0, t).0, Verdict::Defer(_)));
+        g.success("b", 9, at(t, 1), at(t, 1));
+        assert_eq!(g.refused("b", 10, 1, at(t, 2)).0, Verdict::Revoked);
+        // The credential works again (a renewal begun after the alarm): the alarm clears.
+        assert_eq!(
+            g.success("a", 4, at(t, 5), at(t, 6)),
+            Some(AlarmChange::Cleared)
+        );
         assert!(g.alarms().is_empty());
     }
 
@@ -194,31 +254,37 @@ mod tests {
         let mut g = guard();
         assert!(matches!(g.refused("a", 1, 0, t).0, Verdict::Defer(_)));
         assert!(matches!(
-            g.refused("a", 1, 0, t + Duration::from_secs(60)).0,
+            g.refused("a", 1, 1, at(t, 60)).0,
             Verdict::Defer(_)
         ));
-        assert_eq!(
-            g.refused("a", 1, 0, t + Duration::from_secs(120)).0,
-            Verdict::Revoked
-        );
+        assert_eq!(g.refused("a", 1, 2, at(t, 120)).0, Verdict::Revoked);
     }
 
     #[test]
-    fn failures_remembered_by_the_database_count_as_strikes() {
+    fn refusals_remembered_by_the_database_count_as_strikes() {
         let t = Instant::now();
         let mut g = guard();
         assert_eq!(g.refused("a", 1, 2, t).0, Verdict::Revoked);
     }
 
     #[test]
-    fn many_revocations_among_more_successes_are_flagged() {
+    fn many_revocations_among_more_renewals_are_flagged() {
         let t = Instant::now();
         let mut g = guard();
+        assert!(matches!(g.refused("a", 100, 0, t).0, Verdict::Defer(_)));
         for k in 0..20 {
-            g.success("a", k, t);
+            g.success("a", k, at(t, 1), at(t, 1));
         }
         for k in 100..105 {
-            assert_eq!(g.refused("a", k, 0, t).0, Verdict::Revoked);
+            assert_eq!(g.refused("a", k, 0, at(t, 2)).0, Verdict::Revoked);
         }
+    }
+
+    #[test]
+    fn a_raised_alarm_defers_everything() {
+        let t = Instant::now();
+        let mut g = guard();
+        g.raise("a", t);
+        assert_eq!(g.refused("a", 1, 9, t).0, Verdict::Defer(ALARM));
     }
 }

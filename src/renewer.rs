@@ -151,7 +151,12 @@ impl Renewer {
         if let Permit::Wait(until) = permit {
             return self.defer(&row, until).await;
         }
-        let probe = permit == Permit::Probe;
+        // A granted probe that is never sent must be handed back, whatever the exit.
+        let mut probe = ProbeTicket {
+            safety: &self.safety,
+            kind: claims.kind,
+            armed: permit == Permit::Probe,
+        };
         self.limiter.acquire().await;
         let token = match self.tokens.token(&claims.client_id).await {
             Ok(t) => t,
@@ -164,8 +169,10 @@ impl Renewer {
         let Some(mut resp) = self.call(&claims, &token, &row.key).await else {
             return self.flag_expired(&row, &claims, Event::default()).await;
         };
+        let was_probe = probe.armed;
+        probe.armed = false;
         self.safety
-            .observe(claims.kind, row.id, &resp.outcome, probe)
+            .observe(claims.kind, row.id, &resp.outcome, was_probe)
             .await;
         if let Outcome::AuthInvalid { .. } = resp.outcome {
             // First suspect ourselves: the Store cannot tell a bad ticket from a revoked key.
@@ -239,7 +246,7 @@ impl Renewer {
             Outcome::AuthInvalid { detail } => {
                 match self
                     .safety
-                    .refused(&claims.client_id, row.id, row.attempts)
+                    .refused(&claims.client_id, row.id, row.refusals)
                     .await
                 {
                     Verdict::Revoked => {
@@ -250,7 +257,9 @@ impl Renewer {
                     }
                     Verdict::Defer(why) => {
                         let event = self.event(row, &resp, why);
-                        self.retry(row, claims, None, why, event).await
+                        let refused = why != crate::guard::ALARM;
+                        self.retry_with(row, claims, None, why, event, refused)
+                            .await
                     }
                 }
             }
@@ -306,7 +315,9 @@ impl Renewer {
             })
             .await?;
         if self.counted(applied, "renewed") {
-            self.safety.renewed(&new_claims.client_id, row.id).await;
+            self.safety
+                .renewed(&new_claims.client_id, row.id, resp.sent)
+                .await;
             self.metrics
                 .last_success
                 .store(event.at, std::sync::atomic::Ordering::Relaxed);
@@ -324,7 +335,21 @@ impl Renewer {
         claims: &Claims,
         retry_after: Option<std::time::Duration>,
         detail: &str,
+        event: Event,
+    ) -> Result<Settled, DbError> {
+        self.retry_with(row, claims, retry_after, detail, event, false)
+            .await
+    }
+
+    /// `refused`: a refusal the guard could not yet believe; counted toward flagging the key.
+    async fn retry_with(
+        &self,
+        row: &ClaimedRow,
+        claims: &Claims,
+        retry_after: Option<std::time::Duration>,
+        detail: &str,
         mut event: Event,
+        refused: bool,
     ) -> Result<Settled, DbError> {
         let now = self.clock.now();
         let attempts = row.attempts.saturating_add(1);
@@ -346,7 +371,10 @@ impl Renewer {
                 event.detail = Some(format!("{detail}; attempt {attempts}, next at {}", utc(at)));
                 let reason = format!("retrying: {detail}");
                 let applied = self
-                    .persist(|| self.db.write_retry(row.id, &row.key, at, &reason, &event))
+                    .persist(|| {
+                        self.db
+                            .write_retry(row.id, &row.key, at, &reason, refused, &event)
+                    })
                     .await?;
                 if self.counted(applied, event.outcome) {
                     tracing::info!(outcome = event.outcome, attempts, next = %utc(at), "{detail}; will retry");
@@ -454,6 +482,21 @@ impl Renewer {
             request_id: resp.ms.request_id.clone(),
             cv: resp.ms.cv.clone(),
             duration_ms: Some(resp.duration_ms),
+        }
+    }
+}
+
+/// A probe granted by the breaker; handed back on drop unless its answer was observed.
+struct ProbeTicket<'a> {
+    safety: &'a Safety,
+    kind: Kind,
+    armed: bool,
+}
+
+impl Drop for ProbeTicket<'_> {
+    fn drop(&mut self) {
+        if self.armed {
+            self.safety.abandon_probe(self.kind);
         }
     }
 }

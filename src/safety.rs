@@ -4,6 +4,7 @@
 
 use std::collections::HashMap;
 use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
 use crate::breaker::{Breaker, Permit, Transition};
@@ -19,6 +20,9 @@ pub struct Safety {
     guard: Mutex<RevocationGuard>,
     db: Db,
     clock: Clock,
+    /// Whether state changes are written to `storekeyd_alarms`: the daemon's are; a one-shot CLI
+    /// process's are not (they would outlive it, or clear the daemon's).
+    record: AtomicBool,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -44,7 +48,47 @@ impl Safety {
             guard: Mutex::new(RevocationGuard::new(config.guard_policy())),
             db,
             clock,
+            record: AtomicBool::new(true),
         }
+    }
+
+    /// For a CLI process: write no alarms, and honour the credential alarms the daemon raised.
+    pub async fn adopt_daemon_alarms(&self) {
+        self.record.store(false, Ordering::Relaxed);
+        let alarms = self.db.alarms().await.unwrap_or_default();
+        let mut guard = lock(&self.guard);
+        for (name, _, _) in alarms {
+            if let Some(app) = name.strip_prefix("credential:") {
+                guard.raise(app, Instant::now());
+            }
+        }
+    }
+
+    /// The probe `permit` granted was not sent after all: let another caller probe.
+    pub fn abandon_probe(&self, kind: Kind) {
+        if let Some(b) = lock(&self.breakers).get_mut(&kind) {
+            b.abandon_probe();
+        }
+    }
+
+    /// The kinds whose calls are held back now: the run loop claims none of their keys.
+    pub fn paused_kinds(&self) -> Vec<Kind> {
+        let now = Instant::now();
+        let breakers = lock(&self.breakers);
+        Kind::ALL
+            .into_iter()
+            .filter(|k| breakers.get(k).is_some_and(|b| b.paused(now)))
+            .collect()
+    }
+
+    /// How long until the next probe may go out, if a breaker waits for one.
+    pub fn next_probe_in(&self) -> Option<std::time::Duration> {
+        let now = Instant::now();
+        lock(&self.breakers)
+            .values()
+            .filter_map(Breaker::next_probe)
+            .map(|t| t.saturating_duration_since(now))
+            .min()
     }
 
     /// Whether a renew call to `kind`'s endpoint may go out now.
@@ -89,9 +133,9 @@ impl Safety {
         }
     }
 
-    /// A key of application `app` renewed.
-    pub async fn renewed(&self, app: &str, key_id: i64) {
-        let change = lock(&self.guard).success(app, key_id, Instant::now());
+    /// A key of application `app` renewed by an attempt begun at `started`.
+    pub async fn renewed(&self, app: &str, key_id: i64, started: Instant) {
+        let change = lock(&self.guard).success(app, key_id, started, Instant::now());
         if change == Some(AlarmChange::Cleared) {
             tracing::warn!(app, "credential alarm cleared: a renewal succeeded again");
             self.record(&credential_alarm(app), None).await;
@@ -133,6 +177,9 @@ impl Safety {
     /// Writes or clears the alarm row; a failure is logged, never fatal (the metric and the log
     /// line carry the same news).
     async fn record(&self, name: &str, detail: Option<&str>) {
+        if !self.record.load(Ordering::Relaxed) {
+            return;
+        }
         let result = match detail {
             Some(d) => self.db.set_alarm(name, d, self.clock.now()).await,
             None => self.db.clear_alarm(name).await,

@@ -25,6 +25,8 @@ pub struct RenewResponse {
     pub duration_ms: i64,
     /// Unix seconds when the request was sent.
     pub started_at: i64,
+    /// When the request was sent, on the monotonic clock.
+    pub sent: Instant,
 }
 
 #[derive(Serialize)]
@@ -64,9 +66,11 @@ impl RenewClient {
                 ms: MsHeaders::default(),
                 duration_ms: 0,
                 started_at: 0,
+                sent: started,
             },
             Ok(resp) => self.read(resp, now).await,
         };
+        result.sent = started;
         result.started_at = now
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX));
@@ -112,6 +116,7 @@ impl RenewClient {
             ms,
             duration_ms: 0,
             started_at: 0,
+            sent: Instant::now(),
         }
     }
 }

@@ -25,8 +25,8 @@ CREATE TABLE store_keys (
     -- Consecutive failed attempts since the last success.
     attempts        INTEGER NOT NULL DEFAULT 0,
     renewals        INTEGER NOT NULL DEFAULT 0,
-    created_at      INTEGER NOT NULL DEFAULT (unixepoch()),
-    updated_at      INTEGER NOT NULL DEFAULT (unixepoch()),
+    created_at      INTEGER NOT NULL DEFAULT (CAST(strftime('%s', 'now') AS INTEGER)),
+    updated_at      INTEGER NOT NULL DEFAULT (CAST(strftime('%s', 'now') AS INTEGER)),
     UNIQUE (user_ref, kind)
 );
 

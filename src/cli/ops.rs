@@ -4,6 +4,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use anyhow::Context as _;
+use storekeyd::claims::Kind;
 use storekeyd::clock::Clock;
 use storekeyd::config::Config;
 use storekeyd::db::{ClaimedRow, Db};
@@ -127,6 +128,8 @@ pub async fn renew(
 ) -> anyhow::Result<Exit> {
     let clock = Clock::system();
     let renewer = daemon::build_renewer(config.clone(), db.clone(), clock.clone())?;
+    // The daemon owns the alarms: this process honours its credential alarms and writes none.
+    renewer.safety.adopt_daemon_alarms().await;
     if !dry_run {
         // Keys written since the daemon last looked are checked first, so they can be renewed.
         while ingest::ingest_pending(&db, &config, clock.now(), config.renew.batch_size).await?
@@ -176,6 +179,7 @@ async fn next_rows(
             .key_row(id)
             .await?
             .map(|(_, key)| ClaimedRow {
+                refusals: 0,
                 id,
                 key,
                 attempts: 0,
@@ -189,8 +193,13 @@ async fn next_rows(
             .collect(),
         (None, _, true) => db.due_rows(now, 10_000).await?,
         (None, _, false) => {
-            db.claim_due(now, lease_until, renewer.config.renew.batch_size)
-                .await?
+            db.claim_due(
+                now,
+                lease_until,
+                renewer.config.renew.batch_size,
+                &Kind::ALL,
+            )
+            .await?
         }
     })
 }

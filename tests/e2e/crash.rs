@@ -72,7 +72,7 @@ async fn sigkill_during_a_backlog_drain_loses_nothing() {
     let mut env = TestEnv::new().await;
     env.config.renew.concurrency = 8;
     env.config.http.request_timeout = Duration::from_secs(1);
-    env.config.renew.lease = Duration::from_secs(3);
+    env.config.renew.lease = Duration::from_secs(5);
     env.config.renew.poll_interval = Duration::from_millis(50);
     // Paced so that the drain spans the kills: about 15 renewals a second of uptime.
     env.config.renew.rate_limit = 15.0;

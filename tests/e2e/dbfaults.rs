@@ -170,7 +170,7 @@ async fn a_read_only_then_full_disk_is_reported_and_recovered_from() {
         return;
     };
     let mut env = TestEnv::with_database(Some(disk.0.join("keys.db"))).await;
-    env.config.renew.lease = Duration::from_secs(6);
+    env.config.renew.lease = Duration::from_secs(10);
 
     // Read-only at start (Linux refuses to remount a file system read-only while a file on it is
     // open for writing, so this is what a read-only disk looks like to storekeyd): a clear error

@@ -35,8 +35,9 @@ async fn a_revoked_key_is_flagged_after_a_fresh_token_retry_and_others_renew() {
         .into_iter()
         .map(|(o, _, _)| o)
         .collect();
-    // Each attempt retries once with a fresh token (`auth_invalid`); if mallory came up before
-    // any other key had renewed, the guard deferred it once more before believing the Store.
+    // Each attempt retries once with a fresh token (`auth_invalid`); until a renewal begun after
+    // the first refusal vouches for the credential, the guard defers (another `auth_invalid`),
+    // and believes the Store on the third refusal in a row at the latest.
     assert_eq!(outcomes.first().map(String::as_str), Some("accepted"));
     assert_eq!(
         outcomes.last().map(String::as_str),
@@ -48,7 +49,7 @@ async fn a_revoked_key_is_flagged_after_a_fresh_token_retry_and_others_renew() {
         !middle.is_empty() && middle.iter().all(|o| o == "auth_invalid"),
         "{outcomes:?}"
     );
-    assert!(middle.len() <= 3, "{outcomes:?}");
+    assert!(middle.len() <= 5, "{outcomes:?}");
     for user in ["alice", "carol"] {
         assert_eq!(env.row(user, Kind::Collections).await.state, "active");
     }

@@ -91,6 +91,8 @@ pub struct TestEnv {
     pub dir: TempDir,
     /// Where the running daemon serves /metrics, /healthz and /readyz.
     pub metrics_addr: Option<std::net::SocketAddr>,
+    /// How long `run_until` and `wait_until` wait (real time) before failing.
+    pub patience: Duration,
     emu_stop: CancellationToken,
     daemon: Option<(CancellationToken, JoinHandle<Result<(), DaemonError>>)>,
 }
@@ -121,6 +123,7 @@ impl TestEnv {
             db,
             dir,
             metrics_addr: None,
+            patience: Duration::from_secs(if full() { 600 } else { 30 }),
             emu_stop,
             daemon: None,
         }
@@ -235,14 +238,13 @@ impl TestEnv {
     }
 
     /// Polls `check` every 20 ms, moving the shared clock forward by `step` each time, until it
-    /// holds; panics with `what` after 30 s of real time (10 minutes for the long versions).
+    /// holds; panics with `what` after `patience` (30 s; 10 minutes for the long versions).
     pub async fn run_until<F, Fut>(&self, step: Duration, what: &str, mut check: F)
     where
         F: FnMut() -> Fut,
         Fut: std::future::Future<Output = bool>,
     {
-        let limit = if full() { 600 } else { 30 };
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(limit);
+        let deadline = tokio::time::Instant::now() + self.patience;
         loop {
             if check().await {
                 return;

@@ -64,7 +64,7 @@ async fn rows_that_cannot_be_keys_are_flagged_and_never_stall_the_others() {
 async fn answers_no_store_would_give_are_never_written() {
     let mut env = TestEnv::new().await;
     env.config.http.request_timeout = Duration::from_secs(1);
-    env.config.renew.lease = Duration::from_secs(3);
+    env.config.renew.lease = Duration::from_secs(5);
     env.spawn_daemon().await;
     let scenarios = [
         (
