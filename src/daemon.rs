@@ -345,6 +345,11 @@ impl Loop {
                 tracing::warn!(error = %e, "could not release abandoned keys; they are retried after their lease");
             }
         }
+        // The conditions behind the alarms lived in this process; `status` must not show them as
+        // current while no daemon runs.
+        if let Err(e) = self.db.clear_alarms().await {
+            tracing::warn!(error = %e, "could not clear the alarms");
+        }
         self.db.close().await;
         tracing::info!("stopped");
     }
