@@ -9,7 +9,7 @@ use storekeyd::emulator::Faults;
 use storekeyd::fingerprint::Fingerprint;
 use tokio::process::{Child, Command};
 
-use crate::harness::{APP, DAY, KEY_LIFETIME, TestEnv};
+use crate::harness::{APP, DAY, KEY_LIFETIME, TestEnv, sigterm};
 
 fn due_key(env: &TestEnv, user: &str) -> String {
     env.emu.mint_at(
@@ -78,12 +78,7 @@ fn spawn_binary(config_path: &std::path::Path) -> Child {
 }
 
 async fn sigterm_and_wait(mut child: Child) {
-    let pid = child.id().unwrap().to_string();
-    let status = std::process::Command::new("kill")
-        .args(["-TERM", &pid])
-        .status()
-        .unwrap();
-    assert!(status.success());
+    sigterm(&child);
     let exit = tokio::time::timeout(Duration::from_secs(20), child.wait())
         .await
         .expect("no exit within 20 s after SIGTERM")

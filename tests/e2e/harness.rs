@@ -278,6 +278,16 @@ pub fn metric(text: &str, sample: &str) -> Option<f64> {
         .and_then(|v| v.trim().parse().ok())
 }
 
+/// Sends SIGTERM (what systemd sends on stop) to a child process.
+pub fn sigterm(child: &tokio::process::Child) {
+    let pid = child.id().expect("the child has exited").to_string();
+    let status = std::process::Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .unwrap();
+    assert!(status.success(), "kill -TERM {pid} failed");
+}
+
 /// Whether the `STOREKEYD_FULL` opt-in asks for the long versions of the reliability tests.
 pub fn full() -> bool {
     std::env::var_os("STOREKEYD_FULL").is_some()

@@ -10,7 +10,7 @@ use storekeyd::config::Application;
 use storekeyd::emulator::Faults;
 use tokio::process::Command;
 
-use crate::harness::{TENANT, TestEnv, write_private};
+use crate::harness::{TENANT, TestEnv, sigterm, write_private};
 
 /// The parts of a JWT that identify it: its payload and the start of its signature.
 fn fragments(jwt: &str) -> Vec<String> {
@@ -84,11 +84,7 @@ async fn no_key_token_or_secret_appears_in_any_output() {
             .unwrap();
         outputs.push((path.to_owned(), resp.text().await.unwrap()));
     }
-    let pid = child.id().unwrap().to_string();
-    std::process::Command::new("kill")
-        .args(["-TERM", &pid])
-        .status()
-        .unwrap();
+    sigterm(&child);
     let exit = tokio::time::timeout(Duration::from_secs(20), child.wait_with_output())
         .await
         .unwrap()

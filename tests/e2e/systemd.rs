@@ -5,7 +5,7 @@ use std::time::Duration;
 use tokio::net::UnixDatagram;
 use tokio::process::Command;
 
-use crate::harness::TestEnv;
+use crate::harness::{TestEnv, sigterm};
 
 async fn receive_until(socket: &UnixDatagram, seen: &mut Vec<String>, wanted: &str) {
     receive_count(socket, seen, wanted, 1).await;
@@ -53,14 +53,7 @@ async fn ready_watchdog_status_and_stopping_reach_systemd() {
         "{status}"
     );
 
-    let pid = child.id().unwrap().to_string();
-    assert!(
-        std::process::Command::new("kill")
-            .args(["-TERM", &pid])
-            .status()
-            .unwrap()
-            .success()
-    );
+    sigterm(&child);
     receive_until(&socket, &mut seen, "STOPPING=1").await;
     let exit = tokio::time::timeout(Duration::from_secs(20), child.wait())
         .await
@@ -83,14 +76,7 @@ async fn without_systemd_nothing_is_sent_and_nothing_fails() {
         .spawn()
         .unwrap();
     tokio::time::sleep(Duration::from_millis(500)).await;
-    let pid = child.id().unwrap().to_string();
-    assert!(
-        std::process::Command::new("kill")
-            .args(["-TERM", &pid])
-            .status()
-            .unwrap()
-            .success()
-    );
+    sigterm(&child);
     let out = tokio::time::timeout(Duration::from_secs(20), child.wait_with_output())
         .await
         .unwrap()
