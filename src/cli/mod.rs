@@ -67,8 +67,9 @@ enum Command {
     /// Run the daemon: ingest new keys, renew due ones, until SIGTERM or Ctrl-C. Applies
     /// pending migrations first.
     Run,
-    /// Counts by state and kind, the next renewal, keys expiring soon, and the flagged keys
-    /// with their reasons. Exits 3 if any key is flagged or expiring.
+    /// The daemon's alarms, counts by state and kind, the next renewal, keys expiring soon, and
+    /// the flagged keys with their reasons. Exits 3 if an alarm is raised or a key is flagged or
+    /// expiring.
     Status {
         /// Report active keys that expire within this window [default: renew.margin]
         #[arg(long, value_parser = humantime::parse_duration)]
