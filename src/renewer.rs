@@ -250,7 +250,7 @@ impl Renewer {
                     .await
                 {
                     Verdict::Revoked => {
-                        let reason = "the Store refused the key with AuthenticationTokenInvalid, also with a freshly minted access token, while other keys of its application renew: it is revoked or no longer renewable; the client must mint a new key";
+                        let reason = "the Store refused the key (AuthenticationTokenInvalid), also with a freshly minted access token, and nothing points at our credential: it is revoked or no longer renewable; the client must mint a new key";
                         let mut event = self.event(row, &resp, &detail);
                         event.outcome = "revoked";
                         self.flag(row, State::Revoked, reason, event).await
