@@ -111,6 +111,18 @@ impl Breaker {
         }
     }
 
+    /// When the next probe may go out, if one is waiting for its time (not one already out).
+    pub fn upcoming_probe(&self, now: Instant) -> Option<Instant> {
+        match self.state {
+            State::Open {
+                next_probe,
+                probing: false,
+                ..
+            } if next_probe > now => Some(next_probe),
+            _ => None,
+        }
+    }
+
     /// Whether calls are held back now: open, and either a probe is out or its time has not come.
     pub fn paused(&self, now: Instant) -> bool {
         match self.state {
@@ -124,9 +136,11 @@ impl Breaker {
     }
 
     /// A call (or probe) succeeded: the endpoint answers.
-    pub fn success(&mut self) -> Option<Transition> {
+    /// While open, only the probe's answer counts: a call sent before the breaker opened
+    /// proves nothing about now.
+    pub fn success(&mut self, probe: bool) -> Option<Transition> {
         self.failures.clear();
-        if self.is_open() {
+        if self.is_open() && probe {
             self.state = State::Closed;
             self.opened_at = None;
             return Some(Transition::Closed);
@@ -135,14 +149,14 @@ impl Breaker {
     }
 
     /// A call (or probe) failed transiently on `key_id`.
-    pub fn failure(&mut self, now: Instant, key_id: i64) -> Option<Transition> {
+    pub fn failure(&mut self, now: Instant, key_id: i64, probe: bool) -> Option<Transition> {
         match &mut self.state {
             State::Open {
                 next_probe,
                 interval,
                 probing,
             } => {
-                if *probing {
+                if *probing && probe {
                     *probing = false;
                     *interval = (*interval * 2).min(self.policy.probe_max);
                     *next_probe = now + *interval;
@@ -195,7 +209,7 @@ mod tests {
         let t0 = Instant::now();
         let mut b = Breaker::new(policy());
         for i in 0..10 {
-            assert_eq!(b.failure(t0 + Duration::from_secs(i), 7), None);
+            assert_eq!(b.failure(t0 + Duration::from_secs(i), 7, false), None);
         }
         assert_eq!(b.permit(t0), Permit::Call);
     }
@@ -204,40 +218,44 @@ mod tests {
     fn failures_spread_beyond_the_window_do_not_open_it() {
         let t0 = Instant::now();
         let mut b = Breaker::new(policy());
-        b.failure(t0, 1);
-        b.failure(t0 + Duration::from_secs(50), 2);
-        assert_eq!(b.failure(t0 + Duration::from_secs(120), 3), None);
+        b.failure(t0, 1, false);
+        b.failure(t0 + Duration::from_secs(50), 2, false);
+        assert_eq!(b.failure(t0 + Duration::from_secs(120), 3, false), None);
     }
 
     #[test]
     fn opens_probes_backs_off_and_closes() {
         let t0 = Instant::now();
         let mut b = Breaker::new(policy());
-        b.failure(t0, 1);
-        b.failure(t0, 2);
-        assert_eq!(b.failure(t0, 3), Some(Transition::Opened));
+        b.failure(t0, 1, false);
+        b.failure(t0, 2, false);
+        assert_eq!(b.failure(t0, 3, false), Some(Transition::Opened));
         assert_eq!(b.permit(t0), Permit::Wait(t0 + Duration::from_secs(10)));
         let t1 = t0 + Duration::from_secs(10);
         assert_eq!(b.permit(t1), Permit::Probe);
         // Only one probe at a time; the others wait an interval for its answer.
         assert!(b.paused(t1));
         assert_eq!(b.permit(t1), Permit::Wait(t1 + Duration::from_secs(10)));
-        assert_eq!(b.failure(t1, 4), None);
+        // A late answer to a call sent before the breaker opened changes nothing.
+        assert_eq!(b.failure(t1, 9, false), None);
+        assert_eq!(b.success(false), None);
+        assert!(b.is_open());
+        assert_eq!(b.failure(t1, 4, true), None);
         assert_eq!(
             b.permit(t1 + Duration::from_secs(19)),
             Permit::Wait(t1 + Duration::from_secs(20))
         );
         let t2 = t1 + Duration::from_secs(20);
         assert_eq!(b.permit(t2), Permit::Probe);
-        b.failure(t2, 5);
+        b.failure(t2, 5, true);
         let t3 = t2 + Duration::from_secs(40);
         assert_eq!(b.permit(t3), Permit::Probe);
-        b.failure(t3, 5);
+        b.failure(t3, 5, true);
         // Capped at probe_max.
         assert_eq!(b.next_probe(), Some(t3 + Duration::from_secs(40)));
         let t4 = t3 + Duration::from_secs(40);
         assert_eq!(b.permit(t4), Permit::Probe);
-        assert_eq!(b.success(), Some(Transition::Closed));
+        assert_eq!(b.success(true), Some(Transition::Closed));
         assert_eq!(b.permit(t4), Permit::Call);
         assert!(!b.paused(t4));
     }
@@ -247,7 +265,7 @@ mod tests {
         let t0 = Instant::now();
         let mut b = Breaker::new(policy());
         for k in 0..3 {
-            b.failure(t0, k);
+            b.failure(t0, k, false);
         }
         let t1 = t0 + Duration::from_secs(10);
         assert_eq!(b.permit(t1), Permit::Probe);
@@ -272,9 +290,9 @@ mod tests {
                             proptest::prop_assert!(now.duration_since(prev) >= Duration::from_secs(10));
                         }
                         last_probe = Some(now);
-                        if ok { b.success(); last_probe = None; } else { b.failure(now, key); }
+                        if ok { b.success(true); last_probe = None; } else { b.failure(now, key, true); }
                     }
-                    Permit::Call => { if ok { b.success(); } else { b.failure(now, key); } }
+                    Permit::Call => { if ok { b.success(false); } else { b.failure(now, key, false); } }
                     Permit::Wait(until) => proptest::prop_assert!(until >= now),
                 }
             }

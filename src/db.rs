@@ -195,6 +195,8 @@ pub struct ClaimedRow {
     pub attempts: u32,
     /// Consecutive refusals (AuthenticationTokenInvalid) the guard deferred before this one.
     pub refusals: u32,
+    /// When this process claimed it: the lease runs from here.
+    pub claimed: std::time::Instant,
 }
 
 type RawClaim = (i64, Vec<u8>, i64, i64);
@@ -206,6 +208,7 @@ impl From<RawClaim> for ClaimedRow {
             key: KeyText::from_bytes(key),
             attempts: u32::try_from(attempts).unwrap_or(u32::MAX),
             refusals: u32::try_from(refusals).unwrap_or(u32::MAX),
+            claimed: std::time::Instant::now(),
         }
     }
 }
@@ -431,27 +434,33 @@ impl Db {
         limit: u32,
         kinds: &[Kind],
     ) -> Result<Vec<ClaimedRow>, DbError> {
-        let mut claimed = Vec::new();
-        for kind in kinds {
-            let left = limit.saturating_sub(u32::try_from(claimed.len()).unwrap_or(u32::MAX));
-            if left == 0 {
-                break;
-            }
-            let rows: Vec<RawClaim> = sqlx::query_as(
-                "UPDATE store_keys SET next_attempt_at = ?1, lease_until = ?1
-                 WHERE id IN (SELECT id FROM store_keys INDEXED BY store_keys_due_kind
-                              WHERE state = 'active' AND kind = ?2 AND next_attempt_at <= ?3
-                              ORDER BY next_attempt_at LIMIT ?4)
-                 RETURNING id, CAST(key AS BLOB), attempts, refusals",
-            )
-            .bind(lease_until)
-            .bind(kind.as_str())
-            .bind(now)
-            .bind(left)
-            .fetch_all(&self.pool)
-            .await?;
-            claimed.extend(rows.into_iter().map(ClaimedRow::from));
-        }
+        // Each kind's due keys come off its own index; the most overdue of both are taken, so a
+        // backlog of one kind never starves the other. (One kind given: both halves name it.)
+        let (Some(first), Some(second)) = (kinds.first(), kinds.last()) else {
+            return Ok(Vec::new());
+        };
+        let rows: Vec<RawClaim> = sqlx::query_as(
+            "UPDATE store_keys SET next_attempt_at = ?1, lease_until = ?1
+             WHERE id IN (
+                 SELECT id FROM (
+                     SELECT * FROM (SELECT id, next_attempt_at FROM store_keys INDEXED BY store_keys_due_kind
+                                    WHERE state = 'active' AND kind = ?2 AND next_attempt_at <= ?4
+                                    ORDER BY next_attempt_at LIMIT ?5)
+                     UNION ALL
+                     SELECT * FROM (SELECT id, next_attempt_at FROM store_keys INDEXED BY store_keys_due_kind
+                                    WHERE state = 'active' AND kind = ?3 AND next_attempt_at <= ?4
+                                    ORDER BY next_attempt_at LIMIT ?5))
+                 ORDER BY next_attempt_at LIMIT ?5)
+             RETURNING id, CAST(key AS BLOB), attempts, refusals",
+        )
+        .bind(lease_until)
+        .bind(first.as_str())
+        .bind(second.as_str())
+        .bind(now)
+        .bind(limit)
+        .fetch_all(&self.pool)
+        .await?;
+        let mut claimed: Vec<ClaimedRow> = rows.into_iter().map(ClaimedRow::from).collect();
         claimed.sort_by_key(|r| r.id);
         Ok(claimed)
     }

@@ -36,15 +36,11 @@ pub enum AlarmChange {
 
 const AWAITING: &str = "the Store refused the key (AuthenticationTokenInvalid), but no renewal of this application succeeded recently to show that our credential works; it is tried again before being flagged revoked";
 pub const ALARM: &str = "the Store is refusing many keys of this application at once (AuthenticationTokenInvalid): that is our credential or configuration, not revocations";
-/// Keys remembered with their refusal count, per application; beyond it the oldest are forgotten
-/// (which only delays flagging them).
-const MAX_TRACKED_KEYS: usize = 100_000;
 
 #[derive(Debug, Default)]
 struct App {
     refusals: VecDeque<(Instant, i64)>,
     successes: VecDeque<Instant>,
-    strikes: HashMap<i64, u32>,
     alarm_since: Option<Instant>,
 }
 
@@ -84,13 +80,7 @@ impl RevocationGuard {
     /// A key of `app` renewed, by an attempt that began at `started`: the credential worked
     /// then. Only an attempt begun after the alarm was raised clears it (one already in flight
     /// when the credential broke proves nothing).
-    pub fn success(
-        &mut self,
-        app: &str,
-        key_id: i64,
-        started: Instant,
-        now: Instant,
-    ) -> Option<AlarmChange> {
+    pub fn success(&mut self, app: &str, started: Instant, now: Instant) -> Option<AlarmChange> {
         let window = self.policy.window;
         let a = self.apps.entry(app.to_owned()).or_default();
         a.prune(now, window);
@@ -99,7 +89,6 @@ impl RevocationGuard {
         if a.successes.len() > 10_000 {
             a.successes.pop_front();
         }
-        a.strikes.remove(&key_id);
         match a.alarm_since {
             Some(since) if started > since => {
                 a.alarm_since = None;
@@ -128,14 +117,9 @@ impl RevocationGuard {
         let a = self.apps.entry(app.to_owned()).or_default();
         a.prune(now, policy.window);
         a.refusals.push_back((now, key_id));
-        if a.strikes.len() >= MAX_TRACKED_KEYS {
-            a.strikes.clear();
-        }
-        let strikes = {
-            let s = a.strikes.entry(key_id).or_insert(0);
-            *s = (*s + 1).max(prior_refusals.saturating_add(1));
-            *s
-        };
+        // Counted in the database, so a replaced key starts from zero and a restart forgets
+        // nothing.
+        let strikes = prior_refusals.saturating_add(1);
         if a.alarm_since.is_some() {
             return (Verdict::Defer(ALARM), None);
         }
@@ -149,7 +133,6 @@ impl RevocationGuard {
             return (Verdict::Defer(ALARM), Some(AlarmChange::Raised));
         }
         if evidence > 0 || strikes >= policy.confirm_attempts {
-            a.strikes.remove(&key_id);
             return (Verdict::Revoked, None);
         }
         (Verdict::Defer(AWAITING), None)
@@ -193,7 +176,7 @@ mod tests {
             g.refused("a", 2, 0, at(t, 1)).0,
             Verdict::Defer(_)
         ));
-        g.success("a", 1, at(t, 2), at(t, 3));
+        g.success("a", at(t, 2), at(t, 3));
         assert_eq!(g.refused("a", 2, 1, at(t, 4)), (Verdict::Revoked, None));
     }
 
@@ -201,8 +184,8 @@ mod tests {
     fn renewals_from_before_the_refusals_prove_nothing() {
         let t = Instant::now();
         let mut g = guard();
-        for k in 0..200 {
-            g.success("a", k, t, t);
+        for _ in 0..200 {
+            g.success("a", t, t);
         }
         // The credential breaks: refusal after refusal, no renewal since.
         assert!(matches!(
@@ -218,7 +201,7 @@ mod tests {
             (Verdict::Defer(ALARM), Some(AlarmChange::Raised))
         );
         // A renewal that was already in flight when the alarm was raised does not clear it.
-        assert_eq!(g.success("a", 7, at(t, 1), at(t, 2)), None);
+        assert_eq!(g.success("a", at(t, 1), at(t, 2)), None);
         assert_eq!(g.alarms().len(), 1);
     }
 
@@ -238,11 +221,11 @@ mod tests {
         }
         // Another application is judged on its own.
         assert!(matches!(g.refused("b", 10, 0, t).0, Verdict::Defer(_)));
-        g.success("b", 9, at(t, 1), at(t, 1));
+        g.success("b", at(t, 1), at(t, 1));
         assert_eq!(g.refused("b", 10, 1, at(t, 2)).0, Verdict::Revoked);
         // The credential works again (a renewal begun after the alarm): the alarm clears.
         assert_eq!(
-            g.success("a", 4, at(t, 5), at(t, 6)),
+            g.success("a", at(t, 5), at(t, 6)),
             Some(AlarmChange::Cleared)
         );
         assert!(g.alarms().is_empty());
@@ -272,8 +255,8 @@ mod tests {
         let t = Instant::now();
         let mut g = guard();
         assert!(matches!(g.refused("a", 100, 0, t).0, Verdict::Defer(_)));
-        for k in 0..20 {
-            g.success("a", k, at(t, 1), at(t, 1));
+        for _ in 0..20 {
+            g.success("a", at(t, 1), at(t, 1));
         }
         for k in 100..105 {
             assert_eq!(g.refused("a", k, 0, at(t, 2)).0, Verdict::Revoked);

@@ -188,6 +188,8 @@ impl Renewer {
                         .await;
                 }
             };
+            // The second call is a call like any other: it waits for its turn.
+            self.limiter.acquire().await;
             let Some(second) = self.call(&claims, &fresh, &row.key).await else {
                 return self.flag_expired(&row, &claims, Event::default()).await;
             };
@@ -309,15 +311,13 @@ impl Renewer {
             next_attempt_at: next,
         };
         let applied = self
-            .persist(|| {
+            .persist(row, || {
                 self.db
                     .write_renewed(row.id, &row.key, new_key, &activation, &event)
             })
             .await?;
         if self.counted(applied, "renewed") {
-            self.safety
-                .renewed(&new_claims.client_id, row.id, resp.sent)
-                .await;
+            self.safety.renewed(&new_claims.client_id, resp.sent).await;
             self.metrics
                 .last_success
                 .store(event.at, std::sync::atomic::Ordering::Relaxed);
@@ -371,7 +371,7 @@ impl Renewer {
                 event.detail = Some(format!("{detail}; attempt {attempts}, next at {}", utc(at)));
                 let reason = format!("retrying: {detail}");
                 let applied = self
-                    .persist(|| {
+                    .persist(row, || {
                         self.db
                             .write_retry(row.id, &row.key, at, &reason, refused, &event)
                     })
@@ -418,7 +418,9 @@ impl Renewer {
             event.detail = Some(reason.to_owned());
         }
         let applied = self
-            .persist(|| self.db.flag(row.id, &row.key, state, reason, &event))
+            .persist(row, || {
+                self.db.flag(row.id, &row.key, state, reason, &event)
+            })
             .await?;
         if self.counted(applied, event.outcome) {
             tracing::warn!(state = state.as_str(), reason, "key flagged");
@@ -431,12 +433,18 @@ impl Renewer {
     /// Retries a write while another connection holds the database lock (a backend's long
     /// transaction), for up to one lease: the Store has already acted, and its result (above all
     /// a new key) must not be lost to a lock.
-    async fn persist<F, Fut>(&self, mut write: F) -> Result<bool, DbError>
+    async fn persist<F, Fut>(&self, row: &ClaimedRow, mut write: F) -> Result<bool, DbError>
     where
         F: FnMut() -> Fut,
         Fut: std::future::Future<Output = Result<bool, DbError>>,
     {
-        let deadline = std::time::Instant::now() + self.config.renew.lease;
+        // Until the lease runs out (less a margin): after that another process may claim the key.
+        let deadline = row.claimed
+            + self
+                .config
+                .renew
+                .lease
+                .saturating_sub(std::time::Duration::from_secs(5));
         loop {
             match write().await {
                 Err(e) if e.is_busy() && std::time::Instant::now() < deadline => {

@@ -86,7 +86,7 @@ impl Safety {
         let now = Instant::now();
         lock(&self.breakers)
             .values()
-            .filter_map(Breaker::next_probe)
+            .filter_map(|b| b.upcoming_probe(now))
             .map(|t| t.saturating_duration_since(now))
             .min()
     }
@@ -107,14 +107,14 @@ impl Safety {
             };
             match outcome {
                 Outcome::Throttled { .. } | Outcome::Transient { .. } => {
-                    b.failure(Instant::now(), key_id)
+                    b.failure(Instant::now(), key_id, probe)
                 }
                 // A probe that got nonsense has not shown the endpoint works.
-                Outcome::Unexpected { .. } if probe => b.failure(Instant::now(), key_id),
+                Outcome::Unexpected { .. } if probe => b.failure(Instant::now(), key_id, true),
                 Outcome::Unexpected { .. } => None,
                 Outcome::Renewed(_)
                 | Outcome::AuthInvalid { .. }
-                | Outcome::ClientIdMismatch { .. } => b.success(),
+                | Outcome::ClientIdMismatch { .. } => b.success(probe),
             }
         };
         match transition {
@@ -134,8 +134,8 @@ impl Safety {
     }
 
     /// A key of application `app` renewed by an attempt begun at `started`.
-    pub async fn renewed(&self, app: &str, key_id: i64, started: Instant) {
-        let change = lock(&self.guard).success(app, key_id, started, Instant::now());
+    pub async fn renewed(&self, app: &str, started: Instant) {
+        let change = lock(&self.guard).success(app, started, Instant::now());
         if change == Some(AlarmChange::Cleared) {
             tracing::warn!(app, "credential alarm cleared: a renewal succeeded again");
             self.record(&credential_alarm(app), None).await;

@@ -62,7 +62,13 @@ pub fn retry_time(
     let delay = backoff(attempts, policy, jitter_draw).max(retry_after.unwrap_or_default());
     let at = now.saturating_add(ceil_secs(delay).max(1));
     // The last useful moment is the second before expiry; an attempt then still has a chance.
-    Retry::At(at.min(expires_at - 1).max(now))
+    // With no second left, there is nothing to schedule (retrying now again would spin).
+    let at = at.min(expires_at - 1);
+    if at <= now {
+        Retry::Expired
+    } else {
+        Retry::At(at)
+    }
 }
 
 /// "Equal jitter": half the exponential delay is fixed, half random, so retries spread out but
@@ -187,7 +193,8 @@ mod tests {
             Retry::At(9_999)
         );
         assert_eq!(retry_time(110, 110, 1, None, &p, 0.5), Retry::Expired);
-        assert_eq!(retry_time(109, 110, 1, None, &p, 0.5), Retry::At(109));
+        assert_eq!(retry_time(108, 110, 1, None, &p, 0.5), Retry::At(109));
+        assert_eq!(retry_time(109, 110, 1, None, &p, 0.5), Retry::Expired);
     }
 
     #[test]
@@ -231,8 +238,8 @@ mod tests {
         ) {
             let exp = now + left;
             match retry_time(now, exp, attempts, ra.map(Duration::from_secs), &policy(), draw) {
-                Retry::At(t) => proptest::prop_assert!(t >= now && t < exp),
-                Retry::Expired => proptest::prop_assert!(false, "live key reported expired"),
+                Retry::At(t) => proptest::prop_assert!(t > now && t < exp),
+                Retry::Expired => proptest::prop_assert!(left <= 1, "a key with {left}s left reported expired"),
             }
         }
     }

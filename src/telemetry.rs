@@ -14,12 +14,15 @@ pub fn init(format: LogFormat, default: &str) {
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr);
-    let _ = match format {
-        LogFormat::Human => builder.try_init(),
-        LogFormat::Json => builder
+    // Under systemd, stderr goes to the journal, which stamps every line itself.
+    let journald = std::env::var_os("JOURNAL_STREAM").is_some();
+    let _ = match (format, journald) {
+        (LogFormat::Json, _) => builder
             .json()
             .flatten_event(true)
             .with_current_span(true)
             .try_init(),
+        (LogFormat::Human, true) => builder.without_time().with_ansi(false).try_init(),
+        (LogFormat::Human, false) => builder.try_init(),
     };
 }

@@ -16,7 +16,7 @@ use storekeyd::{daemon, emulator, ingest};
 use super::{Exit, shutdown_signal, usage};
 
 pub async fn run(config: Arc<Config>) -> anyhow::Result<Exit> {
-    let db = Db::open(&config.database_url()).await?;
+    let db = Db::open_with(&config.database_url(), config.database_busy_timeout).await?;
     let listener = if config.metrics.enabled {
         let addr = config.metrics.listen;
         Some(
@@ -180,6 +180,7 @@ async fn next_rows(
             .await?
             .map(|(_, key)| ClaimedRow {
                 refusals: 0,
+                claimed: std::time::Instant::now(),
                 id,
                 key,
                 attempts: 0,

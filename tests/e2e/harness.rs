@@ -132,7 +132,12 @@ impl TestEnv {
     /// Starts the daemon with this env's config and its own database connection.
     pub async fn spawn_daemon(&mut self) {
         assert!(self.daemon.is_none(), "daemon already running");
-        let db = Db::open(&self.config.database_url()).await.unwrap();
+        let db = Db::open_with(
+            &self.config.database_url(),
+            self.config.database_busy_timeout,
+        )
+        .await
+        .unwrap();
         let stop = CancellationToken::new();
         let config = Arc::new(self.config.clone());
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
