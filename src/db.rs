@@ -100,36 +100,6 @@ const FLAGGED_STATES: &str = "('revoked', 'expired', 'invalid', 'misconfigured')
 const SUMMARY_COLUMNS: &str =
     "id, user_ref, kind, state, reason, key_fp, client_id, expires_at, next_attempt_at, updated_at";
 
-type SummaryRow = (
-    i64,
-    String,
-    String,
-    String,
-    Option<String>,
-    Option<String>,
-    Option<String>,
-    Option<i64>,
-    Option<i64>,
-    i64,
-);
-type FlatSummary = (
-    i64,
-    String,
-    String,
-    String,
-    Option<String>,
-    Option<String>,
-    Option<String>,
-    Option<i64>,
-    Option<i64>,
-    i64,
-    Vec<u8>,
-);
-
-fn split_summary(r: FlatSummary) -> (SummaryRow, Vec<u8>) {
-    ((r.0, r.1, r.2, r.3, r.4, r.5, r.6, r.7, r.8, r.9), r.10)
-}
-
 /// A key row without its key: what `status` and `inspect` show.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 pub struct KeySummary {
@@ -145,20 +115,22 @@ pub struct KeySummary {
     pub updated_at: i64,
 }
 
-impl From<SummaryRow> for KeySummary {
-    fn from(r: SummaryRow) -> Self {
-        KeySummary {
-            id: r.0,
-            user_ref: r.1,
-            kind: r.2,
-            state: r.3,
-            reason: r.4,
-            key_fp: r.5,
-            client_id: r.6,
-            expires_at: r.7,
-            next_attempt_at: r.8,
-            updated_at: r.9,
-        }
+impl KeySummary {
+    /// From a row selected with [`SUMMARY_COLUMNS`].
+    fn from_row(row: &sqlx::sqlite::SqliteRow) -> Result<Self, sqlx::Error> {
+        use sqlx::Row as _;
+        Ok(KeySummary {
+            id: row.try_get("id")?,
+            user_ref: row.try_get("user_ref")?,
+            kind: row.try_get("kind")?,
+            state: row.try_get("state")?,
+            reason: row.try_get("reason")?,
+            key_fp: row.try_get("key_fp")?,
+            client_id: row.try_get("client_id")?,
+            expires_at: row.try_get("expires_at")?,
+            next_attempt_at: row.try_get("next_attempt_at")?,
+            updated_at: row.try_get("updated_at")?,
+        })
     }
 }
 
@@ -501,19 +473,24 @@ impl Db {
 
     /// One row's summary and its key (`inspect --row`, `renew --row`).
     pub async fn key_row(&self, id: i64) -> Result<Option<(KeySummary, KeyText)>, DbError> {
-        let row: Option<(SummaryRow, Vec<u8>)> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
-            "SELECT {SUMMARY_COLUMNS}, CAST(key AS BLOB) FROM store_keys WHERE id = ?"
+        use sqlx::Row as _;
+        let row = sqlx::query(sqlx::AssertSqlSafe(format!(
+            "SELECT {SUMMARY_COLUMNS}, CAST(key AS BLOB) AS key_bytes FROM store_keys WHERE id = ?"
         )))
         .bind(id)
         .fetch_optional(&self.pool)
-        .await
-        .map(|r: Option<FlatSummary>| r.map(split_summary))?;
-        Ok(row.map(|(s, k)| (KeySummary::from(s), KeyText::from_bytes(k))))
+        .await?;
+        let Some(row) = row else { return Ok(None) };
+        let key: Vec<u8> = row.try_get("key_bytes")?;
+        Ok(Some((
+            KeySummary::from_row(&row)?,
+            KeyText::from_bytes(key),
+        )))
     }
 
     /// Flagged keys, most recently flagged first, and how many there are in all.
     pub async fn flagged(&self, limit: u32) -> Result<(Vec<KeySummary>, i64), DbError> {
-        let rows: Vec<SummaryRow> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+        let rows = sqlx::query(sqlx::AssertSqlSafe(format!(
             "SELECT {SUMMARY_COLUMNS} FROM store_keys WHERE state IN {FLAGGED_STATES}
              ORDER BY updated_at DESC, id DESC LIMIT ?"
         )))
@@ -525,12 +502,16 @@ impl Db {
         )))
         .fetch_one(&self.pool)
         .await?;
-        Ok((rows.into_iter().map(KeySummary::from).collect(), total))
+        let summaries = rows
+            .iter()
+            .map(KeySummary::from_row)
+            .collect::<Result<_, _>>()?;
+        Ok((summaries, total))
     }
 
     /// Active keys expiring before `before`, soonest first.
     pub async fn expiring(&self, before: i64, limit: u32) -> Result<Vec<KeySummary>, DbError> {
-        let rows: Vec<SummaryRow> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+        let rows = sqlx::query(sqlx::AssertSqlSafe(format!(
             "SELECT {SUMMARY_COLUMNS} FROM store_keys INDEXED BY store_keys_active_exp
              WHERE state = 'active' AND expires_at < ?
              ORDER BY expires_at LIMIT ?"
@@ -539,7 +520,10 @@ impl Db {
         .bind(limit)
         .fetch_all(&self.pool)
         .await?;
-        Ok(rows.into_iter().map(KeySummary::from).collect())
+        Ok(rows
+            .iter()
+            .map(KeySummary::from_row)
+            .collect::<Result<_, _>>()?)
     }
 
     /// Hands back keys whose attempt did not run (shutdown), so they are due again at `now`.

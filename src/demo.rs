@@ -69,7 +69,8 @@ pub fn config(emu: &Emulator, dir: &Path) -> Result<Config, std::io::Error> {
     Ok(config)
 }
 
-fn write_private(path: &Path, contents: &str) -> std::io::Result<()> {
+/// Writes a new file readable by its owner only (secrets).
+pub fn write_private(path: &Path, contents: &str) -> std::io::Result<()> {
     use std::io::Write as _;
     use std::os::unix::fs::OpenOptionsExt;
     let mut f = std::fs::OpenOptions::new()

@@ -400,13 +400,5 @@ pub fn test_config(emu: &Emulator, dir: &TempDir) -> Config {
 }
 
 pub fn write_private(path: &std::path::Path, contents: &str) {
-    use std::io::Write as _;
-    use std::os::unix::fs::OpenOptionsExt;
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(path)
-        .unwrap();
-    f.write_all(contents.as_bytes()).unwrap();
+    storekeyd::demo::write_private(path, contents).unwrap();
 }
