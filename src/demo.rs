@@ -41,21 +41,10 @@ pub fn config(emu: &Emulator, dir: &Path) -> Result<Config, std::io::Error> {
         database_url: Some(format!("sqlite://{}", dir.join("storekeyd.db").display())),
         ..Config::default()
     };
-    config.endpoints.collections = emu.renew_url(Kind::Collections);
-    config.endpoints.purchase = emu.renew_url(Kind::Purchase);
-    config.entra.authority = emu.authority();
+    point_at_emulator(&mut config, emu);
     for client_id in APPS {
         let secret = format!("secret-{:016x}", fastrand::u64(..));
-        emu.register_app(TENANT, client_id, &secret);
-        let path = dir.join(format!("{client_id}.secret"));
-        write_private(&path, &secret)?;
-        config.applications.push(Application {
-            name: Some(client_id.to_owned()),
-            tenant_id: TENANT.to_owned(),
-            client_id: client_id.to_owned(),
-            client_secret_file: Some(path),
-            client_secret_env: None,
-        });
+        add_emulated_application(&mut config, emu, dir, TENANT, client_id, &secret)?;
     }
     let r = &mut config.renew;
     r.margin = Duration::from_secs(42);
@@ -67,6 +56,36 @@ pub fn config(emu: &Emulator, dir: &Path) -> Result<Config, std::io::Error> {
     r.shutdown_grace = Duration::from_secs(5);
     config.http.request_timeout = Duration::from_secs(5);
     Ok(config)
+}
+
+/// Points `config` at the emulator: both renew endpoints and the Entra authority.
+pub fn point_at_emulator(config: &mut Config, emu: &Emulator) {
+    config.endpoints.collections = emu.renew_url(Kind::Collections);
+    config.endpoints.purchase = emu.renew_url(Kind::Purchase);
+    config.entra.authority = emu.authority();
+}
+
+/// Registers an application with the emulator and configures it, its secret in a new 0600 file
+/// in `dir`.
+pub fn add_emulated_application(
+    config: &mut Config,
+    emu: &Emulator,
+    dir: &Path,
+    tenant: &str,
+    client_id: &str,
+    secret: &str,
+) -> std::io::Result<()> {
+    emu.register_app(tenant, client_id, secret);
+    let path = dir.join(format!("{client_id}.secret"));
+    write_private(&path, secret)?;
+    config.applications.push(Application {
+        name: Some(client_id.to_owned()),
+        tenant_id: tenant.to_owned(),
+        client_id: client_id.to_owned(),
+        client_secret_file: Some(path),
+        client_secret_env: None,
+    });
+    Ok(())
 }
 
 /// Writes a new file readable by its owner only (secrets).

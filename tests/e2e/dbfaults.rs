@@ -8,6 +8,20 @@ use storekeyd::emulator::Faults;
 
 use crate::harness::{TestEnv, full};
 
+/// Ready again once writes work, stopped cleanly, and the database file intact.
+async fn assert_recovered(env: &mut TestEnv) {
+    env.wait_until("ready again", || async {
+        env.get("/readyz").await.0 == 200
+    })
+    .await;
+    env.stop_daemon().await;
+    let (check,): (String,) = sqlx::query_as("PRAGMA integrity_check")
+        .fetch_one(env.db.pool())
+        .await
+        .unwrap();
+    assert_eq!(check, "ok");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_long_write_lock_delays_but_loses_no_renewal() {
     // The long version holds the lock for 30 s against the default 15 s busy timeout.
@@ -103,16 +117,7 @@ async fn failing_writes_make_it_unready_without_corruption_and_it_recovers() {
             == 1
     })
     .await;
-    env.wait_until("ready again", || async {
-        env.get("/readyz").await.0 == 200
-    })
-    .await;
-    env.stop_daemon().await;
-    let (check,): (String,) = sqlx::query_as("PRAGMA integrity_check")
-        .fetch_one(env.db.pool())
-        .await
-        .unwrap();
-    assert_eq!(check, "ok");
+    assert_recovered(&mut env).await;
 }
 
 /// A small tmpfs for the database, unmounted on drop. `None` where mounting is not permitted.
@@ -236,16 +241,7 @@ async fn a_read_only_then_full_disk_is_reported_and_recovered_from() {
         env.rows().await.iter().all(|r| r.renewals == 1)
     })
     .await;
-    env.wait_until("ready again", || async {
-        env.get("/readyz").await.0 == 200
-    })
-    .await;
-    env.stop_daemon().await;
-    let (check,): (String,) = sqlx::query_as("PRAGMA integrity_check")
-        .fetch_one(env.db.pool())
-        .await
-        .unwrap();
-    assert_eq!(check, "ok");
+    assert_recovered(&mut env).await;
     let rows = env.rows().await;
     for row in &rows {
         let user = sqlx::query_as::<_, (String,)>("SELECT user_ref FROM store_keys WHERE id = ?")

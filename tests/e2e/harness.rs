@@ -6,11 +6,11 @@ use std::time::Duration;
 
 use storekeyd::claims::Kind;
 use storekeyd::clock::Clock;
-use storekeyd::config::{Application, Config};
-use storekeyd::contract;
+use storekeyd::config::Config;
 use storekeyd::daemon::{self, DaemonError};
 use storekeyd::db::Db;
 use storekeyd::emulator::{self, Emulator, Faults};
+use storekeyd::{contract, demo};
 use tempfile::TempDir;
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
@@ -369,21 +369,11 @@ pub fn test_config(emu: &Emulator, dir: &TempDir) -> Config {
         database_url: Some(format!("sqlite://{}", dir.path().join("keys.db").display())),
         ..Config::default()
     };
-    config.endpoints.collections = emu.renew_url(Kind::Collections);
-    config.endpoints.purchase = emu.renew_url(Kind::Purchase);
-    config.entra.authority = emu.authority();
+    demo::point_at_emulator(&mut config, emu);
     for client_id in [APP, OTHER_APP] {
         let secret = format!("secret-of-{client_id}");
-        emu.register_app(TENANT, client_id, &secret);
-        let path = dir.path().join(format!("{client_id}.secret"));
-        write_private(&path, &secret);
-        config.applications.push(Application {
-            name: None,
-            tenant_id: TENANT.into(),
-            client_id: client_id.into(),
-            client_secret_file: Some(path),
-            client_secret_env: None,
-        });
+        demo::add_emulated_application(&mut config, emu, dir.path(), TENANT, client_id, &secret)
+            .unwrap();
     }
     let r = &mut config.renew;
     r.poll_interval = Duration::from_millis(50);
