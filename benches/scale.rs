@@ -8,10 +8,10 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use storekeyd::claims::Kind;
 use storekeyd::clock::Clock;
 use storekeyd::config::Config;
-use storekeyd::db::Db;
+use storekeyd::policy::claims::Kind;
+use storekeyd::storage::sqlite::Db;
 use tokio_util::sync::CancellationToken;
 
 const DAY: i64 = 86_400;

@@ -9,8 +9,8 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-use crate::claims::Kind;
-use crate::schedule::Policy;
+use crate::policy::claims::Kind;
+use crate::policy::schedule::Policy;
 
 pub const ENV_PREFIX: &str = "STOREKEYD_";
 /// The top-level settings, which an override's name must start with.
@@ -224,7 +224,7 @@ impl Default for Config {
         Config {
             database_url: None,
             state_directory: None,
-            database_busy_timeout: crate::db::BUSY_TIMEOUT,
+            database_busy_timeout: crate::storage::sqlite::BUSY_TIMEOUT,
             endpoints: Endpoints::default(),
             entra: Entra::default(),
             applications: Vec::new(),
@@ -491,8 +491,8 @@ impl Config {
         }
     }
 
-    pub fn breaker_policy(&self) -> crate::breaker::BreakerPolicy {
-        crate::breaker::BreakerPolicy {
+    pub fn breaker_policy(&self) -> crate::policy::breaker::BreakerPolicy {
+        crate::policy::breaker::BreakerPolicy {
             threshold: self.breaker.threshold,
             window: self.breaker.window,
             probe_initial: self.breaker.probe_initial,
@@ -500,8 +500,8 @@ impl Config {
         }
     }
 
-    pub fn guard_policy(&self) -> crate::guard::GuardPolicy {
-        crate::guard::GuardPolicy {
+    pub fn guard_policy(&self) -> crate::policy::guard::GuardPolicy {
+        crate::policy::guard::GuardPolicy {
             threshold: self.guard.threshold,
             window: self.guard.window,
             confirm_attempts: self.guard.confirm_attempts,

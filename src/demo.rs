@@ -8,13 +8,13 @@ use std::time::{Duration, Instant};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
-use crate::claims::Kind;
 use crate::clock::Clock;
 use crate::config::{Application, Config};
-use crate::contract;
 use crate::daemon::{self, DaemonError};
-use crate::db::{Db, DbError};
 use crate::emulator::{self, Emulator, Faults};
+use crate::policy::claims::Kind;
+use crate::storage::contract;
+use crate::storage::sqlite::{Db, DbError};
 
 const TENANT: &str = "demo-tenant";
 const APPS: [&str; 2] = ["demo-app-1", "demo-app-2"];

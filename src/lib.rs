@@ -1,29 +1,15 @@
 //! storekeyd keeps Microsoft Store ID keys fresh. See ARCHITECTURE.md for the codemap.
+//!
+//! The folders are the layers: `policy` decides (pure), `storage` remembers, `remote` talks to
+//! Entra ID and the Store, `daemon` runs the loop, `ops` is what operators see, `emulator` stands
+//! in for Microsoft in tests and the demo.
 
-pub mod breaker;
-pub mod claims;
 pub mod clock;
 pub mod config;
-pub mod contract;
 pub mod daemon;
-pub mod db;
 pub mod demo;
 pub mod emulator;
-pub mod entra;
-pub mod fingerprint;
-pub mod guard;
-pub mod http;
-pub mod import;
-pub mod ingest;
-pub mod keymint;
-pub mod metrics;
-pub mod notify;
-pub mod observe;
-pub mod outcome;
-pub mod ratelimit;
-pub mod renewer;
-pub mod report;
-pub mod safety;
-pub mod schedule;
-pub mod store_api;
-pub mod telemetry;
+pub mod ops;
+pub mod policy;
+pub mod remote;
+pub mod storage;

@@ -5,13 +5,13 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
-use storekeyd::claims::{self, KeyText};
 use storekeyd::clock::Clock;
 use storekeyd::config::Config;
-use storekeyd::contract;
-use storekeyd::db::Db;
-use storekeyd::import::{self, Format, Line, Record};
-use storekeyd::report::{Inspection, StatusReport};
+use storekeyd::ops::import::{self, Format, Line, Record};
+use storekeyd::ops::report::{Inspection, StatusReport};
+use storekeyd::policy::claims::{self, KeyText};
+use storekeyd::storage::contract;
+use storekeyd::storage::sqlite::Db;
 
 use super::{Exit, read_key_arg, usage};
 

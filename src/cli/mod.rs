@@ -11,9 +11,9 @@ use std::time::Duration;
 
 use clap::{CommandFactory as _, Parser, Subcommand};
 use storekeyd::config::{Config, ConfigError, LogFormat};
-use storekeyd::db::Db;
-use storekeyd::import::Format;
-use storekeyd::telemetry;
+use storekeyd::ops::import::Format;
+use storekeyd::ops::telemetry;
+use storekeyd::storage::sqlite::Db;
 use tokio_util::sync::CancellationToken;
 
 /// Exit codes; documented in the README and in `--help`.

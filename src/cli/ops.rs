@@ -4,14 +4,15 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use anyhow::Context as _;
-use storekeyd::claims::Kind;
 use storekeyd::clock::Clock;
 use storekeyd::config::Config;
-use storekeyd::db::{ClaimedRow, Db};
-use storekeyd::entra::{self, TokenClient};
-use storekeyd::metrics::Metrics;
-use storekeyd::renewer::{Renewer, Settled};
-use storekeyd::{daemon, emulator, ingest};
+use storekeyd::daemon::attempt::{Renewer, Settled};
+use storekeyd::daemon::ingest;
+use storekeyd::ops::metrics::Metrics;
+use storekeyd::policy::claims::Kind;
+use storekeyd::remote::entra::{self, TokenClient};
+use storekeyd::storage::sqlite::{ClaimedRow, Db};
+use storekeyd::{daemon, emulator};
 
 use super::{Exit, shutdown_signal, usage};
 
@@ -53,7 +54,7 @@ pub async fn migrate(config: &Config) -> anyhow::Result<Exit> {
     let db = Db::connect(&config.database_url()).await?;
     db.migrate().await?;
     db.check_schema().await?;
-    let version = storekeyd::db::migrator()
+    let version = storekeyd::storage::sqlite::migrator()
         .iter()
         .map(|m| m.version)
         .max()
@@ -86,7 +87,7 @@ pub async fn check(config: &Config) -> anyhow::Result<Exit> {
             "no [[applications]] configured: no key can be renewed".to_owned(),
         );
     }
-    let http = storekeyd::http::client(&config.http)?;
+    let http = storekeyd::remote::http::client(&config.http)?;
     for app in &config.applications {
         let credential = match entra::load_credential(app) {
             Ok(c) => c,

@@ -9,7 +9,7 @@ use serde_json::json;
 
 use super::AppState;
 use super::state::{Faults, Stats, lock};
-use crate::claims::Kind;
+use crate::policy::claims::Kind;
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]

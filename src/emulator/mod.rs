@@ -8,6 +8,7 @@
 //!   `GET|PUT /admin/faults`, `GET|DELETE /admin/stats`.
 
 mod admin;
+pub mod keymint;
 mod renew;
 mod state;
 mod token;

@@ -11,8 +11,8 @@ use serde_json::{Value, json};
 use super::AppState;
 use super::state::{Emulator, Faults, WrongSuccessor, key_id, lock};
 use super::token;
-use crate::claims::Kind;
-use crate::outcome::{AUTH_TOKEN_INVALID, INCONSISTENT_CLIENT_ID};
+use crate::policy::claims::Kind;
+use crate::policy::outcome::{AUTH_TOKEN_INVALID, INCONSISTENT_CLIENT_ID};
 
 pub async fn collections(State(st): State<AppState>, body: Bytes) -> Response {
     handle(st, Kind::Collections, body).await

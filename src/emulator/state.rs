@@ -6,9 +6,9 @@ use std::sync::Mutex;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
-use crate::claims::Kind;
 use crate::clock::Clock;
-use crate::keymint::{self, KeySpec};
+use crate::emulator::keymint::{self, KeySpec};
+use crate::policy::claims::Kind;
 
 /// Faults injected into renew calls. Rates are probabilities in `[0, 1]`, drawn in the order
 /// listed (timeout, 429, 500, 503, garbage); the rest are answered normally.

@@ -1,6 +1,6 @@
 //! The operator CLI: outputs and exit codes (0 ok, 1 internal, 2 usage, 3 unhealthy).
 
-use storekeyd::claims::Kind;
+use storekeyd::policy::claims::Kind;
 
 use crate::harness::{APP, DAY, KEY_LIFETIME, TestEnv};
 

@@ -2,7 +2,7 @@
 
 use std::time::Duration;
 
-use storekeyd::claims::Kind;
+use storekeyd::policy::claims::Kind;
 
 use crate::harness::{APP, DAY, KEY_LIFETIME, TestEnv};
 

@@ -4,9 +4,9 @@
 use std::process::Stdio;
 use std::time::Duration;
 
-use storekeyd::claims::{self, Kind};
 use storekeyd::emulator::Faults;
-use storekeyd::fingerprint::Fingerprint;
+use storekeyd::policy::claims::{self, Kind};
+use storekeyd::policy::fingerprint::Fingerprint;
 use tokio::process::{Child, Command};
 
 use crate::harness::{APP, DAY, KEY_LIFETIME, TestEnv, sigterm};

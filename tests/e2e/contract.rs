@@ -1,6 +1,6 @@
 //! The backend contract in README.md is the SQL the code and the tests use.
 
-use storekeyd::contract::{READ_KEY, UPSERT_KEY};
+use storekeyd::storage::contract::{READ_KEY, UPSERT_KEY};
 
 #[test]
 fn readme_documents_the_exact_backend_statements() {

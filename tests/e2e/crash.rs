@@ -5,9 +5,9 @@ use std::collections::HashMap;
 use std::process::Stdio;
 use std::time::Duration;
 
-use storekeyd::claims::{self, Kind};
 use storekeyd::emulator::Faults;
-use storekeyd::fingerprint::Fingerprint;
+use storekeyd::policy::claims::{self, Kind};
+use storekeyd::policy::fingerprint::Fingerprint;
 use tokio::process::{Child, Command};
 
 use crate::harness::{Row, TestEnv, full};

@@ -100,7 +100,7 @@ async fn failing_writes_make_it_unready_without_corruption_and_it_recovers() {
         "the loop must keep running"
     );
     assert_eq!(
-        env.row("alice", storekeyd::claims::Kind::Collections)
+        env.row("alice", storekeyd::policy::claims::Kind::Collections)
             .await
             .state,
         "pending"
@@ -111,7 +111,7 @@ async fn failing_writes_make_it_unready_without_corruption_and_it_recovers() {
         .await
         .unwrap();
     env.wait_until("recovered and renewed", || async {
-        env.row("alice", storekeyd::claims::Kind::Collections)
+        env.row("alice", storekeyd::policy::claims::Kind::Collections)
             .await
             .renewals
             == 1
@@ -167,7 +167,7 @@ impl Drop for SmallDisk {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_read_only_then_full_disk_is_reported_and_recovered_from() {
-    use storekeyd::claims::Kind;
+    use storekeyd::policy::claims::Kind;
     let Some(disk) = SmallDisk::mount("16M") else {
         eprintln!(
             "cannot mount a tmpfs here (not root?): the trigger-based test covers failing writes"
@@ -203,7 +203,7 @@ async fn a_read_only_then_full_disk_is_reported_and_recovered_from() {
         "{stderr}"
     );
     disk.remount("rw");
-    env.db = storekeyd::db::Db::open(&env.config.database_url())
+    env.db = storekeyd::storage::sqlite::Db::open(&env.config.database_url())
         .await
         .unwrap();
 

@@ -2,9 +2,9 @@
 
 use std::time::Duration;
 
-use storekeyd::claims::{AUD_COLLECTIONS, CLAIM_CLIENT_ID, Kind};
 use storekeyd::emulator::Faults;
-use storekeyd::keymint::{self, KeySpec};
+use storekeyd::emulator::keymint::{self, KeySpec};
+use storekeyd::policy::claims::{AUD_COLLECTIONS, CLAIM_CLIENT_ID, Kind};
 use tokio::net::TcpListener;
 
 use crate::harness::{APP, DAY, TestEnv};

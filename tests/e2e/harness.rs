@@ -4,13 +4,14 @@
 use std::sync::{Arc, Once};
 use std::time::Duration;
 
-use storekeyd::claims::Kind;
 use storekeyd::clock::Clock;
 use storekeyd::config::Config;
 use storekeyd::daemon::{self, DaemonError};
-use storekeyd::db::Db;
+use storekeyd::demo;
 use storekeyd::emulator::{self, Emulator, Faults};
-use storekeyd::{contract, demo};
+use storekeyd::policy::claims::Kind;
+use storekeyd::storage::contract;
+use storekeyd::storage::sqlite::Db;
 use tempfile::TempDir;
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;

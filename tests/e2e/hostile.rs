@@ -4,9 +4,9 @@ use std::time::Duration;
 
 use base64::Engine as _;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
-use storekeyd::claims::{AUD_COLLECTIONS, CLAIM_CLIENT_ID, Kind};
+use storekeyd::emulator::keymint;
 use storekeyd::emulator::{Faults, WrongSuccessor};
-use storekeyd::keymint;
+use storekeyd::policy::claims::{AUD_COLLECTIONS, CLAIM_CLIENT_ID, Kind};
 
 use crate::harness::{APP, TestEnv};
 
@@ -14,7 +14,7 @@ use crate::harness::{APP, TestEnv};
 async fn rows_that_cannot_be_keys_are_flagged_and_never_stall_the_others() {
     let mut env = TestEnv::new().await;
     let pool = env.db.pool();
-    let upsert = storekeyd::contract::UPSERT_KEY;
+    let upsert = storekeyd::storage::contract::UPSERT_KEY;
     // Bytes that are not UTF-8, bound as a blob; a number; deep JSON; a megabyte claim.
     sqlx::query(upsert)
         .bind("blob")

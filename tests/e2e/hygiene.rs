@@ -5,9 +5,9 @@ use std::os::unix::fs::PermissionsExt as _;
 use std::process::Stdio;
 use std::time::Duration;
 
-use storekeyd::claims::Kind;
 use storekeyd::config::Application;
 use storekeyd::emulator::Faults;
+use storekeyd::policy::claims::Kind;
 use tokio::process::Command;
 
 use crate::harness::{TENANT, TestEnv, sigterm, write_private};

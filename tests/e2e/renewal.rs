@@ -3,9 +3,9 @@
 
 use std::time::Duration;
 
-use storekeyd::claims::{self, Kind};
-use storekeyd::contract;
 use storekeyd::emulator::Faults;
+use storekeyd::policy::claims::{self, Kind};
+use storekeyd::storage::contract;
 
 use crate::harness::{APP, DAY, OTHER_APP, TestEnv};
 
@@ -43,7 +43,7 @@ async fn happy_path_renews_every_key_over_several_cycles() {
         assert_eq!(
             row.key_fp.as_deref(),
             Some(
-                storekeyd::fingerprint::Fingerprint::of(&row.key)
+                storekeyd::policy::fingerprint::Fingerprint::of(&row.key)
                     .to_string()
                     .as_str()
             )

@@ -3,8 +3,8 @@
 
 use std::time::{Duration, Instant};
 
-use storekeyd::claims;
 use storekeyd::emulator::Faults;
+use storekeyd::policy::claims;
 
 use crate::harness::{DAY, TestEnv, full};
 

@@ -5,7 +5,9 @@ use base64::Engine as _;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use serde_json::{Value, json};
 
-use crate::claims::{CLAIM_CLIENT_ID, CLAIM_PAYLOAD, CLAIM_REFRESH_URI, CLAIM_USER_ID, Kind};
+use crate::policy::claims::{
+    CLAIM_CLIENT_ID, CLAIM_PAYLOAD, CLAIM_REFRESH_URI, CLAIM_USER_ID, Kind,
+};
 
 #[derive(Debug, Clone)]
 pub struct KeySpec {

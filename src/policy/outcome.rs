@@ -4,7 +4,7 @@ use std::time::{Duration, SystemTime};
 
 use serde_json::Value;
 
-use crate::claims::{self, Claims, KeyText};
+use crate::policy::claims::{self, Claims, KeyText};
 
 /// The inner error codes the renew call documents (reference/renew-a-store-id-key.txt).
 pub const AUTH_TOKEN_INVALID: &str = "AuthenticationTokenInvalid";
@@ -191,7 +191,7 @@ pub fn parse_retry_after(value: &str, now: SystemTime) -> Option<Duration> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::keymint::{KeySpec, mint};
+    use crate::emulator::keymint::{KeySpec, mint};
 
     fn classify_body(status: u16, body: &str) -> Outcome {
         let resp = Response {

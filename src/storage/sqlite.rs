@@ -10,9 +10,9 @@ use sqlx::migrate::{Migration, MigrationType, Migrator};
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
 use sqlx::{SqlSafeStr as _, SqlitePool, Transaction};
 
-use crate::claims::{Claims, KeyText, Kind};
-use crate::fingerprint::Fingerprint;
-use crate::metrics::KeyStats;
+use crate::ops::metrics::KeyStats;
+use crate::policy::claims::{Claims, KeyText, Kind};
+use crate::policy::fingerprint::Fingerprint;
 
 /// A backend's long transaction holds the write lock; wait this long before calling it a failure.
 pub const BUSY_TIMEOUT: Duration = Duration::from_secs(15);
@@ -773,17 +773,17 @@ pub fn migrator() -> Migrator {
         (
             1,
             "init",
-            include_str!("../migrations/sqlite/0001_init.sql"),
+            include_str!("../../migrations/sqlite/0001_init.sql"),
         ),
         (
             2,
             "alarms",
-            include_str!("../migrations/sqlite/0002_alarms.sql"),
+            include_str!("../../migrations/sqlite/0002_alarms.sql"),
         ),
         (
             3,
             "per kind claims",
-            include_str!("../migrations/sqlite/0003_per_kind_claims.sql"),
+            include_str!("../../migrations/sqlite/0003_per_kind_claims.sql"),
         ),
     ];
     Migrator::with_migrations(

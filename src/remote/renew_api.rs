@@ -4,10 +4,10 @@ use std::time::{Instant, SystemTime};
 
 use serde::Serialize;
 
-use crate::claims::KeyText;
-use crate::entra::AccessToken;
-use crate::http::{self, BodyError, MsHeaders};
-use crate::outcome::{self, Outcome, Response};
+use crate::policy::claims::KeyText;
+use crate::policy::outcome::{self, Outcome, Response};
+use crate::remote::entra::AccessToken;
+use crate::remote::http::{self, BodyError, MsHeaders};
 
 #[derive(Debug, Clone)]
 pub struct RenewClient {

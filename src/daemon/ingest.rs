@@ -1,9 +1,9 @@
 //! Checking keys that backends wrote: decode, validate, then schedule or flag with a reason.
 
-use crate::claims::{self, Claims, KeyText, Kind};
 use crate::config::Config;
-use crate::db::{Activation, Db, DbError, Event, PendingRow, State};
-use crate::schedule;
+use crate::policy::claims::{self, Claims, KeyText, Kind};
+use crate::policy::schedule;
+use crate::storage::sqlite::{Activation, Db, DbError, Event, PendingRow, State};
 
 /// Why a key is not renewed; `reason` is written for the person reading the row.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -158,7 +158,7 @@ fn shorten(s: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::keymint::{KeySpec, mint};
+    use crate::emulator::keymint::{KeySpec, mint};
 
     const T: i64 = 1_000_000;
 

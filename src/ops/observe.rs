@@ -14,9 +14,9 @@ use tokio::net::TcpListener;
 use tokio::sync::Mutex;
 use tokio_util::sync::CancellationToken;
 
-use crate::db::DbError;
-use crate::metrics::{Gauges, KeyStats};
-use crate::renewer::Renewer;
+use crate::daemon::attempt::Renewer;
+use crate::ops::metrics::{Gauges, KeyStats};
+use crate::storage::sqlite::DbError;
 
 /// Database-derived gauges are recomputed at most this often, however often Prometheus scrapes:
 /// counting by state and kind reads an index of the whole table (about 50 ms at a million keys).
@@ -168,7 +168,7 @@ async fn metrics(State(o): State<Observer>) -> Response {
     let alarms = o.renewer.safety.credential_alarms();
     let gauges = Gauges {
         ready,
-        breakers: crate::claims::Kind::ALL
+        breakers: crate::policy::claims::Kind::ALL
             .iter()
             .map(|k| (k.to_string(), open.contains(k)))
             .collect(),

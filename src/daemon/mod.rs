@@ -1,6 +1,10 @@
 //! The run loop: ingest new keys, claim due ones, renew them with bounded concurrency, sleep
 //! until the next is due, and drain in-flight work on shutdown.
 
+pub mod attempt;
+pub mod ingest;
+pub mod safety;
+
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
@@ -12,17 +16,16 @@ use tokio::net::TcpListener;
 use tokio::task::{Id, JoinSet};
 use tokio_util::sync::CancellationToken;
 
-use crate::claims::Kind;
 use crate::clock::Clock;
 use crate::config::Config;
-use crate::db::{ClaimedRow, Db, DbError};
-use crate::entra::{self, CredentialError, TokenClient};
-use crate::ingest;
-use crate::metrics::{KeyStats, Metrics};
-use crate::notify::Notifier;
-use crate::observe::{self, Health, Observer};
-use crate::renewer::{BuildError, Renewer, Settled};
-use crate::store_api::RenewClient;
+use crate::daemon::attempt::{BuildError, Renewer, Settled};
+use crate::ops::metrics::{KeyStats, Metrics};
+use crate::ops::notify::Notifier;
+use crate::ops::observe::{self, Health, Observer};
+use crate::policy::claims::Kind;
+use crate::remote::entra::{self, CredentialError, TokenClient};
+use crate::remote::renew_api::RenewClient;
+use crate::storage::sqlite::{ClaimedRow, Db, DbError};
 
 /// Events older than the retention are pruned this often.
 const PRUNE_EVERY_SECS: i64 = 3600;
@@ -54,7 +57,7 @@ pub fn build_renewer(config: Arc<Config>, db: Db, clock: Clock) -> Result<Renewe
         .map(|app| Ok((app.clone(), entra::load_credential(app)?)))
         .collect::<Result<Vec<_>, CredentialError>>()?;
     let metrics = Arc::new(Metrics::default());
-    let http = crate::http::client(&config.http)?;
+    let http = crate::remote::http::client(&config.http)?;
     let tokens = TokenClient::new(
         &config,
         credentials,

@@ -5,20 +5,20 @@ use std::sync::Arc;
 
 use tracing::Instrument as _;
 
-use crate::breaker::Permit;
-use crate::claims::{self, Claims, KeyText, Kind};
 use crate::clock::Clock;
 use crate::config::Config;
-use crate::db::{Activation, ClaimedRow, Db, DbError, Event, State};
-use crate::entra::{AccessToken, TokenClient};
-use crate::guard::Verdict;
-use crate::ingest::utc;
-use crate::metrics::Metrics;
-use crate::outcome::{self, Outcome};
-use crate::ratelimit::RateLimiter;
-use crate::safety::Safety;
-use crate::schedule::{self, Retry};
-use crate::store_api::{RenewClient, RenewResponse};
+use crate::daemon::ingest::utc;
+use crate::daemon::safety::Safety;
+use crate::ops::metrics::Metrics;
+use crate::policy::breaker::Permit;
+use crate::policy::claims::{self, Claims, KeyText, Kind};
+use crate::policy::guard::Verdict;
+use crate::policy::outcome::{self, Outcome};
+use crate::policy::schedule::{self, Retry};
+use crate::remote::entra::{AccessToken, TokenClient};
+use crate::remote::ratelimit::RateLimiter;
+use crate::remote::renew_api::{RenewClient, RenewResponse};
+use crate::storage::sqlite::{Activation, ClaimedRow, Db, DbError, Event, State};
 
 /// What became of one claimed key; the loop and the demo report these.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -259,7 +259,7 @@ impl Renewer {
                     }
                     Verdict::Defer(why) => {
                         let event = self.event(row, &resp, why);
-                        let refused = why != crate::guard::ALARM;
+                        let refused = why != crate::policy::guard::ALARM;
                         self.retry_with(row, claims, None, why, event, refused)
                             .await
                     }

@@ -3,7 +3,7 @@
 
 use serde::Deserialize;
 
-use crate::claims::{self, KeyText, Kind};
+use crate::policy::claims::{self, KeyText, Kind};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum Format {
@@ -172,7 +172,7 @@ fn short(s: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::keymint::{KeySpec, mint};
+    use crate::emulator::keymint::{KeySpec, mint};
 
     fn key() -> String {
         mint(&KeySpec::collections("app", 1_000_000, 100))

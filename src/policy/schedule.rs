@@ -2,7 +2,7 @@
 
 use std::time::Duration;
 
-use crate::claims::Claims;
+use crate::policy::claims::Claims;
 
 /// The renewal policy from `[renew]`.
 #[derive(Debug, Clone, PartialEq)]
@@ -103,7 +103,7 @@ fn ceil_secs(d: Duration) -> i64 {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::claims::Kind;
+    use crate::policy::claims::Kind;
 
     const DAY: i64 = 86_400;
 

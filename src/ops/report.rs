@@ -5,12 +5,12 @@ use std::time::Duration;
 
 use serde::Serialize;
 
-use crate::claims::{Claims, KeyText};
 use crate::config::Config;
-use crate::db::{Db, DbError, KeySummary};
-use crate::ingest::utc;
-use crate::metrics::KeyStats;
-use crate::schedule;
+use crate::daemon::ingest::utc;
+use crate::ops::metrics::KeyStats;
+use crate::policy::claims::{Claims, KeyText};
+use crate::policy::schedule;
+use crate::storage::sqlite::{Db, DbError, KeySummary};
 
 /// `storekeyd status`.
 #[derive(Debug, Clone, Serialize)]
@@ -64,7 +64,7 @@ impl StatusReport {
             "{:<16}{:>13}{:>10}{:>8}",
             "keys", "collections", "purchase", "total"
         );
-        for state in crate::db::State::ALL {
+        for state in crate::storage::sqlite::State::ALL {
             let count = |kind: &str| {
                 self.keys
                     .by_state_kind

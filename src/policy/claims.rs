@@ -11,7 +11,7 @@ use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use serde::Deserialize;
 use serde_json::Value;
 
-use crate::fingerprint::Fingerprint;
+use crate::policy::fingerprint::Fingerprint;
 
 pub const CLAIM_CLIENT_ID: &str =
     "http://schemas.microsoft.com/marketplace/2015/08/claims/key/clientId";
@@ -311,7 +311,7 @@ impl fmt::Debug for KeyText {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::keymint::{KeySpec, encode_claims, mint};
+    use crate::emulator::keymint::{KeySpec, encode_claims, mint};
 
     #[test]
     fn decodes_every_documented_claim() {

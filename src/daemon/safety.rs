@@ -1,5 +1,5 @@
 //! The daemon's two circuit-level protections, wired to their side effects: the outage breaker
-//! per endpoint ([`crate::breaker`]) and the false-revocation guard ([`crate::guard`]). Each
+//! per endpoint ([`crate::policy::breaker`]) and the false-revocation guard ([`crate::policy::guard`]). Each
 //! state change is logged, recorded in `storekeyd_alarms` for `status`, and exposed as a metric.
 
 use std::collections::HashMap;
@@ -7,13 +7,13 @@ use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
-use crate::breaker::{Breaker, Permit, Transition};
-use crate::claims::Kind;
 use crate::clock::Clock;
 use crate::config::Config;
-use crate::db::Db;
-use crate::guard::{AlarmChange, RevocationGuard, Verdict};
-use crate::outcome::Outcome;
+use crate::policy::breaker::{Breaker, Permit, Transition};
+use crate::policy::claims::Kind;
+use crate::policy::guard::{AlarmChange, RevocationGuard, Verdict};
+use crate::policy::outcome::Outcome;
+use crate::storage::sqlite::Db;
 
 pub struct Safety {
     breakers: Mutex<HashMap<Kind, Breaker>>,

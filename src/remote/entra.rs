@@ -13,9 +13,9 @@ use tokio::sync::Mutex;
 
 use crate::clock::Clock;
 use crate::config::{Application, Config};
-use crate::fingerprint::Fingerprint;
-use crate::http::{self, BodyError};
-use crate::metrics::Metrics;
+use crate::ops::metrics::Metrics;
+use crate::policy::fingerprint::Fingerprint;
+use crate::remote::http::{self, BodyError};
 
 /// A cached token is replaced when it has less than this left (the official library's figure),
 /// so a renewal never starts with a token that expires on the way.

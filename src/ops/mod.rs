@@ -1,0 +1,8 @@
+//! What operators see and touch: metrics, health, systemd notify, logs, status reports, import.
+
+pub mod import;
+pub mod metrics;
+pub mod notify;
+pub mod observe;
+pub mod report;
+pub mod telemetry;

@@ -1,0 +1,9 @@
+//! Pure decisions: no clock, no network, no database. Everything here is a function of its
+//! inputs and is tested with plain values and proptest.
+
+pub mod breaker;
+pub mod claims;
+pub mod fingerprint;
+pub mod guard;
+pub mod outcome;
+pub mod schedule;

@@ -1,0 +1,4 @@
+//! What storekeyd remembers: the keys table, its events and alarms.
+
+pub mod contract;
+pub mod sqlite;
