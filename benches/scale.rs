@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use storekeyd::clock::Clock;
 use storekeyd::config::Config;
 use storekeyd::policy::claims::Kind;
-use storekeyd::storage::sqlite::Db;
+use storekeyd::storage;
 use tokio_util::sync::CancellationToken;
 
 const DAY: i64 = 86_400;
@@ -37,10 +37,12 @@ async fn main() {
 async fn run(n: u64) {
     let dir = tempfile::tempdir().expect("tempdir");
     let url = format!("sqlite://{}", dir.path().join("bench.db").display());
-    let db = Db::open(&url).await.expect("open");
+    let db = storage::open(&url, storage::BUSY_TIMEOUT)
+        .await
+        .expect("open");
     let now = Clock::system().now();
     let started = Instant::now();
-    seed(&db, n, now).await;
+    seed(&url, n, now).await;
     let seed_secs = started.elapsed().as_secs_f64();
 
     let pending = time(20, || async {
@@ -72,7 +74,10 @@ async fn run(n: u64) {
 }
 
 /// Active keys, none due: renewals spread over the next 14 days, as after a steady state.
-async fn seed(db: &Db, n: u64, now: i64) {
+/// Written straight into the table (as storekeyd would have left it), through a connection of
+/// the benchmark's own.
+async fn seed(url: &str, n: u64, now: i64) {
+    let pool = sqlx::SqlitePool::connect(url).await.expect("connect");
     sqlx::query(
         "WITH RECURSIVE seq(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM seq WHERE i < ?1)
          INSERT INTO store_keys (user_ref, kind, key, state, key_fp, client_id, issued_at, expires_at, next_attempt_at)
@@ -83,9 +88,10 @@ async fn seed(db: &Db, n: u64, now: i64) {
     .bind(n as i64)
     .bind(now - DAY)
     .bind(now)
-    .execute(db.pool())
+    .execute(&pool)
     .await
     .expect("seed");
+    pool.close().await;
 }
 
 /// The median of `runs` runs.
@@ -108,9 +114,14 @@ where
 async fn idle_cpu(url: &str) -> Duration {
     let config = Arc::new(Config {
         database_url: Some(url.to_owned()),
+        state_directory: std::path::Path::new(url.trim_start_matches("sqlite://"))
+            .parent()
+            .map(std::path::Path::to_path_buf),
         ..Config::default()
     });
-    let db = Db::open(url).await.expect("open");
+    let db = storage::open(url, storage::BUSY_TIMEOUT)
+        .await
+        .expect("open");
     let stop = CancellationToken::new();
     let daemon = tokio::spawn(storekeyd::daemon::run(
         config,

@@ -42,6 +42,13 @@ impl Clock {
     }
 }
 
+/// A Unix time as RFC 3339 UTC, for reasons and logs.
+pub fn utc(secs: i64) -> String {
+    let t =
+        std::time::UNIX_EPOCH + std::time::Duration::from_secs(u64::try_from(secs).unwrap_or(0));
+    humantime::format_rfc3339_seconds(t).to_string()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

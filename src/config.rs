@@ -147,6 +147,10 @@ pub struct Renew {
     /// How long SIGTERM waits for in-flight renewals.
     #[serde(with = "human")]
     pub shutdown_grace: Duration,
+    /// How long renewed keys wait for an unwritable database before they go to the spool file in
+    /// the state directory (applied at the next start).
+    #[serde(with = "human")]
+    pub spool_after: Duration,
 }
 
 /// The outage breaker (one per renew endpoint).
@@ -224,7 +228,7 @@ impl Default for Config {
         Config {
             database_url: None,
             state_directory: None,
-            database_busy_timeout: crate::storage::sqlite::BUSY_TIMEOUT,
+            database_busy_timeout: crate::storage::BUSY_TIMEOUT,
             endpoints: Endpoints::default(),
             entra: Entra::default(),
             applications: Vec::new(),
@@ -271,6 +275,7 @@ impl Default for Renew {
             backoff_cap: Duration::from_secs(3600),
             lease: Duration::from_secs(120),
             shutdown_grace: Duration::from_secs(20),
+            spool_after: Duration::from_secs(30),
         }
     }
 }
@@ -398,6 +403,7 @@ impl Config {
             ("renew.poll_interval", r.poll_interval),
             ("renew.backoff_base", r.backoff_base),
             ("renew.lease", r.lease),
+            ("renew.spool_after", r.spool_after),
             ("http.connect_timeout", self.http.connect_timeout),
             ("http.request_timeout", self.http.request_timeout),
         ];

@@ -12,9 +12,8 @@ use crate::clock::Clock;
 use crate::config::{Application, Config};
 use crate::daemon::{self, DaemonError};
 use crate::emulator::{self, Emulator, Faults};
-use crate::policy::claims::Kind;
-use crate::storage::contract;
-use crate::storage::sqlite::{Db, DbError};
+use crate::policy::claims::{KeyText, Kind};
+use crate::storage::{self, DbError, NewKey, Storage};
 
 const TENANT: &str = "demo-tenant";
 const APPS: [&str; 2] = ["demo-app-1", "demo-app-2"];
@@ -27,8 +26,6 @@ pub enum DemoError {
     Io(#[from] std::io::Error),
     #[error(transparent)]
     Db(#[from] DbError),
-    #[error("demo: seeding the database failed: {0}")]
-    Seed(#[from] sqlx::Error),
     #[error(transparent)]
     Daemon(#[from] DaemonError),
     #[error("demo: the daemon task failed: {0}")]
@@ -39,6 +36,7 @@ pub enum DemoError {
 pub fn config(emu: &Emulator, dir: &Path) -> Result<Config, std::io::Error> {
     let mut config = Config {
         database_url: Some(format!("sqlite://{}", dir.join("storekeyd.db").display())),
+        state_directory: Some(dir.to_path_buf()),
         ..Config::default()
     };
     point_at_emulator(&mut config, emu);
@@ -110,13 +108,13 @@ pub async fn run(duration: Duration, stop: CancellationToken) -> Result<(), Demo
     let server = tokio::spawn(emulator::serve(listener, emu.clone(), shutdown.clone()));
 
     let config = Arc::new(config(&emu, dir.path())?);
-    let db = Db::open(&config.database_url()).await?;
+    let db = storage::open(&config.database_url(), config.database_busy_timeout).await?;
     println!(
         "storekeyd demo: emulator at {}, database {}",
         emu.authority(),
         config.database_url()
     );
-    seed(&emu, &db).await?;
+    seed(&emu, &*db).await?;
     // Some turbulence, so retries show up too.
     emu.set_faults(Faults {
         error_503_rate: 0.15,
@@ -146,7 +144,7 @@ pub async fn run(duration: Duration, stop: CancellationToken) -> Result<(), Demo
             () = &mut deadline => break,
             () = stop.cancelled() => break,
             () = tokio::time::sleep(Duration::from_millis(250)) => {
-                last_event = print_events(&db, last_event, started).await?;
+                last_event = print_events(&*db, last_event, started).await?;
             }
         }
         if daemon.is_finished() {
@@ -156,9 +154,10 @@ pub async fn run(duration: Duration, stop: CancellationToken) -> Result<(), Demo
     daemon_stop.cancel();
     daemon.await??;
     // The daemon closed its pool on the way out; read the final state through a new one.
-    let db = Db::open(&config.database_url()).await?;
-    print_events(&db, last_event, started).await?;
-    summary(&db, &emu).await?;
+    let db = storage::open(&config.database_url(), config.database_busy_timeout).await?;
+    print_events(&*db, last_event, started).await?;
+    summary(&*db, &emu).await?;
+    db.close().await;
     shutdown.cancel();
     let _ = server.await;
     Ok(())
@@ -166,8 +165,7 @@ pub async fn run(duration: Duration, stop: CancellationToken) -> Result<(), Demo
 
 /// Four healthy players, one whose key the Store revokes, one minted for an application this
 /// daemon has no credential for, and one row that is not a key at all.
-async fn seed(emu: &Emulator, db: &Db) -> Result<(), sqlx::Error> {
-    let pool = db.pool();
+async fn seed(emu: &Emulator, db: &dyn Storage) -> Result<(), DbError> {
     let mut rows = Vec::new();
     for (i, kind) in [
         Kind::Collections,
@@ -207,9 +205,15 @@ async fn seed(emu: &Emulator, db: &Db) -> Result<(), sqlx::Error> {
         Kind::Collections,
         "this-is-not-a-key".into(),
     ));
-    for (user, kind, key) in &rows {
-        contract::upsert_key(pool, user, kind.as_str(), key).await?;
-    }
+    let keys: Vec<NewKey> = rows
+        .iter()
+        .map(|(user, kind, key)| NewKey {
+            user_ref: user.clone(),
+            kind: *kind,
+            key: KeyText::new(key.as_str()),
+        })
+        .collect();
+    db.store_keys(&keys).await?;
     println!(
         "seeded {} rows with the backend's upsert statement (keys live {KEY_LIFETIME_SECS}s)",
         rows.len()
@@ -217,41 +221,35 @@ async fn seed(emu: &Emulator, db: &Db) -> Result<(), sqlx::Error> {
     Ok(())
 }
 
-/// id, user_ref, kind, outcome, HTTP status, detail.
-type EventLine = (i64, String, String, String, Option<i64>, Option<String>);
-
-async fn print_events(db: &Db, after: i64, started: Instant) -> Result<i64, sqlx::Error> {
-    let rows: Vec<EventLine> = sqlx::query_as(
-        "SELECT e.id, COALESCE(k.user_ref, '?'), COALESCE(k.kind, '?'), e.outcome, e.http_status, e.detail
-         FROM store_key_events e LEFT JOIN store_keys k ON k.id = e.key_id
-         WHERE e.id > ? ORDER BY e.id",
-    )
-    .bind(after)
-    .fetch_all(db.pool())
-    .await?;
+async fn print_events(db: &dyn Storage, after: i64, started: Instant) -> Result<i64, DbError> {
     let mut last = after;
-    for (id, user, kind, outcome, status, detail) in rows {
-        last = id;
-        let status = status.map(|s| format!("HTTP {s}")).unwrap_or_default();
+    for e in db.events(after, 1000).await? {
+        last = e.id;
+        let status = e
+            .http_status
+            .map(|s| format!("HTTP {s}"))
+            .unwrap_or_default();
+        let kind = e.kind.map_or_else(|| "?".to_owned(), |k| k.to_string());
         println!(
-            "{:>6.1}s  {user:<17} {kind:<12} {outcome:<19} {status:<9} {}",
+            "{:>6.1}s  {:<17} {kind:<12} {:<19} {status:<9} {}",
             started.elapsed().as_secs_f64(),
-            detail.unwrap_or_default()
+            e.user_ref.as_deref().unwrap_or("?"),
+            e.event.as_str(),
+            e.detail.unwrap_or_default()
         );
     }
     Ok(last)
 }
 
-async fn summary(db: &Db, emu: &Emulator) -> Result<(), sqlx::Error> {
-    let rows: Vec<(String, String, i64, Option<String>)> =
-        sqlx::query_as("SELECT user_ref, state, renewals, reason FROM store_keys ORDER BY id")
-            .fetch_all(db.pool())
-            .await?;
+async fn summary(db: &dyn Storage, emu: &Emulator) -> Result<(), DbError> {
     println!("\nfinal state of every row:");
-    for (user, state, renewals, reason) in rows {
+    for row in db.keys(0, 1000).await? {
         println!(
-            "  {user:<17} {state:<14} renewed {renewals} times  {}",
-            reason.unwrap_or_default()
+            "  {:<17} {:<14} renewed {} times  {}",
+            row.user_ref,
+            row.state,
+            row.renewals,
+            row.reason.unwrap_or_default()
         );
     }
     let s = emu.stats();

@@ -10,14 +10,13 @@ use storekeyd::config::Config;
 use storekeyd::ops::import::{self, Format, Line, Record};
 use storekeyd::ops::report::{Inspection, StatusReport};
 use storekeyd::policy::claims::{self, KeyText};
-use storekeyd::storage::contract;
-use storekeyd::storage::sqlite::Db;
+use storekeyd::storage::{NewKey, Storage};
 
 use super::{Exit, read_key_arg, usage};
 
 pub async fn status(
     config: &Config,
-    db: &Db,
+    db: &dyn Storage,
     within: Option<Duration>,
     limit: u32,
     json: bool,
@@ -46,7 +45,12 @@ pub fn inspect_key(config: &Config, arg: &str, json: bool) -> anyhow::Result<Exi
     )
 }
 
-pub async fn inspect_row(config: &Config, db: &Db, row: i64, json: bool) -> anyhow::Result<Exit> {
+pub async fn inspect_row(
+    config: &Config,
+    db: &dyn Storage,
+    row: i64,
+    json: bool,
+) -> anyhow::Result<Exit> {
     let (summary, key) = db
         .key_row(row)
         .await?
@@ -86,7 +90,7 @@ fn print_inspection(inspection: &Inspection, json: bool) -> anyhow::Result<Exit>
 }
 
 pub async fn add(
-    db: &Db,
+    db: &dyn Storage,
     user_ref: String,
     key_arg: &str,
     kind: Option<&str>,
@@ -97,13 +101,7 @@ pub async fn add(
         Line::Reject(why) => return Err(usage(format!("refusing to store the key: {why}"))),
         Line::Skip => return Err(usage("nothing to add")),
     };
-    contract::upsert_key(
-        db.pool(),
-        &record.user_ref,
-        record.kind.as_str(),
-        record.key.expose(),
-    )
-    .await?;
+    db.store_keys(&[new_key(&record)]).await?;
     println!(
         "stored {} key {} for {}; it is pending until the daemon checks it",
         record.kind,
@@ -116,7 +114,7 @@ pub async fn add(
 /// Rows per transaction: large enough to be fast, small enough to hold the write lock briefly.
 const IMPORT_BATCH: usize = 500;
 
-pub async fn import(db: &Db, file: &Path, format: Option<Format>) -> anyhow::Result<Exit> {
+pub async fn import(db: &dyn Storage, file: &Path, format: Option<Format>) -> anyhow::Result<Exit> {
     let reader: Box<dyn std::io::BufRead> = if file == Path::new("-") {
         Box::new(std::io::stdin().lock())
     } else {
@@ -164,20 +162,20 @@ pub async fn import(db: &Db, file: &Path, format: Option<Format>) -> anyhow::Res
 }
 
 /// Stores a batch in one transaction, each row with the backend contract's statement.
-async fn store(db: &Db, batch: &mut Vec<Record>) -> anyhow::Result<usize> {
-    let mut tx = db.pool().begin().await?;
-    for r in batch.iter() {
-        sqlx::query(contract::UPSERT_KEY)
-            .bind(&r.user_ref)
-            .bind(r.kind.as_str())
-            .bind(r.key.expose())
-            .execute(&mut *tx)
-            .await?;
-    }
-    tx.commit().await?;
+async fn store(db: &dyn Storage, batch: &mut Vec<Record>) -> anyhow::Result<usize> {
+    let keys: Vec<NewKey> = batch.iter().map(new_key).collect();
+    db.store_keys(&keys).await?;
     let n = batch.len();
     batch.clear();
     Ok(n)
+}
+
+fn new_key(r: &Record) -> NewKey {
+    NewKey {
+        user_ref: r.user_ref.clone(),
+        kind: r.kind,
+        key: r.key.clone(),
+    }
 }
 
 /// A one-line counter on a terminal's stderr; nothing when piped.

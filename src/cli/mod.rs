@@ -13,7 +13,7 @@ use clap::{CommandFactory as _, Parser, Subcommand};
 use storekeyd::config::{Config, ConfigError, LogFormat};
 use storekeyd::ops::import::Format;
 use storekeyd::ops::telemetry;
-use storekeyd::storage::sqlite::Db;
+use storekeyd::storage::{self, Storage};
 use tokio_util::sync::CancellationToken;
 
 /// Exit codes; documented in the README and in `--help`.
@@ -237,18 +237,18 @@ async fn with_config(command: Command, config: Config) -> anyhow::Result<Exit> {
             within,
             limit,
             json,
-        } => keys::status(&config, &db, within, limit, json).await,
+        } => keys::status(&config, &*db, within, limit, json).await,
         Command::Inspect {
             row: Some(row),
             json,
             ..
-        } => keys::inspect_row(&config, &db, row, json).await,
+        } => keys::inspect_row(&config, &*db, row, json).await,
         Command::Add {
             user_ref,
             key,
             kind,
-        } => keys::add(&db, user_ref, &key, kind.as_deref()).await,
-        Command::Import { file, format } => keys::import(&db, &file, format).await,
+        } => keys::add(&*db, user_ref, &key, kind.as_deref()).await,
+        Command::Import { file, format } => keys::import(&*db, &file, format).await,
         Command::Renew { row, due, dry_run } => {
             ops::renew(Arc::new(config), db, row, due, dry_run).await
         }
@@ -257,8 +257,8 @@ async fn with_config(command: Command, config: Config) -> anyhow::Result<Exit> {
 }
 
 /// Opens the database without migrating it, and refuses an outdated schema with the fix.
-async fn open_existing(config: &Config) -> anyhow::Result<Db> {
-    let db = Db::connect(&config.database_url()).await?;
+async fn open_existing(config: &Config) -> anyhow::Result<Arc<dyn Storage>> {
+    let db = storage::connect(&config.database_url()).await?;
     db.check_schema().await?;
     Ok(db)
 }

@@ -6,18 +6,20 @@ use std::sync::Arc;
 use anyhow::Context as _;
 use storekeyd::clock::Clock;
 use storekeyd::config::Config;
-use storekeyd::daemon::attempt::{Renewer, Settled};
-use storekeyd::daemon::ingest;
+use storekeyd::daemon::attempt::{Engine, Settled};
+use storekeyd::daemon::{Service, ingest};
 use storekeyd::ops::metrics::Metrics;
+use storekeyd::ops::observe::Health;
+use storekeyd::policy::checks;
 use storekeyd::policy::claims::Kind;
 use storekeyd::remote::entra::{self, TokenClient};
-use storekeyd::storage::sqlite::{ClaimedRow, Db};
+use storekeyd::storage::{self, ClaimedRow, Storage};
 use storekeyd::{daemon, emulator};
 
 use super::{Exit, shutdown_signal, usage};
 
 pub async fn run(config: Arc<Config>) -> anyhow::Result<Exit> {
-    let db = Db::open_with(&config.database_url(), config.database_busy_timeout).await?;
+    let db = storage::open(&config.database_url(), config.database_busy_timeout).await?;
     let listener = if config.metrics.enabled {
         let addr = config.metrics.listen;
         Some(
@@ -51,14 +53,10 @@ pub async fn emulator(listen: SocketAddr, apps: &[String]) -> anyhow::Result<Exi
 }
 
 pub async fn migrate(config: &Config) -> anyhow::Result<Exit> {
-    let db = Db::connect(&config.database_url()).await?;
+    let db = storage::connect(&config.database_url()).await?;
     db.migrate().await?;
     db.check_schema().await?;
-    let version = storekeyd::storage::sqlite::migrator()
-        .iter()
-        .map(|m| m.version)
-        .max()
-        .unwrap_or(0);
+    let version = db.schema_version();
     println!("{}: schema at version {version}", config.database_url());
     Ok(Exit::Ok)
 }
@@ -74,7 +72,7 @@ pub async fn check(config: &Config) -> anyhow::Result<Exit> {
         format!("configuration ({} applications)", config.applications.len()),
     );
     let url = config.database_url();
-    match Db::connect(&url).await {
+    match storage::connect(&url).await {
         Ok(db) => match db.check_schema().await {
             Ok(()) => report(true, format!("database {url}")),
             Err(e) => report(false, format!("database {url}: {e}")),
@@ -122,34 +120,54 @@ pub async fn check(config: &Config) -> anyhow::Result<Exit> {
 
 pub async fn renew(
     config: Arc<Config>,
-    db: Db,
+    db: Arc<dyn Storage>,
     row: Option<i64>,
     due: bool,
     dry_run: bool,
 ) -> anyhow::Result<Exit> {
     let clock = Clock::system();
-    let renewer = daemon::build_renewer(config.clone(), db.clone(), clock.clone())?;
+    let health = Arc::new(Health::new(std::time::Duration::from_secs(3600)));
+    let service = Service::start(config.clone(), db.clone(), clock.clone(), health)?;
+    let result = renew_with(&service.engine, &config, &*db, &clock, row, due, dry_run).await;
+    // Every result the Store gave is written (or spooled) before the command returns.
+    service.close().await;
+    result
+}
+
+async fn renew_with(
+    engine: &Engine,
+    config: &Config,
+    db: &dyn Storage,
+    clock: &Clock,
+    row: Option<i64>,
+    due: bool,
+    dry_run: bool,
+) -> anyhow::Result<Exit> {
     // The daemon owns the alarms: this process honours its credential alarms and writes none.
-    renewer.safety.adopt_daemon_alarms().await;
+    engine.safety().adopt_daemon_alarms().await;
     if !dry_run {
         // Keys written since the daemon last looked are checked first, so they can be renewed.
-        while ingest::ingest_pending(&db, &config, clock.now(), config.renew.batch_size).await?
-            >= config.renew.batch_size as usize
+        let batch = config.renew.batch_size;
+        while ingest::ingest_pending(db, engine.writer(), config, clock.now(), batch).await?
+            >= batch as usize
         {}
+    }
+    if let (Some(id), true) = (row, dry_run) {
+        return dry_run_row(engine, db, config, clock, id).await;
     }
     let mut all_ok = true;
     let mut seen = 0;
     loop {
-        let rows = next_rows(&renewer, row, due, dry_run).await?;
+        let rows = next_rows(db, config, clock, row, due, dry_run).await?;
         if rows.is_empty() {
             break;
         }
         for claimed in rows {
             seen += 1;
             all_ok &= if dry_run {
-                dry_run_one(&renewer, &claimed).await?
+                dry_run_one(engine, &claimed).await
             } else {
-                renew_one(&renewer, claimed).await?
+                renew_one(engine, db, claimed).await?
             };
         }
         // One row, or a dry run over what is due: a single pass.
@@ -159,7 +177,7 @@ pub async fn renew(
     }
     if seen == 0 {
         match row {
-            Some(id) => return Err(usage(not_claimable(&db, id).await?)),
+            Some(id) => return Err(usage(not_claimable(db, id).await?)),
             None => println!("no key is due"),
         }
     }
@@ -167,49 +185,35 @@ pub async fn renew(
 }
 
 async fn next_rows(
-    renewer: &Renewer,
+    db: &dyn Storage,
+    config: &Config,
+    clock: &Clock,
     row: Option<i64>,
     due: bool,
     dry_run: bool,
 ) -> anyhow::Result<Vec<ClaimedRow>> {
-    let now = renewer.clock.now();
-    let lease_until = now + i64::try_from(renewer.config.renew.lease.as_secs()).unwrap_or(600);
-    let db = &renewer.db;
-    Ok(match (row, due, dry_run) {
-        (Some(id), _, true) => db
-            .key_row(id)
-            .await?
-            .map(|(_, key)| ClaimedRow {
-                refusals: 0,
-                claimed: std::time::Instant::now(),
-                id,
-                key,
-                attempts: 0,
-            })
-            .into_iter()
-            .collect(),
-        (Some(id), _, false) => db
+    let now = clock.now();
+    let lease_until = now + i64::try_from(config.renew.lease.as_secs()).unwrap_or(600);
+    let _ = due;
+    Ok(match (row, dry_run) {
+        (Some(_), true) => Vec::new(),
+        (Some(id), false) => db
             .claim_row(id, now, lease_until)
             .await?
             .into_iter()
             .collect(),
-        (None, _, true) => db.due_rows(now, 10_000).await?,
-        (None, _, false) => {
-            db.claim_due(
-                now,
-                lease_until,
-                renewer.config.renew.batch_size,
-                &Kind::ALL,
-            )
-            .await?
+        (None, true) => db.due_rows(now, 10_000).await?,
+        (None, false) => {
+            db.claim_due(now, lease_until, config.renew.batch_size, &Kind::ALL)
+                .await?
         }
     })
 }
 
-async fn not_claimable(db: &Db, id: i64) -> anyhow::Result<String> {
+async fn not_claimable(db: &dyn Storage, id: i64) -> anyhow::Result<String> {
     Ok(match db.key_row(id).await? {
         None => format!("no row #{id}"),
-        Some((s, _)) if s.state != "active" => format!(
+        Some((s, _)) if s.state != storage::State::Active => format!(
             "row #{id} is {}, not active{}",
             s.state,
             s.reason.map(|r| format!(": {r}")).unwrap_or_default()
@@ -218,14 +222,14 @@ async fn not_claimable(db: &Db, id: i64) -> anyhow::Result<String> {
     })
 }
 
-async fn renew_one(renewer: &Renewer, claimed: ClaimedRow) -> anyhow::Result<bool> {
+async fn renew_one(engine: &Engine, db: &dyn Storage, claimed: ClaimedRow) -> anyhow::Result<bool> {
     let id = claimed.id;
-    let settled = renewer.renew(claimed).await?;
-    let summary = renewer.db.key_row(id).await?.map(|(s, _)| s);
+    let settled = engine.attempt(claimed).await?;
+    let summary = db.key_row(id).await?.map(|(s, _)| s);
     let (user, kind, reason, fp) = summary.map_or_else(Default::default, |s| {
         (
             s.user_ref,
-            s.kind,
+            s.kind.to_string(),
             s.reason.unwrap_or_default(),
             s.key_fp.unwrap_or_default(),
         )
@@ -238,16 +242,54 @@ async fn renew_one(renewer: &Renewer, claimed: ClaimedRow) -> anyhow::Result<boo
         Settled::Deferred => {
             "not attempted: the endpoint is failing for many keys (outage breaker open)".to_owned()
         }
+        Settled::Unwritten => {
+            "the database would not take the result; a renewed key waits in the spool file"
+                .to_owned()
+        }
     };
     println!("#{id} {user} {kind}: {what}");
     Ok(settled == Settled::Renewed)
 }
 
-async fn dry_run_one(renewer: &Renewer, claimed: &ClaimedRow) -> anyhow::Result<bool> {
-    let result = renewer.dry_run(claimed).await;
+/// A rehearsal for one row, active or still pending: its key is checked as ingest would.
+async fn dry_run_row(
+    engine: &Engine,
+    db: &dyn Storage,
+    config: &Config,
+    clock: &Clock,
+    id: i64,
+) -> anyhow::Result<Exit> {
+    let (summary, key) = db
+        .key_row(id)
+        .await?
+        .ok_or_else(|| usage(format!("no row #{id}")))?;
+    let claims = match checks::check(summary.kind.as_str(), &key, clock.now(), config) {
+        Ok(claims) => claims,
+        Err(flag) => {
+            println!("#{id}: would not renew: {}", flag.reason);
+            return Ok(Exit::Unhealthy);
+        }
+    };
+    let row = ClaimedRow {
+        id,
+        key,
+        facts: claims.facts(),
+        attempts: 0,
+        refusals: 0,
+        claimed: std::time::Instant::now(),
+    };
+    Ok(if dry_run_one(engine, &row).await {
+        Exit::Ok
+    } else {
+        Exit::Unhealthy
+    })
+}
+
+async fn dry_run_one(engine: &Engine, claimed: &ClaimedRow) -> bool {
+    let result = engine.dry_run(claimed).await;
     match &result {
         Ok(plan) => println!("#{}: would {plan}", claimed.id),
         Err(why) => println!("#{}: would not renew: {why}", claimed.id),
     }
-    Ok(result.is_ok())
+    result.is_ok()
 }

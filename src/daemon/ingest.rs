@@ -1,237 +1,79 @@
-//! Checking keys that backends wrote: decode, validate, then schedule or flag with a reason.
+//! Ingest: the keys backends wrote since the last look are checked ([`crate::policy::checks`])
+//! and scheduled or flagged, a batch at a time, through the writer (one transaction per batch).
 
+use crate::clock::utc;
 use crate::config::Config;
-use crate::policy::claims::{self, Claims, KeyText, Kind};
+use crate::daemon::DaemonError;
+use crate::daemon::writer::{WriterHandle, Written};
+use crate::policy::checks;
 use crate::policy::schedule;
-use crate::storage::sqlite::{Activation, Db, DbError, Event, PendingRow, State};
-
-/// Why a key is not renewed; `reason` is written for the person reading the row.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Flag {
-    pub state: State,
-    pub reason: String,
-}
-
-fn flag(state: State, reason: impl Into<String>) -> Flag {
-    Flag {
-        state,
-        reason: reason.into(),
-    }
-}
-
-/// The checks of DESIGN.md's ingest step. Pure: the row, the time and the config in.
-pub fn check(
-    declared_kind: &str,
-    key: &KeyText,
-    now: i64,
-    config: &Config,
-) -> Result<Claims, Flag> {
-    if !key.is_utf8() {
-        return Err(flag(
-            State::Invalid,
-            "not a Store ID key: the stored value is not UTF-8 text",
-        ));
-    }
-    let claims = claims::decode(key.expose())
-        .map_err(|e| flag(State::Invalid, format!("not a Store ID key: {e}")))?;
-    if Kind::parse(declared_kind) != Some(claims.kind) {
-        return Err(flag(
-            State::Invalid,
-            format!(
-                "row kind is `{declared_kind}` but the key's aud makes it a {} key",
-                claims.kind
-            ),
-        ));
-    }
-    if claims.expires_at <= claims.issued_at {
-        return Err(flag(State::Invalid, "key's exp is not after its iat"));
-    }
-    if claims.expires_at <= now {
-        return Err(flag(
-            State::Expired,
-            format!(
-                "key expired at {} before it could be renewed; the client must mint a new one",
-                utc(claims.expires_at)
-            ),
-        ));
-    }
-    let endpoint = config.endpoint(claims.kind);
-    if let Some(uri) = &claims.refresh_uri
-        && !same_endpoint(uri, endpoint)
-    {
-        return Err(flag(
-            State::Invalid,
-            format!(
-                "key's refreshUri `{}` is not the configured {} endpoint `{endpoint}`; the key was not sent anywhere",
-                shorten(uri),
-                claims.kind
-            ),
-        ));
-    }
-    if config.application(&claims.client_id).is_none() {
-        return Err(flag(
-            State::Misconfigured,
-            format!(
-                "no [[applications]] entry for clientId {}; add one to renew this key",
-                claims.client_id
-            ),
-        ));
-    }
-    Ok(claims)
-}
-
-/// Same scheme, host, port and path; case of the host and a trailing slash do not matter.
-pub fn same_endpoint(a: &str, b: &str) -> bool {
-    let norm = |s: &str| {
-        reqwest::Url::parse(s.trim()).ok().map(|u| {
-            (
-                u.scheme().to_owned(),
-                u.host_str().map(str::to_ascii_lowercase),
-                u.port_or_known_default(),
-                u.path().trim_end_matches('/').to_owned(),
-            )
-        })
-    };
-    matches!((norm(a), norm(b)), (Some(x), Some(y)) if x == y)
-}
+use crate::policy::state::EventKind;
+use crate::storage::{Change, Event, PendingRow, Storage, Write};
 
 /// Checks up to `limit` pending rows; returns how many it looked at.
 pub async fn ingest_pending(
-    db: &Db,
+    storage: &dyn Storage,
+    writer: &WriterHandle,
     config: &Config,
     now: i64,
     limit: u32,
-) -> Result<usize, DbError> {
-    let rows = db.pending(limit).await?;
-    for row in &rows {
-        ingest_row(db, config, now, row).await?;
+) -> Result<usize, DaemonError> {
+    let rows = storage.pending(limit).await?;
+    if rows.is_empty() {
+        return Ok(0);
+    }
+    let writes: Vec<Write> = rows.iter().map(|row| verdict(row, config, now)).collect();
+    let written = writer.write_all(writes.clone()).await?;
+    for (write, written) in writes.iter().zip(written) {
+        if let (
+            Write::Row {
+                id,
+                change: Change::Flag { state, reason },
+                event,
+                ..
+            },
+            Written::Applied,
+        ) = (write, written)
+        {
+            let key = event.as_ref().and_then(|e| e.key_fp.as_deref());
+            tracing::warn!(row = id, key, state = state.as_str(), reason, "key flagged");
+        }
     }
     Ok(rows.len())
 }
 
-async fn ingest_row(db: &Db, config: &Config, now: i64, row: &PendingRow) -> Result<(), DbError> {
+/// The write that records one pending row's check.
+fn verdict(row: &PendingRow, config: &Config, now: i64) -> Write {
     let fp = row.key.fingerprint();
-    let mut event = Event {
-        key_id: row.id,
-        at: now,
-        key_fp: Some(fp.to_string()),
-        ..Event::default()
-    };
-    match check(&row.kind, &row.key, now, config) {
+    let (change, kind, detail) = match checks::check(&row.kind, &row.key, now, config) {
         Ok(claims) => {
-            let next = schedule::renewal_time(&claims, &config.policy(), now, fastrand::f64());
-            event.outcome = "accepted";
-            event.detail = Some(format!("next renewal at {}", utc(next)));
-            let activation = Activation {
-                claims: &claims,
-                key_fp: fp,
-                next_attempt_at: next,
-            };
-            db.activate(row.id, &row.key, &activation, &event).await?;
-            tracing::debug!(row = row.id, key = %fp, next = %utc(next), "key accepted");
+            let facts = claims.facts();
+            let next_at = schedule::renewal_time(&facts, &config.policy(), now, fastrand::f64());
+            tracing::debug!(row = row.id, key = %fp, next = %utc(next_at), "key accepted");
+            let detail = format!("next renewal at {}", utc(next_at));
+            (
+                Change::Activate { facts, next_at },
+                EventKind::Accepted,
+                detail,
+            )
         }
-        Err(f) => {
-            event.outcome = f.state.as_str();
-            event.detail = Some(f.reason.clone());
-            if db
-                .flag(row.id, &row.key, f.state, &f.reason, &event)
-                .await?
-            {
-                tracing::warn!(row = row.id, key = %fp, state = f.state.as_str(), reason = %f.reason, "key flagged");
-            }
-        }
-    }
-    Ok(())
-}
-
-/// A Unix time as RFC 3339 UTC, for reasons and logs.
-pub fn utc(secs: i64) -> String {
-    let t =
-        std::time::UNIX_EPOCH + std::time::Duration::from_secs(u64::try_from(secs).unwrap_or(0));
-    humantime::format_rfc3339_seconds(t).to_string()
-}
-
-fn shorten(s: &str) -> String {
-    s.chars().take(120).collect()
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::emulator::keymint::{KeySpec, mint};
-
-    const T: i64 = 1_000_000;
-
-    fn config() -> Config {
-        Config::from_toml(
-            "[[applications]]\ntenant_id = \"t\"\nclient_id = \"app\"\nclient_secret_env = \"X\"",
-            "t",
-            Vec::new(),
-        )
-        .unwrap()
-    }
-
-    fn key(spec: &KeySpec) -> KeyText {
-        KeyText::new(mint(spec))
-    }
-
-    #[test]
-    fn a_good_key_passes() {
-        let k = key(&KeySpec::collections("app", 1_000_000, 30 * 86_400));
-        assert_eq!(
-            check("collections", &k, 1_000_100, &config())
-                .unwrap()
-                .client_id,
-            "app"
-        );
-    }
-
-    #[test]
-    fn each_failed_check_gets_its_state() {
-        let c = config();
-        let state = |kind: &str, k: &KeyText, now| check(kind, k, now, &c).unwrap_err().state;
-        let good = key(&KeySpec::collections("app", T, 100));
-        assert_eq!(
-            state("collections", &KeyText::new("garbage"), T),
-            State::Invalid
-        );
-        assert_eq!(state("purchase", &good, T), State::Invalid);
-        assert_eq!(state("collections", &good, T + 100), State::Expired);
-        let other_app = key(&KeySpec::collections("stranger", T, 100));
-        assert_eq!(state("collections", &other_app, T), State::Misconfigured);
-        let mut spec = KeySpec::collections("app", T, 100);
-        spec.refresh_uri = "https://evil.example/v6.0/b2b/keys/renew".into();
-        let f = check("collections", &key(&spec), T, &c).unwrap_err();
-        assert_eq!(f.state, State::Invalid);
-        assert!(
-            f.reason.contains("evil.example") && f.reason.contains("not sent"),
-            "{}",
-            f.reason
-        );
-        spec.lifetime_secs = -10;
-        spec.refresh_uri = KeySpec::collections("app", T, 0).refresh_uri;
-        assert_eq!(
-            check("collections", &key(&spec), T - 100, &c)
-                .unwrap_err()
-                .state,
-            State::Invalid
-        );
-    }
-
-    #[test]
-    fn endpoints_compare_leniently() {
-        assert!(same_endpoint(
-            "https://Collections.MP.microsoft.com:443/v6.0/b2b/keys/renew/",
-            "https://collections.mp.microsoft.com/v6.0/b2b/keys/renew"
-        ));
-        assert!(!same_endpoint(
-            "http://collections.mp.microsoft.com/v6.0/b2b/keys/renew",
-            "https://collections.mp.microsoft.com/v6.0/b2b/keys/renew"
-        ));
-        assert!(!same_endpoint(
-            "https://collections.mp.microsoft.com.evil/v6.0/b2b/keys/renew",
-            "https://collections.mp.microsoft.com/v6.0/b2b/keys/renew"
-        ));
-        assert!(!same_endpoint("not a url", "not a url"));
+        Err(flag) => (
+            Change::Flag {
+                state: flag.state,
+                reason: flag.reason.clone(),
+            },
+            EventKind::of_flag(flag.state),
+            flag.reason,
+        ),
+    };
+    let mut event = Event::new(row.id, now, kind);
+    event.key_fp = Some(fp.to_string());
+    event.detail = Some(detail);
+    Write::Row {
+        id: row.id,
+        expected: row.key.clone(),
+        at: now,
+        change,
+        event: Some(event),
     }
 }

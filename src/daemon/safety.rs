@@ -3,8 +3,8 @@
 //! state change is logged, recorded in `storekeyd_alarms` for `status`, and exposed as a metric.
 
 use std::collections::HashMap;
-use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use crate::clock::Clock;
@@ -13,12 +13,12 @@ use crate::policy::breaker::{Breaker, Permit, Transition};
 use crate::policy::claims::Kind;
 use crate::policy::guard::{AlarmChange, RevocationGuard, Verdict};
 use crate::policy::outcome::Outcome;
-use crate::storage::sqlite::Db;
+use crate::storage::Storage;
 
 pub struct Safety {
     breakers: Mutex<HashMap<Kind, Breaker>>,
     guard: Mutex<RevocationGuard>,
-    db: Db,
+    storage: Arc<dyn Storage>,
     clock: Clock,
     /// Whether state changes are written to `storekeyd_alarms`: the daemon's are; a one-shot CLI
     /// process's are not (they would outlive it, or clear the daemon's).
@@ -38,7 +38,7 @@ fn credential_alarm(app: &str) -> String {
 }
 
 impl Safety {
-    pub fn new(config: &Config, db: Db, clock: Clock) -> Self {
+    pub fn new(config: &Config, storage: Arc<dyn Storage>, clock: Clock) -> Self {
         let breakers = Kind::ALL
             .into_iter()
             .map(|k| (k, Breaker::new(config.breaker_policy())))
@@ -46,7 +46,7 @@ impl Safety {
         Safety {
             breakers: Mutex::new(breakers),
             guard: Mutex::new(RevocationGuard::new(config.guard_policy())),
-            db,
+            storage,
             clock,
             record: AtomicBool::new(true),
         }
@@ -55,10 +55,10 @@ impl Safety {
     /// For a CLI process: write no alarms, and honour the credential alarms the daemon raised.
     pub async fn adopt_daemon_alarms(&self) {
         self.record.store(false, Ordering::Relaxed);
-        let alarms = self.db.alarms().await.unwrap_or_default();
+        let alarms = self.storage.alarms().await.unwrap_or_default();
         let mut guard = lock(&self.guard);
-        for (name, _, _) in alarms {
-            if let Some(app) = name.strip_prefix("credential:") {
+        for alarm in alarms {
+            if let Some(app) = alarm.name.strip_prefix("credential:") {
                 guard.raise(app, Instant::now());
             }
         }
@@ -181,8 +181,8 @@ impl Safety {
             return;
         }
         let result = match detail {
-            Some(d) => self.db.set_alarm(name, d, self.clock.now()).await,
-            None => self.db.clear_alarm(name).await,
+            Some(d) => self.storage.set_alarm(name, d, self.clock.now()).await,
+            None => self.storage.clear_alarm(name).await,
         };
         if let Err(e) = result {
             tracing::warn!(alarm = name, error = %e, "could not record the alarm for `status`");

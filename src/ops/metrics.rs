@@ -7,6 +7,8 @@ use std::sync::Mutex;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::time::Duration;
 
+pub use crate::storage::KeyStats;
+
 /// Every outcome a renewal attempt or decision can have; pre-registered at zero so that
 /// `rate()` and alerts work from the first scrape.
 pub const OUTCOMES: [&str; 12] = [
@@ -100,26 +102,6 @@ impl Default for Metrics {
             in_flight: AtomicI64::new(0),
             last_success: AtomicI64::new(0),
         }
-    }
-}
-
-/// What the database says about the keys, read at scrape time.
-#[derive(Debug, Clone, Default, serde::Serialize)]
-pub struct KeyStats {
-    /// (state, kind, count), every state and kind present even at zero.
-    pub by_state_kind: Vec<(String, String, i64)>,
-    pub earliest_expiry: Option<i64>,
-    pub due: i64,
-    pub next_due: Option<i64>,
-}
-
-impl KeyStats {
-    pub fn count(&self, state: &str) -> i64 {
-        self.by_state_kind
-            .iter()
-            .filter(|(s, _, _)| s == state)
-            .map(|(_, _, n)| n)
-            .sum()
     }
 }
 
@@ -317,7 +299,11 @@ mod tests {
         m.renewals.inc("renewed");
         m.renew_latency.observe(Duration::from_millis(30));
         let keys = KeyStats {
-            by_state_kind: vec![("active".into(), "collections".into(), 3)],
+            by_state_kind: vec![(
+                crate::policy::state::State::Active,
+                crate::policy::claims::Kind::Collections,
+                3,
+            )],
             earliest_expiry: Some(1_700_000_000),
             due: 1,
             next_due: None,

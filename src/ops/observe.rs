@@ -14,9 +14,11 @@ use tokio::net::TcpListener;
 use tokio::sync::Mutex;
 use tokio_util::sync::CancellationToken;
 
-use crate::daemon::attempt::Renewer;
-use crate::ops::metrics::{Gauges, KeyStats};
-use crate::storage::sqlite::DbError;
+use crate::clock::Clock;
+use crate::config::Config;
+use crate::daemon::attempt::Engine;
+use crate::ops::metrics::Gauges;
+use crate::storage::{DbError, KeyStats, Storage};
 
 /// Database-derived gauges are recomputed at most this often, however often Prometheus scrapes:
 /// counting by state and kind reads an index of the whole table (about 50 ms at a million keys).
@@ -75,17 +77,30 @@ impl Health {
     }
 }
 
+/// What the listener reads: the engine's live state and the database.
 #[derive(Clone)]
 pub struct Observer {
-    pub renewer: Arc<Renewer>,
-    pub health: Arc<Health>,
+    engine: Arc<Engine>,
+    storage: Arc<dyn Storage>,
+    config: Arc<Config>,
+    clock: Clock,
+    health: Arc<Health>,
     cache: Arc<Mutex<Option<(Instant, KeyStats)>>>,
 }
 
 impl Observer {
-    pub fn new(renewer: Arc<Renewer>, health: Arc<Health>) -> Self {
+    pub fn new(
+        engine: Arc<Engine>,
+        storage: Arc<dyn Storage>,
+        config: Arc<Config>,
+        clock: Clock,
+        health: Arc<Health>,
+    ) -> Self {
         Observer {
-            renewer,
+            engine,
+            storage,
+            config,
+            clock,
             health,
             cache: Arc::default(),
         }
@@ -99,7 +114,7 @@ impl Observer {
         {
             return Ok(stats.clone());
         }
-        let stats = self.renewer.db.key_stats(self.renewer.clock.now()).await?;
+        let stats = self.storage.key_stats(self.clock.now()).await?;
         *cache = Some((Instant::now(), stats.clone()));
         Ok(stats)
     }
@@ -107,31 +122,22 @@ impl Observer {
     /// Every readiness check with its result; ready when all pass.
     pub async fn readiness(&self) -> Vec<(String, Result<(), String>)> {
         let mut checks = Vec::new();
-        let db = self
-            .renewer
-            .db
-            .check_schema()
-            .await
-            .map_err(|e| e.to_string());
+        let db = self.storage.check_schema().await.map_err(|e| e.to_string());
         let db = db.and_then(|()| match self.health.db_error() {
             Some(e) => Err(format!("the last write failed: {e}")),
             None => Ok(()),
         });
         checks.push(("database".to_owned(), db));
-        let alarms = self.renewer.safety.credential_alarms();
-        for (app, last) in self.renewer.tokens.status() {
-            let mut result =
-                last.unwrap_or_else(|| Err("no access token requested yet".to_owned()));
-            if alarms.iter().any(|a| {
-                self.renewer
-                    .config
-                    .application(a)
-                    .is_some_and(|c| c.label() == app)
-            }) {
+        let alarms = self.engine.safety().credential_alarms();
+        for status in self.engine.credential_status() {
+            let mut result = status
+                .last
+                .unwrap_or_else(|| Err("no access token requested yet".to_owned()));
+            if alarms.contains(&status.client_id) {
                 result =
                     Err("credential alarm: the Store refuses many of its keys at once".to_owned());
             }
-            checks.push((format!("application {app}"), result));
+            checks.push((format!("application {}", status.label), result));
         }
         checks
     }
@@ -164,8 +170,8 @@ async fn metrics(State(o): State<Observer>) -> Response {
         }
     };
     let ready = o.readiness().await.iter().all(|(_, r)| r.is_ok());
-    let open = o.renewer.safety.open_breakers();
-    let alarms = o.renewer.safety.credential_alarms();
+    let open = o.engine.safety().open_breakers();
+    let alarms = o.engine.safety().credential_alarms();
     let gauges = Gauges {
         ready,
         breakers: crate::policy::claims::Kind::ALL
@@ -173,14 +179,13 @@ async fn metrics(State(o): State<Observer>) -> Response {
             .map(|k| (k.to_string(), open.contains(k)))
             .collect(),
         credential_alarms: o
-            .renewer
             .config
             .applications
             .iter()
             .map(|a| (a.label().to_owned(), alarms.contains(&a.client_id)))
             .collect(),
     };
-    let body = o.renewer.metrics.render(&keys, &gauges);
+    let body = o.engine.metrics().render(&keys, &gauges);
     (
         [(
             header::CONTENT_TYPE,

@@ -5,12 +5,11 @@ use std::time::Duration;
 
 use serde::Serialize;
 
+use crate::clock::utc;
 use crate::config::Config;
-use crate::daemon::ingest::utc;
-use crate::ops::metrics::KeyStats;
-use crate::policy::claims::{Claims, KeyText};
+use crate::policy::claims::{Claims, KeyText, Kind};
 use crate::policy::schedule;
-use crate::storage::sqlite::{Db, DbError, KeySummary};
+use crate::storage::{Alarm, DbError, KeyStats, KeySummary, State, Storage};
 
 /// `storekeyd status`.
 #[derive(Debug, Clone, Serialize)]
@@ -22,12 +21,17 @@ pub struct StatusReport {
     pub expiring: Vec<KeySummary>,
     pub flagged: Vec<KeySummary>,
     pub flagged_total: i64,
-    /// Conditions the running daemon has raised: (name, detail, since).
-    pub alarms: Vec<(String, String, i64)>,
+    /// Conditions the running daemon has raised.
+    pub alarms: Vec<Alarm>,
 }
 
 impl StatusReport {
-    pub async fn build(db: &Db, now: i64, window: Duration, limit: u32) -> Result<Self, DbError> {
+    pub async fn build(
+        db: &dyn Storage,
+        now: i64,
+        window: Duration,
+        limit: u32,
+    ) -> Result<Self, DbError> {
         let window_secs = i64::try_from(window.as_secs()).unwrap_or(i64::MAX);
         let (flagged, flagged_total) = db.flagged(limit).await?;
         Ok(StatusReport {
@@ -54,8 +58,9 @@ impl StatusReport {
             let _ = writeln!(out, "alarms: none\n");
         } else {
             let _ = writeln!(out, "alarms: {}", self.alarms.len());
-            for (name, detail, since) in &self.alarms {
-                let _ = writeln!(out, "  {name} since {}\n    {detail}", when(*since, now));
+            for a in &self.alarms {
+                let (name, detail) = (&a.name, &a.detail);
+                let _ = writeln!(out, "  {name} since {}\n    {detail}", when(a.since, now));
             }
             out.push('\n');
         }
@@ -64,15 +69,15 @@ impl StatusReport {
             "{:<16}{:>13}{:>10}{:>8}",
             "keys", "collections", "purchase", "total"
         );
-        for state in crate::storage::sqlite::State::ALL {
-            let count = |kind: &str| {
+        for state in State::ALL {
+            let count = |kind: Kind| {
                 self.keys
                     .by_state_kind
                     .iter()
-                    .find(|(s, k, _)| s == state.as_str() && k == kind)
+                    .find(|(s, k, _)| *s == state && *k == kind)
                     .map_or(0, |(_, _, n)| *n)
             };
-            let (c, p) = (count("collections"), count("purchase"));
+            let (c, p) = (count(Kind::Collections), count(Kind::Purchase));
             let _ = writeln!(out, "  {:<14}{c:>13}{p:>10}{:>8}", state.as_str(), c + p);
         }
         let next = self
@@ -168,7 +173,7 @@ impl Inspection {
             lifetime_secs: claims.lifetime_secs(),
             refresh_uri: claims.refresh_uri.clone(),
             has_payload: claims.has_payload,
-            renewal_at: schedule::renewal_time(claims, &config.policy(), now, 0.0),
+            renewal_at: schedule::renewal_time(&claims.facts(), &config.policy(), now, 0.0),
             expired: claims.expires_at <= now,
             row,
         }
@@ -222,7 +227,7 @@ impl Inspection {
                 "row",
                 &format!("#{} {} ({})", row.id, row.user_ref, row.kind),
             );
-            line(&mut out, "state", &row.state);
+            line(&mut out, "state", row.state.as_str());
             if let Some(reason) = &row.reason {
                 line(&mut out, "reason", reason);
             }

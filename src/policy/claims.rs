@@ -30,7 +30,9 @@ pub const AUD_PURCHASE: &str = "https://purchase.mp.microsoft.com/v6.0/keys";
 pub const MAX_KEY_LEN: usize = 16 * 1024;
 
 /// Which Store service a key is for; decided by its `aud` claim.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, Deserialize)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, Deserialize,
+)]
 #[serde(rename_all = "lowercase")]
 pub enum Kind {
     Collections,
@@ -65,7 +67,7 @@ impl Kind {
 
 impl fmt::Display for Kind {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
+        f.pad(self.as_str())
     }
 }
 
@@ -89,6 +91,30 @@ impl Claims {
     pub fn lifetime_secs(&self) -> i64 {
         self.expires_at - self.issued_at
     }
+
+    /// What a row keeps of these claims.
+    pub fn facts(&self) -> KeyFacts {
+        KeyFacts {
+            kind: self.kind,
+            client_id: self.client_id.clone(),
+            user_id: self.user_id.clone(),
+            issued_at: self.issued_at,
+            expires_at: self.expires_at,
+        }
+    }
+}
+
+/// The claims a key row stores beside the key once ingest has decoded it: everything an attempt
+/// needs, so that no attempt decodes a key again.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, Deserialize)]
+pub struct KeyFacts {
+    pub kind: Kind,
+    pub client_id: String,
+    /// Absent on rows activated before the column existed; then the successor's user is not
+    /// compared.
+    pub user_id: Option<String>,
+    pub issued_at: i64,
+    pub expires_at: i64,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]

@@ -34,7 +34,7 @@ pub enum AlarmChange {
     Cleared,
 }
 
-const AWAITING: &str = "the Store refused the key (AuthenticationTokenInvalid), but no renewal of this application succeeded recently to show that our credential works; it is tried again before being flagged revoked";
+pub const AWAITING: &str = "the Store refused the key (AuthenticationTokenInvalid), but no renewal of this application succeeded recently to show that our credential works; it is tried again before being flagged revoked";
 pub const ALARM: &str = "the Store is refusing many keys of this application at once (AuthenticationTokenInvalid): that is our credential or configuration, not revocations";
 
 #[derive(Debug, Default)]

@@ -2,8 +2,11 @@
 //! inputs and is tested with plain values and proptest.
 
 pub mod breaker;
+pub mod checks;
 pub mod claims;
+pub mod decision;
 pub mod fingerprint;
 pub mod guard;
 pub mod outcome;
 pub mod schedule;
+pub mod state;

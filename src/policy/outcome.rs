@@ -4,7 +4,7 @@ use std::time::{Duration, SystemTime};
 
 use serde_json::Value;
 
-use crate::policy::claims::{self, Claims, KeyText};
+use crate::policy::claims::{self, Claims, KeyFacts, KeyText};
 
 /// The inner error codes the renew call documents (reference/renew-a-store-id-key.txt).
 pub const AUTH_TOKEN_INVALID: &str = "AuthenticationTokenInvalid";
@@ -106,7 +106,7 @@ pub enum Rejected {
 
 /// Accepts a renewed key only if it is the same credential, later: same kind, client and user,
 /// and a later `exp`. Anything else would silently replace a user's key with someone else's.
-pub fn check_renewed(old: &Claims, new_key: &KeyText) -> Result<Claims, Rejected> {
+pub fn check_renewed(old: &KeyFacts, new_key: &KeyText) -> Result<Claims, Rejected> {
     let new = claims::decode(new_key.expose())?;
     if new.kind != old.kind {
         return Err(Rejected::OtherKind {
@@ -295,7 +295,7 @@ mod tests {
     #[test]
     fn renewed_key_must_be_the_same_credential_later() {
         let old_key = mint(&KeySpec::collections("app", 1_000_000, 100));
-        let old = claims::decode(&old_key).unwrap();
+        let old = claims::decode(&old_key).unwrap().facts();
         let later = KeyText::new(mint(&KeySpec::collections("app", 1_000_050, 100)));
         assert_eq!(check_renewed(&old, &later).unwrap().expires_at, 1_000_150);
 

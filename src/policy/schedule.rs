@@ -2,7 +2,7 @@
 
 use std::time::Duration;
 
-use crate::policy::claims::Claims;
+use crate::policy::claims::KeyFacts;
 
 /// The renewal policy from `[renew]`.
 #[derive(Debug, Clone, PartialEq)]
@@ -25,7 +25,7 @@ pub struct Policy {
 /// a key that lives shorter than the margin (demo and test keys) would otherwise be due again the
 /// moment it was renewed. An `iat` in the future (clock skew) counts as `now`, so a skewed key is
 /// never scheduled later than its age allows by our clock.
-pub fn renewal_time(claims: &Claims, policy: &Policy, now: i64, jitter_draw: f64) -> i64 {
+pub fn renewal_time(claims: &KeyFacts, policy: &Policy, now: i64, jitter_draw: f64) -> i64 {
     let iat = claims.issued_at.min(now);
     let exp = claims.expires_at;
     let target =
@@ -103,6 +103,7 @@ fn ceil_secs(d: Duration) -> i64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::policy::claims::Claims;
     use crate::policy::claims::Kind;
 
     const DAY: i64 = 86_400;
@@ -136,7 +137,7 @@ mod tests {
     fn thirty_day_key_renews_at_fourteen_days() {
         let c = claims(1_000_000, 30 * DAY);
         assert_eq!(
-            renewal_time(&c, &policy(), c.issued_at, 0.0),
+            renewal_time(&c.facts(), &policy(), c.issued_at, 0.0),
             1_000_000 + 14 * DAY
         );
     }
@@ -145,7 +146,7 @@ mod tests {
     fn a_future_iat_counts_as_now() {
         let c = claims(1_000_000 + 7200, 30 * DAY);
         assert_eq!(
-            renewal_time(&c, &policy(), 1_000_000, 0.0),
+            renewal_time(&c.facts(), &policy(), 1_000_000, 0.0),
             1_000_000 + 14 * DAY
         );
     }
@@ -154,7 +155,7 @@ mod tests {
     fn keys_valid_for_decades_still_renew_at_max_age() {
         let c = claims(1_000_000, 50 * 365 * DAY);
         assert_eq!(
-            renewal_time(&c, &policy(), 1_000_000, 0.0),
+            renewal_time(&c.facts(), &policy(), 1_000_000, 0.0),
             1_000_000 + 14 * DAY
         );
     }
@@ -164,15 +165,15 @@ mod tests {
         let mut p = policy();
         p.margin = Duration::from_secs(20 * DAY as u64);
         let c = claims(0, 30 * DAY);
-        assert_eq!(renewal_time(&c, &p, c.issued_at, 0.0), 10 * DAY);
+        assert_eq!(renewal_time(&c.facts(), &p, c.issued_at, 0.0), 10 * DAY);
     }
 
     #[test]
     fn jitter_only_moves_earlier_and_within_bound() {
         let c = claims(0, 30 * DAY);
-        let base = renewal_time(&c, &policy(), c.issued_at, 0.0);
+        let base = renewal_time(&c.facts(), &policy(), c.issued_at, 0.0);
         for draw in [0.1, 0.5, 0.999] {
-            let t = renewal_time(&c, &policy(), c.issued_at, draw);
+            let t = renewal_time(&c.facts(), &policy(), c.issued_at, draw);
             assert!(t <= base && t >= base - 3600, "{t} vs {base}");
         }
     }
@@ -181,7 +182,7 @@ mod tests {
     fn short_lived_keys_wait_a_quarter_of_their_life() {
         // A 60 s key with a 7 d margin would be due before it was issued.
         let c = claims(1000, 60);
-        assert_eq!(renewal_time(&c, &policy(), c.issued_at, 0.9), 1015);
+        assert_eq!(renewal_time(&c.facts(), &policy(), c.issued_at, 0.9), 1015);
     }
 
     #[test]
@@ -227,7 +228,7 @@ mod tests {
             iat in 0i64..4_000_000_000, lifetime in 4i64..100 * DAY, draw in 0.0f64..1.0
         ) {
             let c = claims(iat, lifetime);
-            let t = renewal_time(&c, &policy(), c.issued_at, draw);
+            let t = renewal_time(&c.facts(), &policy(), c.issued_at, draw);
             proptest::prop_assert!(t < c.expires_at && t >= iat);
         }
 

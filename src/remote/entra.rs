@@ -180,6 +180,15 @@ struct AppTokens {
     last: std::sync::Mutex<Option<Result<(), String>>>,
 }
 
+/// How an application's last token request went.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TokenStatus {
+    pub label: String,
+    pub client_id: String,
+    /// `None`: not tried yet.
+    pub last: Option<Result<(), String>>,
+}
+
 pub struct TokenClient {
     http: reqwest::Client,
     authority: String,
@@ -231,21 +240,22 @@ impl TokenClient {
         }
     }
 
-    /// Each application's label and the result of its last token request (`None`: not tried).
-    pub fn status(&self) -> Vec<(String, Option<Result<(), String>>)> {
+    /// Each application's last token request, by label.
+    pub fn status(&self) -> Vec<TokenStatus> {
         let mut all: Vec<_> = self
             .apps
             .values()
-            .map(|e| {
-                let last = e
+            .map(|e| TokenStatus {
+                label: e.app.label().to_owned(),
+                client_id: e.app.client_id.clone(),
+                last: e
                     .last
                     .lock()
                     .unwrap_or_else(std::sync::PoisonError::into_inner)
-                    .clone();
-                (e.app.label().to_owned(), last)
+                    .clone(),
             })
             .collect();
-        all.sort();
+        all.sort_by(|a, b| a.label.cmp(&b.label));
         all
     }
 

@@ -1,4 +1,282 @@
-//! What storekeyd remembers: the keys table, its events and alarms.
+//! What storekeyd remembers: the keys table, its events and the alarms. Everything the loop, the
+//! CLI, the listener and the demo ask of a database goes through [`Storage`]; each database has
+//! one implementation that owns all of its SQL (placeholders, time functions, index hints).
 
 pub mod contract;
+mod error;
 pub mod sqlite;
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+
+pub use crate::policy::state::{EventKind, State};
+pub use error::DbError;
+
+use crate::policy::claims::{KeyFacts, KeyText, Kind};
+
+pub type Result<T, E = DbError> = std::result::Result<T, E>;
+
+/// A backend's long transaction holds the write lock; wait this long before calling it a failure.
+pub const BUSY_TIMEOUT: Duration = Duration::from_secs(15);
+
+/// Opens the database a URL names, creating and migrating it: what the daemon does.
+pub async fn open(url: &str, busy_timeout: Duration) -> Result<Arc<dyn Storage>> {
+    Ok(Arc::new(
+        sqlite::SqliteStore::open(url, busy_timeout).await?,
+    ))
+}
+
+/// Opens the database a URL names without touching its schema: what the CLI does, so an upgrade
+/// migrates only when asked to.
+pub async fn connect(url: &str) -> Result<Arc<dyn Storage>> {
+    Ok(Arc::new(
+        sqlite::SqliteStore::connect(url, BUSY_TIMEOUT).await?,
+    ))
+}
+
+/// The keys table as storekeyd uses it.
+#[async_trait]
+pub trait Storage: Send + Sync + std::fmt::Debug {
+    /// Brings the schema to this binary's version.
+    async fn migrate(&self) -> Result<()>;
+    /// The database answers and its schema is the one this binary expects.
+    async fn check_schema(&self) -> Result<()>;
+    /// The schema version this binary expects.
+    fn schema_version(&self) -> i64;
+    async fn close(&self);
+
+    /// Keys written by a backend since the last look, oldest first.
+    async fn pending(&self, limit: u32) -> Result<Vec<PendingRow>>;
+    /// Reserves up to `limit` due keys of `kinds`, most overdue first, until `lease_until`. Two
+    /// claimers never get the same row.
+    async fn claim_due(
+        &self,
+        now: i64,
+        lease_until: i64,
+        limit: u32,
+        kinds: &[Kind],
+    ) -> Result<Vec<ClaimedRow>>;
+    /// Reserves one active key whatever its due time, unless an attempt holds it.
+    async fn claim_row(&self, id: i64, now: i64, lease_until: i64) -> Result<Option<ClaimedRow>>;
+    /// Active keys due now, without reserving them (a dry run).
+    async fn due_rows(&self, now: i64, limit: u32) -> Result<Vec<ClaimedRow>>;
+    /// When the earliest active key of `kinds` is next due (an index lookup, not a scan).
+    async fn next_due(&self, kinds: &[Kind]) -> Result<Option<i64>>;
+    /// Applies writes in one durable transaction, each row compared-and-swapped on the key that
+    /// was read; returns, per write, whether it applied (a lost race records `superseded`).
+    async fn apply(&self, writes: &[Write]) -> Result<Vec<bool>>;
+    /// Keeps the leases of keys whose results are still to be written.
+    async fn extend_leases(&self, ids: &[i64], until: i64) -> Result<()>;
+    /// Hands back keys whose attempt did not run, due again at `now`.
+    async fn release(&self, ids: &[i64], now: i64) -> Result<()>;
+    /// Gives keys flagged for configuration reasons another check (a config change may fix them).
+    async fn recheck_misconfigured(&self, now: i64) -> Result<u64>;
+    /// Deletes events older than `before` in at most `max_batches` bounded batches; returns how
+    /// many and whether more remain.
+    async fn prune_events(&self, before: i64, max_batches: u32) -> Result<(u64, bool)>;
+
+    /// Adds or replaces keys exactly as the backend contract's upsert does, in one transaction.
+    async fn store_keys(&self, keys: &[NewKey]) -> Result<()>;
+    /// One row's summary and its key.
+    async fn key_row(&self, id: i64) -> Result<Option<(KeySummary, KeyText)>>;
+    /// Flagged keys, most recently flagged first, and how many there are in all.
+    async fn flagged(&self, limit: u32) -> Result<(Vec<KeySummary>, i64)>;
+    /// Active keys expiring before `before`, soonest first.
+    async fn expiring(&self, before: i64, limit: u32) -> Result<Vec<KeySummary>>;
+    /// Counts by state and kind, the earliest expiry and the backlog.
+    async fn key_stats(&self, now: i64) -> Result<KeyStats>;
+    /// Rows after `after_id`, in id order.
+    async fn keys(&self, after_id: i64, limit: u32) -> Result<Vec<KeySummary>>;
+    /// Events after `after_id`, oldest first, with the row they are about.
+    async fn events(&self, after_id: i64, limit: u32) -> Result<Vec<EventRecord>>;
+
+    async fn alarms(&self) -> Result<Vec<Alarm>>;
+    /// Raises (or updates) a named alarm for `status`.
+    async fn set_alarm(&self, name: &str, detail: &str, since: i64) -> Result<()>;
+    async fn clear_alarm(&self, name: &str) -> Result<()>;
+    async fn clear_alarms(&self) -> Result<()>;
+}
+
+/// A row written by a backend and not yet checked.
+#[derive(Debug, Clone)]
+pub struct PendingRow {
+    pub id: i64,
+    /// As the backend wrote it; ingest compares it with the key's `aud`.
+    pub kind: String,
+    pub key: KeyText,
+}
+
+/// A due row reserved for one attempt, with the claims ingest stored for it.
+#[derive(Debug, Clone)]
+pub struct ClaimedRow {
+    pub id: i64,
+    pub key: KeyText,
+    pub facts: KeyFacts,
+    /// Consecutive failed attempts before this one.
+    pub attempts: u32,
+    /// Consecutive refusals the guard deferred before this one.
+    pub refusals: u32,
+    /// When this process claimed it: the lease runs from here.
+    pub claimed: Instant,
+}
+
+/// A key to store as a backend would.
+#[derive(Debug, Clone)]
+pub struct NewKey {
+    pub user_ref: String,
+    pub kind: Kind,
+    pub key: KeyText,
+}
+
+/// One write the writer applies.
+#[derive(Debug, Clone)]
+pub enum Write {
+    /// A change to one key row at time `at`, only if the row still holds `expected`, with its
+    /// event.
+    Row {
+        id: i64,
+        expected: KeyText,
+        at: i64,
+        change: Change,
+        event: Option<Event>,
+    },
+    /// An event alone: a step of an attempt that changes no row.
+    Event(Event),
+}
+
+impl Write {
+    /// The row this write is about.
+    pub fn key_id(&self) -> i64 {
+        match self {
+            Write::Row { id, .. } => *id,
+            Write::Event(e) => e.key_id,
+        }
+    }
+}
+
+/// What a write does to its row.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Change {
+    /// A pending key passed the checks: active, scheduled.
+    Activate {
+        facts: KeyFacts,
+        next_at: i64,
+    },
+    /// The Store renewed the key: its successor replaces it.
+    Renew {
+        key: KeyText,
+        facts: KeyFacts,
+        next_at: i64,
+    },
+    /// Another attempt at `at`.
+    Retry {
+        at: i64,
+        reason: String,
+        refused: bool,
+    },
+    Flag {
+        state: State,
+        reason: String,
+    },
+    /// Put back unattempted until `at`.
+    Defer {
+        at: i64,
+    },
+}
+
+/// One row of attempt history.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct Event {
+    pub key_id: i64,
+    pub at: i64,
+    pub kind: EventKind,
+    pub key_fp: Option<String>,
+    pub http_status: Option<u16>,
+    pub error_code: Option<String>,
+    pub detail: Option<String>,
+    pub correlation_id: Option<String>,
+    pub request_id: Option<String>,
+    pub cv: Option<String>,
+    pub duration_ms: Option<i64>,
+}
+
+impl Event {
+    pub fn new(key_id: i64, at: i64, kind: EventKind) -> Self {
+        Event {
+            key_id,
+            at,
+            kind,
+            key_fp: None,
+            http_status: None,
+            error_code: None,
+            detail: None,
+            correlation_id: None,
+            request_id: None,
+            cv: None,
+            duration_ms: None,
+        }
+    }
+}
+
+/// A key row without its key: what `status` and `inspect` show.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct KeySummary {
+    pub id: i64,
+    pub user_ref: String,
+    pub kind: Kind,
+    pub state: State,
+    pub reason: Option<String>,
+    pub key_fp: Option<String>,
+    pub client_id: Option<String>,
+    pub expires_at: Option<i64>,
+    pub next_attempt_at: Option<i64>,
+    pub updated_at: i64,
+    pub renewals: i64,
+}
+
+/// One event as history shows it.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct EventRecord {
+    pub id: i64,
+    pub key_id: i64,
+    /// The row's user and kind, unless the row is gone.
+    pub user_ref: Option<String>,
+    pub kind: Option<Kind>,
+    pub event: EventKind,
+    pub http_status: Option<u16>,
+    pub detail: Option<String>,
+}
+
+/// Counts and times for metrics, `status` and the systemd STATUS line.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct KeyStats {
+    /// (state, kind, count), every state and kind present even at zero.
+    pub by_state_kind: Vec<(State, Kind, i64)>,
+    pub earliest_expiry: Option<i64>,
+    pub due: i64,
+    pub next_due: Option<i64>,
+}
+
+impl KeyStats {
+    pub fn count(&self, state: State) -> i64 {
+        self.by_state_kind
+            .iter()
+            .filter(|(s, _, _)| *s == state)
+            .map(|(_, _, n)| n)
+            .sum()
+    }
+
+    pub fn flagged(&self) -> i64 {
+        State::FLAGGED.into_iter().map(|s| self.count(s)).sum()
+    }
+}
+
+/// A condition the daemon raised and has not cleared (an open breaker, a credential alarm).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct Alarm {
+    pub name: String,
+    pub detail: String,
+    pub since: i64,
+}

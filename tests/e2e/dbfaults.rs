@@ -203,9 +203,7 @@ async fn a_read_only_then_full_disk_is_reported_and_recovered_from() {
         "{stderr}"
     );
     disk.remount("rw");
-    env.db = storekeyd::storage::sqlite::Db::open(&env.config.database_url())
-        .await
-        .unwrap();
+    env.db = crate::harness::Backend::open(&env.config.database_url()).await;
 
     // Slow answers, so that the disk fills while renewals are in flight.
     env.set_faults(Faults {

@@ -10,8 +10,8 @@ use storekeyd::daemon::{self, DaemonError};
 use storekeyd::demo;
 use storekeyd::emulator::{self, Emulator, Faults};
 use storekeyd::policy::claims::Kind;
+use storekeyd::storage;
 use storekeyd::storage::contract;
-use storekeyd::storage::sqlite::Db;
 use tempfile::TempDir;
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
@@ -83,12 +83,46 @@ impl From<RawRow> for Row {
     }
 }
 
+/// The backend's own connection to the database, opened as a game backend would open it, after
+/// storekeyd created the schema.
+pub struct Backend {
+    pool: sqlx::SqlitePool,
+}
+
+impl Backend {
+    pub async fn open(url: &str) -> Backend {
+        use std::str::FromStr as _;
+        storage::open(url, storage::BUSY_TIMEOUT)
+            .await
+            .unwrap()
+            .close()
+            .await;
+        let options = sqlx::sqlite::SqliteConnectOptions::from_str(url)
+            .unwrap()
+            .busy_timeout(Duration::from_secs(15));
+        let pool = sqlx::sqlite::SqlitePoolOptions::new()
+            .max_connections(2)
+            .connect_with(options)
+            .await
+            .unwrap();
+        Backend { pool }
+    }
+
+    pub fn pool(&self) -> &sqlx::SqlitePool {
+        &self.pool
+    }
+
+    pub async fn close(&self) {
+        self.pool.close().await;
+    }
+}
+
 pub struct TestEnv {
     pub clock: Clock,
     pub emu: Arc<Emulator>,
     pub config: Config,
     /// The backend's connection.
-    pub db: Db,
+    pub db: Backend,
     pub dir: TempDir,
     /// Where the running daemon serves /metrics, /healthz and /readyz.
     pub metrics_addr: Option<std::net::SocketAddr>,
@@ -116,7 +150,7 @@ impl TestEnv {
         if let Some(path) = path {
             config.database_url = Some(format!("sqlite://{}", path.display()));
         }
-        let db = Db::open(&config.database_url()).await.unwrap();
+        let db = Backend::open(&config.database_url()).await;
         TestEnv {
             clock,
             emu,
@@ -133,7 +167,7 @@ impl TestEnv {
     /// Starts the daemon with this env's config and its own database connection.
     pub async fn spawn_daemon(&mut self) {
         assert!(self.daemon.is_none(), "daemon already running");
-        let db = Db::open_with(
+        let db = storage::open(
             &self.config.database_url(),
             self.config.database_busy_timeout,
         )
@@ -368,6 +402,7 @@ impl Drop for TestEnv {
 pub fn test_config(emu: &Emulator, dir: &TempDir) -> Config {
     let mut config = Config {
         database_url: Some(format!("sqlite://{}", dir.path().join("keys.db").display())),
+        state_directory: Some(dir.path().to_path_buf()),
         ..Config::default()
     };
     demo::point_at_emulator(&mut config, emu);

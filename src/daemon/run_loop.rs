@@ -1,0 +1,328 @@
+//! The run loop: ingest new keys, claim due ones, renew them with bounded concurrency, sleep
+//! until the next is due, and on shutdown drain in-flight attempts and unwritten results.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use tokio::net::TcpListener;
+use tokio::task::{Id, JoinError, JoinSet};
+use tokio_util::sync::CancellationToken;
+
+use super::attempt::{Engine, Settled};
+use super::writer::WriterGone;
+use super::{DaemonError, Service, ingest, secs, status_line};
+use crate::clock::Clock;
+use crate::config::Config;
+use crate::ops::notify::Notifier;
+use crate::ops::observe::{self, Health, Observer};
+use crate::policy::claims::Kind;
+use crate::storage::Storage;
+
+/// Events older than the retention are pruned this often.
+const PRUNE_EVERY_SECS: i64 = 3600;
+/// At most this many thousand events are pruned per pass of the loop.
+const PRUNE_BATCHES_PER_PASS: u32 = 10;
+/// How often a failing application's credential is tried again outside renewals.
+const TOKEN_RECHECK: Duration = Duration::from_secs(300);
+/// How often the systemd STATUS line is recomputed.
+const STATUS_EVERY: Duration = Duration::from_secs(60);
+
+/// Runs until `shutdown` is cancelled, then lets in-flight renewals finish within
+/// `renew.shutdown_grace`, writes (or spools) every result the Store gave, and hands back the
+/// keys whose attempt did not finish. `listener`, if given, serves `/metrics`, `/healthz` and
+/// `/readyz`.
+pub async fn run(
+    config: Arc<Config>,
+    storage: Arc<dyn Storage>,
+    clock: Clock,
+    listener: Option<TcpListener>,
+    shutdown: CancellationToken,
+) -> Result<(), DaemonError> {
+    super::recover(&config, &*storage, &clock, &shutdown).await?;
+    let stale_after = config.renew.poll_interval.saturating_mul(2) + Duration::from_secs(30);
+    let health = Arc::new(Health::new(stale_after));
+    health.beat();
+    let service = Service::start(
+        config.clone(),
+        storage.clone(),
+        clock.clone(),
+        health.clone(),
+    )?;
+    let engine = service.engine.clone();
+    let background = CancellationToken::new();
+    let mut helpers = JoinSet::new();
+    if let Some(listener) = listener {
+        let addr = listener.local_addr().ok();
+        let observer = Observer::new(
+            engine.clone(),
+            storage.clone(),
+            config.clone(),
+            clock.clone(),
+            health.clone(),
+        );
+        helpers.spawn(observe_task(listener, observer, background.clone()));
+        tracing::info!(?addr, "serving /metrics, /healthz and /readyz");
+    }
+    helpers.spawn(warm_tokens(engine.clone(), background.clone()));
+    let notifier = Notifier::from_env();
+    notifier.ready();
+    tracing::info!(
+        applications = config.applications.len(),
+        "storekeyd running"
+    );
+    let mut lp = Loop {
+        engine,
+        config,
+        storage: storage.clone(),
+        clock,
+        health,
+        notifier,
+        tasks: JoinSet::new(),
+        in_flight: HashMap::new(),
+        last_prune: 0,
+        last_status: None,
+    };
+    lp.run_until(&shutdown).await;
+    lp.notifier.stopping();
+    service.stopping();
+    lp.drain().await;
+    drop(lp);
+    background.cancel();
+    while helpers.join_next().await.is_some() {}
+    service.close().await;
+    // The conditions behind the alarms lived in this process; `status` must not show them as
+    // current while no daemon runs.
+    if let Err(e) = storage.clear_alarms().await {
+        tracing::warn!(error = %e, "could not clear the alarms");
+    }
+    storage.close().await;
+    tracing::info!("stopped");
+    Ok(())
+}
+
+async fn observe_task(listener: TcpListener, observer: Observer, stop: CancellationToken) {
+    if let Err(e) = observe::serve(listener, observer, stop).await {
+        tracing::error!(error = %e, "the metrics listener failed");
+    }
+}
+
+/// Fetches a token for every application at start, so that a broken credential shows in the
+/// logs and `/readyz` at once rather than at the first renewal; re-tries the failing ones.
+async fn warm_tokens(engine: Arc<Engine>, stop: CancellationToken) {
+    loop {
+        engine.warm_tokens().await;
+        tokio::select! {
+            () = stop.cancelled() => return,
+            () = tokio::time::sleep(TOKEN_RECHECK) => {}
+        }
+    }
+}
+
+struct Loop {
+    engine: Arc<Engine>,
+    config: Arc<Config>,
+    storage: Arc<dyn Storage>,
+    clock: Clock,
+    health: Arc<Health>,
+    notifier: Notifier,
+    last_status: Option<Instant>,
+    tasks: JoinSet<Result<Settled, WriterGone>>,
+    /// The row each task works on, until its result is durable.
+    in_flight: HashMap<Id, i64>,
+    last_prune: i64,
+}
+
+type Joined = Result<(Id, Result<Settled, WriterGone>), JoinError>;
+
+impl Loop {
+    async fn run_until(&mut self, shutdown: &CancellationToken) {
+        while !shutdown.is_cancelled() {
+            let wait = match self.pass().await {
+                Ok(wait) => wait,
+                Err(e) => {
+                    // A locked, read-only or full database: say so, and try again after a poll.
+                    tracing::error!(error = %e, "cycle failed; retrying after the poll interval");
+                    if let DaemonError::Db(e) = &e {
+                        self.health.db_failed(e);
+                    }
+                    self.config.renew.poll_interval
+                }
+            };
+            self.health.beat();
+            self.notifier.pet();
+            self.update_status().await;
+            let wait = self.notifier.max_sleep().map_or(wait, |max| wait.min(max));
+            tokio::select! {
+                () = shutdown.cancelled() => break,
+                Some(joined) = self.tasks.join_next_with_id(), if !self.tasks.is_empty() => {
+                    self.finished(joined);
+                    // Every attempt that finished meanwhile, before the next pass refills.
+                    while let Some(joined) = self.tasks.try_join_next_with_id() {
+                        self.finished(joined);
+                    }
+                }
+                () = tokio::time::sleep(wait) => {}
+            }
+        }
+    }
+
+    /// One pass; returns how long to sleep before the next.
+    async fn pass(&mut self) -> Result<Duration, DaemonError> {
+        let now = self.clock.now();
+        let renew = &self.config.renew;
+        let (batch, poll, concurrency) = (renew.batch_size, renew.poll_interval, renew.concurrency);
+        let ingested = ingest::ingest_pending(
+            &*self.storage,
+            self.engine.writer(),
+            &self.config,
+            now,
+            batch,
+        )
+        .await?;
+        // An endpoint whose breaker holds calls back gets no claims: its keys stay put until
+        // the probe time instead of being claimed and deferred over and over.
+        let paused = self.engine.safety().paused_kinds();
+        let kinds: Vec<Kind> = Kind::ALL
+            .into_iter()
+            .filter(|k| !paused.contains(k))
+            .collect();
+        let free = concurrency.saturating_sub(self.tasks.len());
+        let mut full_claim = false;
+        // Under load, claims wait until a few slots are free: one query refills many.
+        if free > 0 && (free >= refill_at(concurrency) || self.tasks.is_empty()) {
+            let limit = u32::try_from(free).unwrap_or(u32::MAX).min(batch);
+            let lease_until = now + secs(renew.lease);
+            let rows = self
+                .storage
+                .claim_due(now, lease_until, limit, &kinds)
+                .await?;
+            full_claim = rows.len() == limit as usize;
+            for row in rows {
+                self.spawn(row);
+            }
+        }
+        self.prune(now).await?;
+        self.engine
+            .metrics()
+            .in_flight
+            .store(self.tasks.len() as i64, Ordering::Relaxed);
+        let free = concurrency.saturating_sub(self.tasks.len());
+        if ingested >= batch as usize || (full_claim && free >= refill_at(concurrency)) {
+            return Ok(Duration::ZERO);
+        }
+        if free < refill_at(concurrency) {
+            // A finishing attempt wakes the loop.
+            return Ok(poll);
+        }
+        let until_due = match self.storage.next_due(&kinds).await? {
+            Some(due) if due <= now => Duration::ZERO,
+            Some(due) => Duration::from_secs(u64::try_from(due - now).unwrap_or(0)).min(poll),
+            None => poll,
+        };
+        // Wake for the next probe of a paused endpoint too.
+        let until_probe = self.engine.safety().next_probe_in().unwrap_or(poll);
+        Ok(until_due.min(until_probe.max(Duration::from_millis(100))))
+    }
+
+    /// A one-line STATUS for `systemctl status`, refreshed at most once a minute (it counts keys).
+    async fn update_status(&mut self) {
+        if !self.notifier.enabled() || self.last_status.is_some_and(|t| t.elapsed() < STATUS_EVERY)
+        {
+            return;
+        }
+        self.last_status = Some(Instant::now());
+        match self.storage.key_stats(self.clock.now()).await {
+            Ok(stats) => self.notifier.status(&status_line(&stats)),
+            Err(e) => self.notifier.status(&format!("database error: {e}")),
+        }
+    }
+
+    fn spawn(&mut self, row: crate::storage::ClaimedRow) {
+        let id = row.id;
+        // Its lease ran out while the attempt or its write still runs (a wall-clock jump, a
+        // locked database), or its renewal waits in the spool: one attempt per key.
+        if self.in_flight.values().any(|&r| r == id) || self.engine.writer().holds(id) {
+            return;
+        }
+        let engine = self.engine.clone();
+        let handle = self.tasks.spawn(async move { engine.attempt(row).await });
+        self.in_flight.insert(handle.id(), id);
+    }
+
+    fn finished(&mut self, joined: Joined) {
+        let (task, result) = match joined {
+            Ok((task, result)) => (task, Ok(result)),
+            Err(e) => (e.id(), Err(e)),
+        };
+        let row = self.in_flight.remove(&task);
+        match result {
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => {
+                tracing::error!(row, error = %e, "could not record a renewal result; will retry after the lease")
+            }
+            Err(e) if e.is_cancelled() => {}
+            Err(e) => {
+                tracing::error!(row, error = %e, "renewal task failed; will retry after the lease")
+            }
+        }
+    }
+
+    async fn prune(&mut self, now: i64) -> Result<(), DaemonError> {
+        if now - self.last_prune < PRUNE_EVERY_SECS {
+            return Ok(());
+        }
+        let before = now - secs(self.config.events.retention);
+        let (pruned, more) = self
+            .storage
+            .prune_events(before, PRUNE_BATCHES_PER_PASS)
+            .await?;
+        // A large backlog of old events is worked off over several passes.
+        if !more {
+            self.last_prune = now;
+        }
+        if pruned > 0 {
+            tracing::debug!(events = pruned, more, "pruned old events");
+        }
+        Ok(())
+    }
+
+    /// Stop claiming; let in-flight attempts finish within the grace period (their results are
+    /// written or spooled by the writer); abort the rest and give their keys back.
+    async fn drain(&mut self) {
+        let in_flight = self.tasks.len();
+        if in_flight > 0 {
+            tracing::info!(in_flight, "shutting down; waiting for in-flight renewals");
+        }
+        let grace = self.config.renew.shutdown_grace;
+        let drained = tokio::time::timeout(grace, async {
+            while let Some(joined) = self.tasks.join_next_with_id().await {
+                self.finished(joined);
+            }
+        })
+        .await;
+        if drained.is_err() {
+            tracing::warn!(
+                left = self.tasks.len(),
+                "grace period over; abandoning the attempts still waiting for an answer"
+            );
+            self.tasks.abort_all();
+            while let Some(joined) = self.tasks.join_next_with_id().await {
+                if let Ok((task, _)) = &joined {
+                    // It finished after all; its result is recorded.
+                    self.in_flight.remove(task);
+                }
+            }
+            let ids: Vec<i64> = self.in_flight.values().copied().collect();
+            if let Err(e) = self.storage.release(&ids, self.clock.now()).await {
+                tracing::warn!(error = %e, "could not release abandoned keys; they are retried after their lease");
+            }
+        }
+    }
+}
+
+/// Free slots worth a claim while attempts are running.
+fn refill_at(concurrency: usize) -> usize {
+    (concurrency / 8).max(1)
+}

@@ -1,0 +1,305 @@
+//! The one writer per database (group commit). Attempts and ingest hand it their writes; it
+//! applies whatever has arrived as one transaction (bounded by [`MAX_BATCH`] rows), so a backlog
+//! costs one fsync per batch instead of one per key. A renewed key is held until it is durable:
+//! the writer retries a failing batch, keeps the leases of the rows it holds, and past
+//! `spool_after` appends the renewals to the spool file, which the next start applies.
+
+use std::collections::HashSet;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use tokio::sync::{mpsc, oneshot};
+use tokio_util::sync::CancellationToken;
+
+use crate::daemon::spool::Spool;
+use crate::ops::observe::Health;
+use crate::storage::{Change, Storage, Write};
+
+/// At most this many writes go into one transaction.
+pub const MAX_BATCH: usize = 1024;
+/// How long a write may wait for a busy or failing database before renewals go to the spool
+/// while the daemon stops.
+const STOPPING_SPOOL_AFTER: Duration = Duration::from_secs(2);
+const RETRY_FIRST: Duration = Duration::from_millis(50);
+const RETRY_MAX: Duration = Duration::from_secs(2);
+
+/// What became of a write.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Written {
+    Applied,
+    /// The row no longer held the key that was read: the backend's write won.
+    Superseded,
+    /// The database stayed unwritable: the renewal is in the spool file, applied later.
+    Spooled,
+    /// The database stayed unwritable and this was no renewal: the row is retried after its
+    /// lease, as if the attempt had not happened.
+    Dropped,
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("the database writer has stopped")]
+pub struct WriterGone;
+
+struct Job {
+    write: Write,
+    done: Option<oneshot::Sender<Written>>,
+}
+
+/// Hands writes to the writer task; cloned by whoever writes.
+#[derive(Clone)]
+pub struct WriterHandle {
+    tx: mpsc::Sender<Job>,
+    held: Arc<Mutex<HashSet<i64>>>,
+}
+
+impl WriterHandle {
+    /// Writes and waits until the write is durable (or dropped, for anything but a renewal).
+    pub async fn write(&self, write: Write) -> Result<Written, WriterGone> {
+        let (done, answer) = oneshot::channel();
+        self.send_job(write, Some(done)).await?;
+        answer.await.map_err(|_| WriterGone)
+    }
+
+    /// Writes a batch (ingest) and waits for all of it.
+    pub async fn write_all(&self, writes: Vec<Write>) -> Result<Vec<Written>, WriterGone> {
+        let mut answers = Vec::with_capacity(writes.len());
+        for write in writes {
+            let (done, answer) = oneshot::channel();
+            self.send_job(write, Some(done)).await?;
+            answers.push(answer);
+        }
+        let mut written = Vec::with_capacity(answers.len());
+        for answer in answers {
+            written.push(answer.await.map_err(|_| WriterGone)?);
+        }
+        Ok(written)
+    }
+
+    /// Queues a write without waiting for it (an event that changes no row).
+    pub async fn send(&self, write: Write) -> Result<(), WriterGone> {
+        self.send_job(write, None).await
+    }
+
+    /// Whether a renewal of this row waits in the spool: the row must not be claimed again
+    /// before it is applied.
+    pub fn holds(&self, id: i64) -> bool {
+        lock(&self.held).contains(&id)
+    }
+
+    async fn send_job(
+        &self,
+        write: Write,
+        done: Option<oneshot::Sender<Written>>,
+    ) -> Result<(), WriterGone> {
+        self.tx
+            .send(Job { write, done })
+            .await
+            .map_err(|_| WriterGone)
+    }
+}
+
+/// How the writer behaves.
+#[derive(Debug, Clone)]
+pub struct WriterSettings {
+    /// How long a batch is retried before its renewals go to the spool.
+    pub spool_after: Duration,
+    /// The lease the writer keeps on rows whose results wait.
+    pub lease: Duration,
+}
+
+/// Starts the writer task. `stopping` (shutdown began) shortens the wait before spooling;
+/// `close` (nothing more will be sent) ends the task once the queue is written.
+pub fn spawn(
+    storage: Arc<dyn Storage>,
+    spool: Spool,
+    settings: WriterSettings,
+    health: Arc<Health>,
+    clock: crate::clock::Clock,
+    (stopping, close): (CancellationToken, CancellationToken),
+) -> (WriterHandle, tokio::task::JoinHandle<()>) {
+    let (tx, rx) = mpsc::channel(MAX_BATCH * 4);
+    let held = Arc::new(Mutex::new(HashSet::new()));
+    let writer = Writer {
+        storage,
+        spool,
+        settings,
+        health,
+        clock,
+        stopping,
+        close,
+        held: held.clone(),
+        spooled: Vec::new(),
+    };
+    let task = tokio::spawn(writer.run(rx));
+    (WriterHandle { tx, held }, task)
+}
+
+struct Writer {
+    storage: Arc<dyn Storage>,
+    spool: Spool,
+    settings: WriterSettings,
+    health: Arc<Health>,
+    clock: crate::clock::Clock,
+    stopping: CancellationToken,
+    close: CancellationToken,
+    held: Arc<Mutex<HashSet<i64>>>,
+    /// Renewals in the spool file, still to be applied to the database.
+    spooled: Vec<Write>,
+}
+
+impl Writer {
+    async fn run(mut self, mut rx: mpsc::Receiver<Job>) {
+        let mut batch = Vec::with_capacity(MAX_BATCH);
+        loop {
+            let retry_spooled = !self.spooled.is_empty();
+            let received = tokio::select! {
+                biased;
+                n = rx.recv_many(&mut batch, MAX_BATCH) => n,
+                // Nothing more will be sent: what is queued is written, then the task ends.
+                () = self.close.cancelled(), if !rx.is_closed() => {
+                    rx.close();
+                    continue;
+                }
+                () = tokio::time::sleep(RETRY_MAX), if retry_spooled => {
+                    self.apply_spooled().await;
+                    continue;
+                }
+            };
+            if received == 0 {
+                break; // closed, and everything sent was handled
+            }
+            self.commit(std::mem::take(&mut batch)).await;
+            if !self.spooled.is_empty() {
+                self.apply_spooled().await;
+            }
+        }
+        if !self.spooled.is_empty() {
+            tracing::warn!(
+                keys = self.spooled.len(),
+                spool = %self.spool.path().display(),
+                "stopping with renewed keys in the spool; the next start writes them"
+            );
+        }
+    }
+
+    /// Applies one batch, retrying until it is written; past the bound, spools its renewals.
+    async fn commit(&mut self, jobs: Vec<Job>) {
+        let writes: Vec<Write> = jobs.iter().map(|j| j.write.clone()).collect();
+        let started = Instant::now();
+        let mut delay = RETRY_FIRST;
+        loop {
+            match self.storage.apply(&writes).await {
+                Ok(applied) => {
+                    self.health.db_ok();
+                    for (job, ok) in jobs.into_iter().zip(applied) {
+                        answer(
+                            job,
+                            if ok {
+                                Written::Applied
+                            } else {
+                                Written::Superseded
+                            },
+                        );
+                    }
+                    return;
+                }
+                Err(e) => {
+                    self.health.db_failed(&e);
+                    let bound = if self.stopping.is_cancelled() {
+                        STOPPING_SPOOL_AFTER.min(self.settings.spool_after)
+                    } else {
+                        self.settings.spool_after
+                    };
+                    if started.elapsed() >= bound {
+                        tracing::error!(error = %e, writes = jobs.len(), "the database stays unwritable; renewed keys go to the spool");
+                        self.spool_jobs(jobs);
+                        return;
+                    }
+                    tracing::warn!(error = %e, writes = jobs.len(), "database write failed; retrying");
+                    self.keep_leases(&writes).await;
+                    tokio::time::sleep(delay).await;
+                    delay = (delay * 2).min(RETRY_MAX);
+                }
+            }
+        }
+    }
+
+    /// Renewals go to the spool file (durable once this returns); anything else is dropped.
+    fn spool_jobs(&mut self, jobs: Vec<Job>) {
+        for job in jobs {
+            if !is_renewal(&job.write) {
+                answer(job, Written::Dropped);
+                continue;
+            }
+            if let Err(e) = self.spool.append(&job.write) {
+                // Nowhere durable to put it: it stays in memory and the database is retried.
+                tracing::error!(error = %e, spool = %self.spool.path().display(), "cannot write the spool file");
+            }
+            lock(&self.held).insert(job.write.key_id());
+            self.spooled.push(job.write.clone());
+            answer(job, Written::Spooled);
+        }
+    }
+
+    /// Once the database takes writes again, the spooled renewals are applied (by
+    /// compare-and-swap, like any write) and the spool file is emptied.
+    async fn apply_spooled(&mut self) {
+        let writes = std::mem::take(&mut self.spooled);
+        match self.storage.apply(&writes).await {
+            Ok(applied) => {
+                let superseded = applied.iter().filter(|ok| !**ok).count();
+                tracing::info!(
+                    keys = writes.len(),
+                    superseded,
+                    "spooled renewals written to the database"
+                );
+                if let Err(e) = self.spool.clear() {
+                    tracing::warn!(error = %e, "cannot empty the spool file; its entries are applied again (harmlessly) at the next start");
+                }
+                let mut held = lock(&self.held);
+                for w in &writes {
+                    held.remove(&w.key_id());
+                }
+            }
+            Err(_) => self.spooled = writes,
+        }
+    }
+
+    /// A lease that ran out would let another process claim a row whose result waits here.
+    async fn keep_leases(&self, writes: &[Write]) {
+        let ids: Vec<i64> = writes
+            .iter()
+            .filter(|w| matches!(w, Write::Row { .. }))
+            .map(Write::key_id)
+            .collect();
+        let until = self.clock.now() + secs(self.settings.lease);
+        if let Err(e) = self.storage.extend_leases(&ids, until).await {
+            tracing::debug!(error = %e, "could not extend the leases either");
+        }
+    }
+}
+
+fn is_renewal(write: &Write) -> bool {
+    matches!(
+        write,
+        Write::Row {
+            change: Change::Renew { .. },
+            ..
+        }
+    )
+}
+
+fn answer(job: Job, written: Written) {
+    if let Some(done) = job.done {
+        // The attempt may have been aborted at shutdown; the write stands all the same.
+        let _ = done.send(written);
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+fn secs(d: Duration) -> i64 {
+    i64::try_from(d.as_secs()).unwrap_or(i64::MAX / 2)
+}

@@ -1,0 +1,313 @@
+use std::time::Duration;
+
+use proptest::prelude::*;
+
+use super::*;
+use crate::emulator::keymint::{KeySpec, mint};
+use crate::policy::claims;
+
+const NOW: i64 = 1_800_000_000;
+const DAY: i64 = 86_400;
+
+fn policy() -> Policy {
+    Policy {
+        max_age: Duration::from_secs(14 * DAY as u64),
+        margin: Duration::from_secs(7 * DAY as u64),
+        jitter: Duration::from_secs(3600),
+        backoff_base: Duration::from_secs(30),
+        backoff_cap: Duration::from_secs(3600),
+    }
+}
+
+/// A key issued 20 days before NOW, expiring 10 days after.
+fn facts() -> KeyFacts {
+    claims::decode(&mint(&KeySpec::collections(
+        "app",
+        NOW - 20 * DAY,
+        30 * DAY,
+    )))
+    .unwrap()
+    .facts()
+}
+
+fn successor(spec: &KeySpec) -> Outcome {
+    Outcome::Renewed(KeyText::new(mint(spec)))
+}
+
+fn decide_with(facts: &KeyFacts, answer: Answer, now: i64) -> Decision {
+    let p = policy();
+    decide(&Attempt {
+        facts,
+        attempts: 0,
+        answer,
+        now,
+        policy: &p,
+        draw: 0.5,
+    })
+}
+
+fn answered(outcome: Outcome) -> Answer {
+    Answer::Answered {
+        outcome,
+        error_code: None,
+    }
+}
+
+#[test]
+fn a_later_successor_of_the_same_credential_is_written_and_scheduled() {
+    let f = facts();
+    let d = decide_with(
+        &f,
+        answered(successor(&KeySpec::collections("app", NOW, 30 * DAY))),
+        NOW,
+    );
+    assert_eq!(d.event, EventKind::Renewed);
+    let Action::Renew {
+        next_at, claims, ..
+    } = d.action
+    else {
+        panic!("{d:?}")
+    };
+    assert_eq!(claims.expires_at, NOW + 30 * DAY);
+    assert!(next_at > NOW && next_at < claims.expires_at, "{next_at}");
+}
+
+#[test]
+fn a_successor_for_someone_else_is_never_written() {
+    let f = facts();
+    let mut spec = KeySpec::collections("app", NOW, 30 * DAY);
+    spec.user_id = "someone-else".into();
+    for outcome in [
+        successor(&spec),
+        successor(&KeySpec::collections("other-app", NOW, 30 * DAY)),
+        successor(&KeySpec::collections("app", NOW - 25 * DAY, 30 * DAY)),
+        Outcome::Renewed(KeyText::new("garbage")),
+    ] {
+        let d = decide_with(&f, answered(outcome), NOW);
+        assert_eq!(d.event, EventKind::Unexpected, "{d:?}");
+        assert!(
+            matches!(d.action, Action::Retry { refused: false, .. }),
+            "{d:?}"
+        );
+    }
+}
+
+#[test]
+fn a_refusal_is_flagged_only_on_the_guards_word() {
+    let f = facts();
+    let refused = |verdict| Answer::Refused {
+        detail: "inner".into(),
+        verdict,
+    };
+    let d = decide_with(&f, refused(Verdict::Revoked), NOW);
+    assert_eq!(d.event, EventKind::Revoked);
+    assert!(matches!(
+        d.action,
+        Action::Flag {
+            state: State::Revoked,
+            ..
+        }
+    ));
+    assert_eq!(d.detail, "inner");
+
+    let d = decide_with(&f, refused(Verdict::Defer(guard::AWAITING)), NOW);
+    assert!(
+        matches!(d.action, Action::Retry { refused: true, .. }),
+        "{d:?}"
+    );
+    // Under the credential alarm a refusal is not a strike against the key.
+    let d = decide_with(&f, refused(Verdict::Defer(guard::ALARM)), NOW);
+    assert!(
+        matches!(d.action, Action::Retry { refused: false, .. }),
+        "{d:?}"
+    );
+    // A refusal never put to the guard is no evidence either.
+    let d = decide_with(
+        &f,
+        answered(Outcome::AuthInvalid { detail: "x".into() }),
+        NOW,
+    );
+    assert!(matches!(d.action, Action::Retry { .. }), "{d:?}");
+}
+
+#[test]
+fn configuration_problems_flag_misconfigured_not_revoked() {
+    let f = facts();
+    let d = decide_with(
+        &f,
+        answered(Outcome::ClientIdMismatch { detail: "d".into() }),
+        NOW,
+    );
+    assert_eq!(d.event, EventKind::ClientIdMismatch);
+    assert!(matches!(
+        d.action,
+        Action::Flag {
+            state: State::Misconfigured,
+            ..
+        }
+    ));
+    let d = decide_with(&f, Answer::NoApplication, NOW);
+    assert!(
+        matches!(d.action, Action::Flag { state: State::Misconfigured, ref reason } if reason.contains("clientId"))
+    );
+    let d = decide_with(
+        &f,
+        Answer::TokenFailed {
+            detail: "entra says no".into(),
+        },
+        NOW,
+    );
+    assert_eq!(d.event, EventKind::TokenError);
+    assert!(
+        matches!(d.action, Action::Retry { refused: false, ref reason, .. } if reason.contains("entra says no"))
+    );
+}
+
+#[test]
+fn retry_after_is_honoured_and_codes_are_named() {
+    let f = facts();
+    let d = decide(&Attempt {
+        facts: &f,
+        attempts: 0,
+        answer: Answer::Answered {
+            outcome: Outcome::Throttled {
+                retry_after: Some(Duration::from_secs(120)),
+            },
+            error_code: Some("TooMany".into()),
+        },
+        now: NOW,
+        policy: &policy(),
+        draw: 0.0,
+    });
+    let Action::Retry { at, reason, .. } = d.action else {
+        panic!("{d:?}")
+    };
+    assert!(at >= NOW + 120, "{at}");
+    assert!(
+        reason.contains("Retry-After 120s") && reason.contains("TooMany"),
+        "{reason}"
+    );
+}
+
+#[test]
+fn a_key_out_of_time_is_flagged_expired_never_retried_late() {
+    let f = facts();
+    let last_second = f.expires_at - 1;
+    let d = decide_with(
+        &f,
+        answered(Outcome::Transient {
+            detail: "503".into(),
+        }),
+        last_second,
+    );
+    assert!(
+        matches!(
+            d.action,
+            Action::Flag {
+                state: State::Expired,
+                ..
+            }
+        ),
+        "{d:?}"
+    );
+    assert_eq!(d.event, EventKind::Transient);
+    let d = decide_with(&f, Answer::ExpiredUnsent, f.expires_at);
+    assert!(matches!(
+        d.action,
+        Action::Flag {
+            state: State::Expired,
+            ..
+        }
+    ));
+    assert_eq!(d.event, EventKind::Expired);
+}
+
+#[test]
+fn a_paused_endpoint_defers_past_its_probe() {
+    let f = facts();
+    let d = decide_with(&f, Answer::Paused { until: NOW + 30 }, NOW);
+    let Action::Defer { at } = d.action else {
+        panic!("{d:?}")
+    };
+    assert!((NOW + 31..=NOW + 33).contains(&at), "{at}");
+}
+
+fn any_outcome() -> impl Strategy<Value = Outcome> {
+    prop_oneof![
+        (0i64..40 * DAY, 1i64..40 * DAY, "[a-c]{1,3}").prop_map(|(iat, life, client)| {
+            successor(&KeySpec::collections(
+                &client,
+                NOW - 20 * DAY + iat - 20 * DAY,
+                life,
+            ))
+        }),
+        ".{0,20}".prop_map(|d| Outcome::ClientIdMismatch { detail: d }),
+        proptest::option::of(0u64..100_000).prop_map(|s| Outcome::Throttled {
+            retry_after: s.map(Duration::from_secs)
+        }),
+        ".{0,20}".prop_map(|d| Outcome::Transient { detail: d }),
+        ".{0,20}".prop_map(|d| Outcome::Unexpected { detail: d }),
+    ]
+}
+
+fn any_answer() -> impl Strategy<Value = Answer> {
+    prop_oneof![
+        (0i64..100_000).prop_map(|s| Answer::Paused { until: NOW + s }),
+        Just(Answer::ExpiredUnsent),
+        Just(Answer::NoApplication),
+        ".{0,20}".prop_map(|d| Answer::TokenFailed { detail: d }),
+        prop_oneof![
+            Just(Verdict::Revoked),
+            Just(Verdict::Defer(guard::AWAITING)),
+            Just(Verdict::Defer(guard::ALARM))
+        ]
+        .prop_map(|verdict| Answer::Refused {
+            detail: "d".into(),
+            verdict
+        }),
+        (any_outcome(), proptest::option::of("[A-Za-z]{1,10}")).prop_map(
+            |(outcome, error_code)| Answer::Answered {
+                outcome,
+                error_code
+            }
+        ),
+    ]
+}
+
+proptest! {
+    /// The decision's invariants over every kind of answer, time and draw: nothing is scheduled
+    /// at or after expiry, only the guard's word flags a key revoked, only a valid successor of
+    /// the same credential is written, and only a renewal or a plain retry follows a success.
+    #[test]
+    fn decisions_keep_their_invariants(
+        answer in any_answer(),
+        ahead in 0i64..12 * DAY,
+        attempts in 0u32..40,
+        draw in 0.0f64..1.0,
+    ) {
+        let f = facts();
+        let now = f.expires_at - ahead;
+        let d = decide(&Attempt { facts: &f, attempts, answer: answer.clone(), now, policy: &policy(), draw });
+        match &d.action {
+            Action::Retry { at, .. } => prop_assert!(*at > now && *at < f.expires_at),
+            Action::Renew { claims, next_at, key } => {
+                let sent = matches!(&answer, Answer::Answered { outcome: Outcome::Renewed(k), .. } if k == key);
+                prop_assert!(sent, "renewed without a successor: {:?}", answer);
+                prop_assert_eq!(&claims.client_id, &f.client_id);
+                prop_assert!(claims.expires_at > f.expires_at);
+                prop_assert!(*next_at < claims.expires_at);
+            }
+            Action::Flag { state: State::Revoked, .. } => {
+                let believed = matches!(answer, Answer::Refused { verdict: Verdict::Revoked, .. });
+                prop_assert!(believed, "revoked without the guard: {:?}", answer);
+            }
+            Action::Flag { .. } => {}
+            Action::Defer { at } => {
+                let paused = matches!(answer, Answer::Paused { until } if *at > until);
+                prop_assert!(paused, "deferred without a pause: {:?}", answer);
+            }
+        }
+        let usable = matches!(d.action, Action::Flag { state: State::Active | State::Pending, .. });
+        prop_assert!(!usable, "flagged into a usable state: {:?}", d);
+    }
+}

@@ -1,0 +1,45 @@
+//! Errors of any database storekeyd runs on.
+
+#[derive(Debug, thiserror::Error)]
+pub enum DbError {
+    #[error("database: cannot open `{url}`: {source}")]
+    Open { url: String, source: sqlx::Error },
+    #[error(
+        "database: `{path}` is not writable ({cause}); storekeyd writes the file and creates `-wal` and `-shm` files beside it"
+    )]
+    NotWritable { path: String, cause: std::io::Error },
+    #[error("database: cannot create `{path}` with mode 0600: {source}")]
+    Create {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("database: migration failed: {0}")]
+    Migrate(#[from] sqlx::migrate::MigrateError),
+    #[error("database: {0}")]
+    Query(#[from] sqlx::Error),
+    #[error("database: schema version is {}, this storekeyd expects {}; run `storekeyd migrate`", version(*.found), version(*.expected))]
+    Schema {
+        found: Option<i64>,
+        expected: Option<i64>,
+    },
+    #[error("database: `{url}` is not a database URL storekeyd knows; use sqlite://PATH")]
+    Scheme { url: String },
+}
+
+impl DbError {
+    /// Another connection holds the lock (a backend's long transaction): worth waiting for.
+    pub fn is_busy(&self) -> bool {
+        match self {
+            DbError::Query(sqlx::Error::Database(e)) => e
+                .code()
+                .and_then(|c| c.parse::<i32>().ok())
+                .is_some_and(|c| matches!(c & 0xff, 5 | 6)),
+            DbError::Query(sqlx::Error::PoolTimedOut) => true,
+            _ => false,
+        }
+    }
+}
+
+fn version(v: Option<i64>) -> String {
+    v.map_or_else(|| "none (empty database)".to_owned(), |v| v.to_string())
+}

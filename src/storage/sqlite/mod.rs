@@ -1,0 +1,327 @@
+//! The keys table, its events and alarms on SQLite (WAL, `synchronous=FULL`). This module owns
+//! every SQL statement storekeyd sends to SQLite: the queue (here), the writes (`write`) and the
+//! reports (`read`).
+
+mod open;
+mod read;
+mod write;
+
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use sqlx::SqlitePool;
+use sqlx::sqlite::SqliteRow;
+
+use super::{
+    Alarm, ClaimedRow, EventRecord, KeyStats, KeySummary, NewKey, PendingRow, Result, Storage,
+    Write,
+};
+use crate::policy::claims::{KeyFacts, KeyText, Kind};
+
+pub use open::migrator;
+
+/// A SQLite database. Cloning shares the pool.
+#[derive(Debug, Clone)]
+pub struct SqliteStore {
+    pool: SqlitePool,
+}
+
+/// The columns a claim returns: the key and the claims ingest stored for it.
+const CLAIMED: &str = "id, CAST(key AS BLOB) AS key_bytes, attempts, refusals, kind, client_id, user_id, issued_at, expires_at";
+
+impl SqliteStore {
+    /// Opens (creating if needed, mode 0600) and migrates the database.
+    pub async fn open(url: &str, busy_timeout: Duration) -> Result<SqliteStore> {
+        let store = SqliteStore::connect(url, busy_timeout).await?;
+        store.migrate().await?;
+        Ok(store)
+    }
+
+    /// Opens (creating if needed, mode 0600) without touching the schema.
+    pub async fn connect(url: &str, busy_timeout: Duration) -> Result<SqliteStore> {
+        Ok(SqliteStore {
+            pool: open::pool(url, busy_timeout).await?,
+        })
+    }
+}
+
+fn claimed(row: &SqliteRow) -> std::result::Result<ClaimedRow, sqlx::Error> {
+    use sqlx::Row as _;
+    let kind: String = row.try_get("kind")?;
+    let count = |name: &str| -> std::result::Result<u32, sqlx::Error> {
+        Ok(u32::try_from(row.try_get::<i64, _>(name)?).unwrap_or(u32::MAX))
+    };
+    Ok(ClaimedRow {
+        id: row.try_get("id")?,
+        key: KeyText::from_bytes(row.try_get("key_bytes")?),
+        facts: KeyFacts {
+            kind: Kind::parse(&kind).ok_or_else(|| decode_error("kind", &kind))?,
+            client_id: row
+                .try_get::<Option<String>, _>("client_id")?
+                .unwrap_or_default(),
+            user_id: row.try_get("user_id")?,
+            issued_at: row.try_get::<Option<i64>, _>("issued_at")?.unwrap_or(0),
+            expires_at: row.try_get::<Option<i64>, _>("expires_at")?.unwrap_or(0),
+        },
+        attempts: count("attempts")?,
+        refusals: count("refusals")?,
+        claimed: Instant::now(),
+    })
+}
+
+fn decode_error(column: &str, value: &str) -> sqlx::Error {
+    sqlx::Error::ColumnDecode {
+        index: column.to_owned(),
+        source: format!(
+            "unexpected value `{}`",
+            value.chars().take(40).collect::<String>()
+        )
+        .into(),
+    }
+}
+
+fn claimed_rows(rows: &[SqliteRow]) -> Result<Vec<ClaimedRow>> {
+    Ok(rows
+        .iter()
+        .map(claimed)
+        .collect::<std::result::Result<_, _>>()?)
+}
+
+fn ids_json(ids: &[i64]) -> String {
+    serde_json::to_string(ids).unwrap_or_else(|_| "[]".to_owned())
+}
+
+#[async_trait]
+impl Storage for SqliteStore {
+    async fn migrate(&self) -> Result<()> {
+        migrator().run(&self.pool).await?;
+        Ok(())
+    }
+
+    async fn check_schema(&self) -> Result<()> {
+        open::check_schema(&self.pool).await
+    }
+
+    fn schema_version(&self) -> i64 {
+        migrator().iter().map(|m| m.version).max().unwrap_or(0)
+    }
+
+    async fn close(&self) {
+        self.pool.close().await;
+    }
+
+    async fn pending(&self, limit: u32) -> Result<Vec<PendingRow>> {
+        // The partial index holds the pending rows in id order: no sort of every pending row.
+        let rows: Vec<(i64, String, Vec<u8>)> = sqlx::query_as(
+            "SELECT id, kind, CAST(key AS BLOB) FROM store_keys INDEXED BY store_keys_pending
+             WHERE state = 'pending' ORDER BY id LIMIT ?",
+        )
+        .bind(limit)
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows
+            .into_iter()
+            .map(|(id, kind, key)| PendingRow {
+                id,
+                kind,
+                key: KeyText::from_bytes(key),
+            })
+            .collect())
+    }
+
+    async fn claim_due(
+        &self,
+        now: i64,
+        lease_until: i64,
+        limit: u32,
+        kinds: &[Kind],
+    ) -> Result<Vec<ClaimedRow>> {
+        // Each kind's due keys come off its own index; the most overdue of both are taken, so a
+        // backlog of one kind never starves the other. (One kind given: both halves name it.)
+        let (Some(first), Some(second)) = (kinds.first(), kinds.last()) else {
+            return Ok(Vec::new());
+        };
+        let sql = format!(
+            "UPDATE store_keys SET next_attempt_at = ?1, lease_until = ?1
+             WHERE id IN (
+                 SELECT id FROM (
+                     SELECT * FROM (SELECT id, next_attempt_at FROM store_keys INDEXED BY store_keys_due_kind
+                                    WHERE state = 'active' AND kind = ?2 AND next_attempt_at <= ?4
+                                    ORDER BY next_attempt_at LIMIT ?5)
+                     UNION ALL
+                     SELECT * FROM (SELECT id, next_attempt_at FROM store_keys INDEXED BY store_keys_due_kind
+                                    WHERE state = 'active' AND kind = ?3 AND next_attempt_at <= ?4
+                                    ORDER BY next_attempt_at LIMIT ?5))
+                 ORDER BY next_attempt_at LIMIT ?5)
+             RETURNING {CLAIMED}"
+        );
+        let rows = sqlx::query(sqlx::AssertSqlSafe(sql))
+            .bind(lease_until)
+            .bind(first.as_str())
+            .bind(second.as_str())
+            .bind(now)
+            .bind(limit)
+            .fetch_all(&self.pool)
+            .await?;
+        let mut claimed = claimed_rows(&rows)?;
+        claimed.sort_by_key(|r| r.id);
+        Ok(claimed)
+    }
+
+    async fn claim_row(&self, id: i64, now: i64, lease_until: i64) -> Result<Option<ClaimedRow>> {
+        let sql = format!(
+            "UPDATE store_keys SET next_attempt_at = ?1, lease_until = ?1
+             WHERE id = ?2 AND state = 'active' AND (lease_until IS NULL OR lease_until <= ?3)
+             RETURNING {CLAIMED}"
+        );
+        let row = sqlx::query(sqlx::AssertSqlSafe(sql))
+            .bind(lease_until)
+            .bind(id)
+            .bind(now)
+            .fetch_optional(&self.pool)
+            .await?;
+        Ok(row.as_ref().map(claimed).transpose()?)
+    }
+
+    async fn due_rows(&self, now: i64, limit: u32) -> Result<Vec<ClaimedRow>> {
+        let sql = format!(
+            "SELECT {CLAIMED} FROM store_keys INDEXED BY store_keys_due
+             WHERE state = 'active' AND next_attempt_at <= ? ORDER BY next_attempt_at LIMIT ?"
+        );
+        let rows = sqlx::query(sqlx::AssertSqlSafe(sql))
+            .bind(now)
+            .bind(limit)
+            .fetch_all(&self.pool)
+            .await?;
+        claimed_rows(&rows)
+    }
+
+    async fn next_due(&self, kinds: &[Kind]) -> Result<Option<i64>> {
+        let mut next: Option<i64> = None;
+        for kind in kinds {
+            let (due,): (Option<i64>,) = sqlx::query_as(
+                "SELECT MIN(next_attempt_at) FROM store_keys INDEXED BY store_keys_due_kind
+                 WHERE state = 'active' AND kind = ?",
+            )
+            .bind(kind.as_str())
+            .fetch_one(&self.pool)
+            .await?;
+            next = match (next, due) {
+                (Some(a), Some(b)) => Some(a.min(b)),
+                (a, b) => a.or(b),
+            };
+        }
+        Ok(next)
+    }
+
+    async fn apply(&self, writes: &[Write]) -> Result<Vec<bool>> {
+        write::apply(&self.pool, writes).await
+    }
+
+    async fn extend_leases(&self, ids: &[i64], until: i64) -> Result<()> {
+        sqlx::query(
+            "UPDATE store_keys SET next_attempt_at = ?1, lease_until = ?1
+             WHERE id IN (SELECT value FROM json_each(?2)) AND state = 'active'
+               AND lease_until IS NOT NULL",
+        )
+        .bind(until)
+        .bind(ids_json(ids))
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    async fn release(&self, ids: &[i64], now: i64) -> Result<()> {
+        sqlx::query(
+            "UPDATE store_keys SET next_attempt_at = ?, lease_until = NULL
+             WHERE id IN (SELECT value FROM json_each(?)) AND state = 'active'
+               AND lease_until IS NOT NULL",
+        )
+        .bind(now)
+        .bind(ids_json(ids))
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    async fn recheck_misconfigured(&self, now: i64) -> Result<u64> {
+        Ok(sqlx::query(
+            "UPDATE store_keys SET state = 'pending', updated_at = ? WHERE state = 'misconfigured'",
+        )
+        .bind(now)
+        .execute(&self.pool)
+        .await?
+        .rows_affected())
+    }
+
+    async fn prune_events(&self, before: i64, max_batches: u32) -> Result<(u64, bool)> {
+        let mut total = 0;
+        for _ in 0..max_batches {
+            let n = sqlx::query(
+                "DELETE FROM store_key_events WHERE id IN
+                   (SELECT id FROM store_key_events WHERE at < ? ORDER BY at LIMIT 1000)",
+            )
+            .bind(before)
+            .execute(&self.pool)
+            .await?
+            .rows_affected();
+            total += n;
+            if n < 1000 {
+                return Ok((total, false));
+            }
+        }
+        Ok((total, true))
+    }
+
+    async fn store_keys(&self, keys: &[NewKey]) -> Result<()> {
+        write::store_keys(&self.pool, keys).await
+    }
+
+    async fn key_row(&self, id: i64) -> Result<Option<(KeySummary, KeyText)>> {
+        read::key_row(&self.pool, id).await
+    }
+
+    async fn flagged(&self, limit: u32) -> Result<(Vec<KeySummary>, i64)> {
+        read::flagged(&self.pool, limit).await
+    }
+
+    async fn expiring(&self, before: i64, limit: u32) -> Result<Vec<KeySummary>> {
+        read::expiring(&self.pool, before, limit).await
+    }
+
+    async fn key_stats(&self, now: i64) -> Result<KeyStats> {
+        let next_due = self.next_due(&Kind::ALL).await?;
+        read::key_stats(&self.pool, now, next_due).await
+    }
+
+    async fn keys(&self, after_id: i64, limit: u32) -> Result<Vec<KeySummary>> {
+        read::keys(&self.pool, after_id, limit).await
+    }
+
+    async fn events(&self, after_id: i64, limit: u32) -> Result<Vec<EventRecord>> {
+        read::events(&self.pool, after_id, limit).await
+    }
+
+    async fn alarms(&self) -> Result<Vec<Alarm>> {
+        read::alarms(&self.pool).await
+    }
+
+    async fn set_alarm(&self, name: &str, detail: &str, since: i64) -> Result<()> {
+        write::set_alarm(&self.pool, name, detail, since).await
+    }
+
+    async fn clear_alarm(&self, name: &str) -> Result<()> {
+        sqlx::query("DELETE FROM storekeyd_alarms WHERE name = ?")
+            .bind(name)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    async fn clear_alarms(&self) -> Result<()> {
+        sqlx::query("DELETE FROM storekeyd_alarms")
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+}

@@ -1,0 +1,139 @@
+//! Opening a SQLite database: a private file, WAL, `synchronous=FULL`, the busy timeout, and the
+//! schema embedded from `migrations/sqlite`.
+
+use std::borrow::Cow;
+use std::path::Path;
+use std::str::FromStr;
+use std::time::Duration;
+
+use sqlx::migrate::{Migration, MigrationType, Migrator};
+use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
+use sqlx::{SqlSafeStr as _, SqlitePool};
+
+use crate::storage::{DbError, Result};
+
+pub(super) async fn pool(url: &str, busy_timeout: Duration) -> Result<SqlitePool> {
+    let open_err = |source| DbError::Open {
+        url: url.to_owned(),
+        source,
+    };
+    let options = SqliteConnectOptions::from_str(url)
+        .map_err(open_err)?
+        .create_if_missing(true)
+        .journal_mode(SqliteJournalMode::Wal)
+        // FULL: a renewed key that was acknowledged is on disk, even across a power cut.
+        .synchronous(SqliteSynchronous::Full)
+        .busy_timeout(busy_timeout);
+    let path = options.get_filename().to_owned();
+    create_private(&path)?;
+    // One connection for the writer's transaction, the others for claims and reads: in WAL mode
+    // readers never wait for the writer.
+    match SqlitePoolOptions::new()
+        .max_connections(4)
+        .connect_with(options)
+        .await
+    {
+        Ok(pool) => Ok(pool),
+        // SQLite only says "unable to open database file"; say why when we can tell.
+        Err(e) => Err(not_writable(&path).unwrap_or_else(|| open_err(e))),
+    }
+}
+
+pub(super) async fn check_schema(pool: &SqlitePool) -> Result<()> {
+    let (tables,): (i64,) = sqlx::query_as(
+        "SELECT COUNT(*) FROM sqlite_master WHERE type = 'table' AND name = '_sqlx_migrations'",
+    )
+    .fetch_one(pool)
+    .await?;
+    let version = if tables == 0 {
+        None
+    } else {
+        let (v,): (Option<i64>,) =
+            sqlx::query_as("SELECT MAX(version) FROM _sqlx_migrations WHERE success")
+                .fetch_one(pool)
+                .await?;
+        v
+    };
+    let expected = migrator().iter().map(|m| m.version).max();
+    if version != expected {
+        return Err(DbError::Schema {
+            found: version,
+            expected,
+        });
+    }
+    Ok(())
+}
+
+/// The schema, embedded in the binary from `migrations/sqlite`.
+pub fn migrator() -> Migrator {
+    let migrations: [(i64, &'static str, &'static str); 4] = [
+        (
+            1,
+            "init",
+            include_str!("../../../migrations/sqlite/0001_init.sql"),
+        ),
+        (
+            2,
+            "alarms",
+            include_str!("../../../migrations/sqlite/0002_alarms.sql"),
+        ),
+        (
+            3,
+            "per kind claims",
+            include_str!("../../../migrations/sqlite/0003_per_kind_claims.sql"),
+        ),
+        (
+            4,
+            "user id",
+            include_str!("../../../migrations/sqlite/0004_user_id.sql"),
+        ),
+    ];
+    Migrator::with_migrations(
+        migrations
+            .into_iter()
+            .map(|(version, name, sql)| {
+                Migration::new(
+                    version,
+                    Cow::Borrowed(name),
+                    MigrationType::Simple,
+                    sql.into_sql_str(),
+                    false,
+                )
+            })
+            .collect(),
+    )
+}
+
+/// Whether the database file cannot be opened for writing (a read-only file system, say).
+fn not_writable(path: &Path) -> Option<DbError> {
+    if path.as_os_str().is_empty() || path.to_str() == Some(":memory:") {
+        return None;
+    }
+    std::fs::OpenOptions::new()
+        .append(true)
+        .open(path)
+        .err()
+        .map(|cause| DbError::NotWritable {
+            path: path.display().to_string(),
+            cause,
+        })
+}
+
+/// SQLite creates the database with the umask's mode; a file of bearer credentials must be
+/// private, and SQLite gives the -wal and -shm files the main file's mode.
+fn create_private(path: &Path) -> Result<()> {
+    use std::os::unix::fs::OpenOptionsExt;
+    if path.as_os_str().is_empty() || path.to_str() == Some(":memory:") || path.exists() {
+        return Ok(());
+    }
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+        .map(drop)
+        .map_err(|source| DbError::Create {
+            path: path.display().to_string(),
+            source,
+        })
+}
