@@ -17,6 +17,8 @@ use crate::storage::{self, DbError, NewKey, Storage};
 
 const TENANT: &str = "demo-tenant";
 const APPS: [&str; 2] = ["demo-app-1", "demo-app-2"];
+/// The demo's faults follow this seed: the same script of 503s and 429s on every run.
+const DEMO_SEED: u64 = 43;
 /// Demo keys live a minute, so the first renewals come within about 15 seconds.
 const KEY_LIFETIME_SECS: i64 = 60;
 
@@ -120,6 +122,7 @@ pub async fn run(duration: Duration, stop: CancellationToken) -> Result<(), Demo
         error_503_rate: 0.15,
         throttle_rate: 0.05,
         retry_after_secs: 1,
+        seed: Some(DEMO_SEED),
         ..Faults::default()
     });
     println!(

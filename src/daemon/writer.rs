@@ -182,13 +182,14 @@ impl Writer {
         }
     }
 
-    /// Applies one batch, retrying until it is written; past the bound, spools its renewals.
-    async fn commit(&mut self, jobs: Vec<Job>) {
-        let writes: Vec<Write> = jobs.iter().map(|j| j.write.clone()).collect();
+    /// Applies one batch. If the database refuses it, only the renewals are kept (anything else
+    /// is redone after its lease) and retried until they are written or, past the bound, spooled.
+    async fn commit(&mut self, mut jobs: Vec<Job>) {
         let started = Instant::now();
         let mut delay = RETRY_FIRST;
         loop {
-            match self.storage.apply(&writes).await {
+            let writes: Vec<Write> = jobs.iter().map(|j| j.write.clone()).collect();
+            let e = match self.storage.apply(&writes).await {
                 Ok(applied) => {
                     self.health.db_ok();
                     for (job, ok) in jobs.into_iter().zip(applied) {
@@ -203,34 +204,39 @@ impl Writer {
                     }
                     return;
                 }
-                Err(e) => {
-                    self.health.db_failed(&e);
-                    let bound = if self.stopping.is_cancelled() {
-                        STOPPING_SPOOL_AFTER.min(self.settings.spool_after)
-                    } else {
-                        self.settings.spool_after
-                    };
-                    if started.elapsed() >= bound {
-                        tracing::error!(error = %e, writes = jobs.len(), "the database stays unwritable; renewed keys go to the spool");
-                        self.spool_jobs(jobs);
-                        return;
-                    }
-                    tracing::warn!(error = %e, writes = jobs.len(), "database write failed; retrying");
-                    self.keep_leases(&writes).await;
-                    tokio::time::sleep(delay).await;
-                    delay = (delay * 2).min(RETRY_MAX);
-                }
+                Err(e) => e,
+            };
+            self.health.db_failed(&e);
+            let (renewals, others): (Vec<Job>, Vec<Job>) =
+                jobs.into_iter().partition(|j| is_renewal(&j.write));
+            for job in others {
+                answer(job, Written::Dropped);
             }
+            jobs = renewals;
+            if jobs.is_empty() {
+                tracing::warn!(error = %e, "database write failed; the keys are tried again later");
+                return;
+            }
+            let bound = if self.stopping.is_cancelled() {
+                STOPPING_SPOOL_AFTER.min(self.settings.spool_after)
+            } else {
+                self.settings.spool_after
+            };
+            if started.elapsed() >= bound {
+                tracing::error!(error = %e, keys = jobs.len(), "the database stays unwritable; renewed keys go to the spool");
+                self.spool_jobs(jobs);
+                return;
+            }
+            tracing::warn!(error = %e, keys = jobs.len(), "database write failed; holding the renewed keys and retrying");
+            self.keep_leases(&jobs).await;
+            tokio::time::sleep(delay).await;
+            delay = (delay * 2).min(RETRY_MAX);
         }
     }
 
-    /// Renewals go to the spool file (durable once this returns); anything else is dropped.
+    /// Renewals go to the spool file (durable once this returns).
     fn spool_jobs(&mut self, jobs: Vec<Job>) {
         for job in jobs {
-            if !is_renewal(&job.write) {
-                answer(job, Written::Dropped);
-                continue;
-            }
             if let Err(e) = self.spool.append(&job.write) {
                 // Nowhere durable to put it: it stays in memory and the database is retried.
                 tracing::error!(error = %e, spool = %self.spool.path().display(), "cannot write the spool file");
@@ -266,12 +272,8 @@ impl Writer {
     }
 
     /// A lease that ran out would let another process claim a row whose result waits here.
-    async fn keep_leases(&self, writes: &[Write]) {
-        let ids: Vec<i64> = writes
-            .iter()
-            .filter(|w| matches!(w, Write::Row { .. }))
-            .map(Write::key_id)
-            .collect();
+    async fn keep_leases(&self, jobs: &[Job]) {
+        let ids: Vec<i64> = jobs.iter().map(|j| j.write.key_id()).collect();
         let until = self.clock.now() + secs(self.settings.lease);
         if let Err(e) = self.storage.extend_leases(&ids, until).await {
             tracing::debug!(error = %e, "could not extend the leases either");

@@ -28,7 +28,7 @@ async fn handle(st: AppState, kind: Kind, body: Bytes) -> Response {
     if faults.latency_ms > 0 {
         tokio::time::sleep(Duration::from_millis(faults.latency_ms)).await;
     }
-    let response = match injected(&faults) {
+    let response = match injected(&faults, st.emu.draw()) {
         Some(Injected::Timeout) => {
             lock(&st.emu.stats).timeouts += 1;
             // Hold the call open until the client gives up (or the emulator stops).
@@ -90,8 +90,7 @@ fn trickle(stop: tokio_util::sync::CancellationToken) -> Response {
     Response::new(axum::body::Body::from_stream(stream))
 }
 
-fn injected(f: &Faults) -> Option<Injected> {
-    let mut draw = fastrand::f64();
+fn injected(f: &Faults, mut draw: f64) -> Option<Injected> {
     let table = [
         (f.timeout_rate, Injected::Timeout),
         (
@@ -176,6 +175,9 @@ fn renew(emu: &Emulator, faults: &Faults, kind: Kind, body: &[u8]) -> Response {
         None => {}
     }
     let new_key = emu.mint(new_kind, &client, &user, issued.lifetime_secs);
+    if faults.retire_renewed_keys {
+        emu.revoke_key(key);
+    }
     lock(&emu.stats).renewed += 1;
     (StatusCode::OK, axum::Json(json!({ "key": new_key }))).into_response()
 }

@@ -40,6 +40,12 @@ pub struct Faults {
     /// Renew, but answer with a key that is not the same credential: `kind`, `client` or `user`
     /// differs.
     pub wrong_successor: Option<WrongSuccessor>,
+    /// Renewing a key retires it: from then on the old key is refused (AuthenticationTokenInvalid),
+    /// as the Store may do. A client that loses a renewed key cannot renew that user again.
+    pub retire_renewed_keys: bool,
+    /// Draw the faults above from a generator with this seed: the same requests in the same
+    /// order meet the same faults on every run (the demo's script). Random when absent.
+    pub seed: Option<u64>,
 }
 
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
@@ -71,6 +77,8 @@ pub struct Issued {
     pub lifetime_secs: i64,
     pub expires_at: i64,
     pub revoked: bool,
+    /// When the emulator issued it (monotonic), for tests that reason about in-flight answers.
+    pub minted: std::time::Instant,
 }
 
 #[derive(Debug, Clone)]
@@ -91,6 +99,8 @@ pub struct Emulator {
     pub tokens: Mutex<Vec<String>>,
     pub faults: Mutex<Faults>,
     pub stats: Mutex<Stats>,
+    /// Where fault draws come from (seeded by `Faults::seed`).
+    draws: Mutex<fastrand::Rng>,
 }
 
 /// Poisoning only follows a panic in another handler; the data is still counters and maps.
@@ -116,6 +126,7 @@ impl Emulator {
             tokens: Mutex::default(),
             faults: Mutex::default(),
             stats: Mutex::default(),
+            draws: Mutex::new(fastrand::Rng::new()),
         }
     }
 
@@ -168,6 +179,7 @@ impl Emulator {
             lifetime_secs,
             expires_at: spec.issued_at + lifetime_secs,
             revoked: false,
+            minted: std::time::Instant::now(),
         };
         lock(&self.latest).insert((kind, issued.user_id.clone()), key.clone());
         lock(&self.keys).insert(key_id(&key), issued);
@@ -209,7 +221,15 @@ impl Emulator {
     }
 
     pub fn set_faults(&self, faults: Faults) {
+        *lock(&self.draws) = faults
+            .seed
+            .map_or_else(fastrand::Rng::new, fastrand::Rng::with_seed);
         *lock(&self.faults) = faults;
+    }
+
+    /// The next fault draw, uniform in `[0, 1)`.
+    pub fn draw(&self) -> f64 {
+        lock(&self.draws).f64()
     }
 
     pub fn faults(&self) -> Faults {
@@ -223,6 +243,11 @@ impl Emulator {
     /// Whether the emulator issued this key (renewed or not).
     pub fn issued(&self, key: &str) -> bool {
         lock(&self.keys).contains_key(&key_id(key))
+    }
+
+    /// When the emulator issued this key.
+    pub fn minted_at(&self, key: &str) -> Option<std::time::Instant> {
+        lock(&self.keys).get(&key_id(key)).map(|k| k.minted)
     }
 
     pub fn issued_count(&self) -> usize {

@@ -24,14 +24,17 @@ impl RateLimiter {
     /// Waits for this caller's slot. Slots are handed out in order; an idle limiter lets the
     /// next caller through at once (no burst credit builds up while idle).
     pub async fn acquire(&self) {
-        let slot = {
+        let (slot, now) = {
             let mut next = self.next.lock().await;
             let now = Instant::now();
             let slot = next.map_or(now, |n| n.max(now));
             *next = Some(slot + self.interval);
-            slot
+            (slot, now)
         };
-        tokio::time::sleep_until(slot).await;
+        // A slot that is already here needs no timer.
+        if slot > now {
+            tokio::time::sleep_until(slot).await;
+        }
     }
 }
 

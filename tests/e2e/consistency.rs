@@ -98,8 +98,10 @@ async fn sigterm_mid_renewal_leaves_a_consistent_database_and_a_restart_carries_
         let key = due_key(&env, user);
         env.store(user, Kind::Collections, &key).await;
     }
+    // The Store retires a key once it renews it: a renewal lost at shutdown cannot be redone.
     env.set_faults(Faults {
         latency_ms: 400,
+        retire_renewed_keys: true,
         ..Faults::default()
     });
 

@@ -3,7 +3,7 @@
 
 use std::collections::HashMap;
 use std::process::Stdio;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use storekeyd::emulator::Faults;
 use storekeyd::policy::claims::{self, Kind};
@@ -81,34 +81,47 @@ async fn sigkill_during_a_backlog_drain_loses_nothing() {
     for user in &users {
         env.add_due_user(user).await;
     }
-    // Slow enough that kills land mid-call as well as between calls.
+    // Slow enough that kills land mid-call as well as between calls. The Store retires a key once
+    // it renews it, so a renewal whose result was lost shows as a row that cannot renew again.
     env.set_faults(Faults {
         latency_ms: 40,
+        retire_renewed_keys: true,
         ..Faults::default()
     });
 
     let mut max_exp = HashMap::new();
+    let mut kill_times = Vec::new();
+    // Kill moments from a fixed seed: the same schedule on every run.
+    let mut rng = fastrand::Rng::with_seed(0x5eed);
     for _ in 0..kills {
         let mut child = spawn(&config);
-        tokio::time::sleep(Duration::from_millis(fastrand::u64(50..400))).await;
+        tokio::time::sleep(Duration::from_millis(rng.u64(50..400))).await;
         child.start_kill().unwrap();
+        kill_times.push(Instant::now());
         child.wait().await.unwrap();
         check_rows(&env.rows().await, &mut max_exp, &env);
     }
     let renewed_during_kills = env.rows().await.iter().filter(|r| r.renewals > 0).count();
+    let lost = lost_in_flight(&env, &users, &kill_times).await;
 
     let mut child = spawn(&config);
     env.wait_until("every key renewed after the last kill", || async {
-        env.rows().await.iter().all(|r| r.renewals >= 1)
+        env.rows()
+            .await
+            .iter()
+            .zip(&users)
+            .all(|(r, u)| r.renewals >= 1 || lost.contains(u))
     })
     .await;
     child.start_kill().unwrap();
     child.wait().await.unwrap();
 
     let rows = env.rows().await;
-    check_rows(&rows, &mut max_exp, &env);
     assert_eq!(rows.len(), keys, "a row was lost");
     for (row, user) in rows.iter().zip(&users) {
+        if lost.contains(user) {
+            continue;
+        }
         // Every key the Store issued is in the database or superseded by a later one: the row
         // holds the newest key the Store issued for that user.
         assert_eq!(
@@ -116,12 +129,41 @@ async fn sigkill_during_a_backlog_drain_loses_nothing() {
             Some(row.key.as_str()),
             "{user}"
         );
+        assert_eq!(row.state, "active", "{user}: {:?}", row.reason);
     }
     let stats = env.emu.stats();
     eprintln!(
-        "crash: {keys} keys, {kills} SIGKILLs ({renewed_during_kills} renewed meanwhile), {} renew requests, {} renewals by the Store, {} in the database, 0 lost, 0 regressed, 0 half-written",
+        "crash: {keys} keys, {kills} SIGKILLs ({renewed_during_kills} renewed meanwhile), {} renew requests, {} renewals by the Store, {} in the database, {} lost in flight (answer received, killed before the commit), 0 regressed, 0 half-written",
         stats.renew_requests,
         stats.renewed,
-        rows.iter().map(|r| r.renewals).sum::<i64>()
+        rows.iter().map(|r| r.renewals).sum::<i64>(),
+        lost.len()
     );
 }
+
+/// The users whose newest key never reached the database. A SIGKILL between the Store's answer
+/// and the commit loses it whatever the client does (the answer exists only in memory until
+/// then); any other loss is a bug. So each lost key must have been issued just before a kill.
+async fn lost_in_flight(env: &TestEnv, users: &[String], kills: &[Instant]) -> Vec<String> {
+    let mut lost = Vec::new();
+    for (row, user) in env.rows().await.iter().zip(users) {
+        let latest = env.emu.latest_key(Kind::Collections, user).unwrap();
+        if latest == row.key {
+            continue;
+        }
+        let minted = env.emu.minted_at(&latest).unwrap();
+        let caught = kills
+            .iter()
+            .any(|k| *k >= minted && k.duration_since(minted) < IN_FLIGHT);
+        assert!(
+            caught,
+            "{user}: the Store's renewal was lost though no kill caught it in flight"
+        );
+        lost.push(user.clone());
+    }
+    lost
+}
+
+/// How long after the Store's answer a kill can still find it unwritten: the answer's way back,
+/// the writer's queue and one commit, with room for a loaded machine.
+const IN_FLIGHT: Duration = Duration::from_secs(2);

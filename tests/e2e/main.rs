@@ -17,4 +17,5 @@ mod observe;
 mod outage;
 mod renewal;
 mod soak;
+mod spool;
 mod systemd;
