@@ -53,6 +53,37 @@ pub struct Engine {
     safety: Safety,
     writer: WriterHandle,
     endpoints: HashMap<Kind, reqwest::Url>,
+    calls: Calls,
+}
+
+/// Attempts waiting for Entra ID or the Store. An attempt leaves this count once it has its
+/// answer, while its write may still wait for the writer: the concurrency limit is on calls, so
+/// a slow commit never idles the connections to the Store.
+#[derive(Debug)]
+struct Calls {
+    n: std::sync::atomic::AtomicUsize,
+    answered: tokio::sync::Notify,
+    /// The loop is woken once this few calls remain: enough slots are free for a claim.
+    wake_at: usize,
+}
+
+/// Counts one attempt as calling until dropped.
+struct Calling<'a>(&'a Calls);
+
+impl<'a> Calling<'a> {
+    fn enter(calls: &'a Calls) -> Self {
+        calls.n.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        Calling(calls)
+    }
+}
+
+impl Drop for Calling<'_> {
+    fn drop(&mut self) {
+        let before = self.0.n.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+        if before <= self.0.wake_at + 1 {
+            self.0.answered.notify_one();
+        }
+    }
 }
 
 /// The parts of an engine built before the writer starts.
@@ -82,6 +113,7 @@ impl Engine {
             })?;
             endpoints.insert(kind, url);
         }
+        let concurrency = parts.config.renew.concurrency;
         Ok(Engine {
             limiter: RateLimiter::per_second(parts.config.renew.rate_limit),
             config: parts.config,
@@ -92,7 +124,22 @@ impl Engine {
             safety: parts.safety,
             writer,
             endpoints,
+            calls: Calls {
+                n: std::sync::atomic::AtomicUsize::new(0),
+                answered: tokio::sync::Notify::new(),
+                wake_at: concurrency.saturating_sub(super::refill_at(concurrency)),
+            },
         })
+    }
+
+    /// Attempts still waiting for an answer.
+    pub fn calls_in_flight(&self) -> usize {
+        self.calls.n.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Resolves when an attempt got its answer (or at once if one did since the last call).
+    pub async fn call_answered(&self) {
+        self.calls.answered.notified().await;
     }
 
     pub fn metrics(&self) -> &Arc<Metrics> {
@@ -154,7 +201,9 @@ impl Engine {
     pub async fn attempt(&self, row: ClaimedRow) -> Result<Settled, WriterGone> {
         let span = tracing::info_span!("renew", row = row.id, key = %row.key.fingerprint(), kind = %row.facts.kind);
         async {
+            let calling = Calling::enter(&self.calls);
             let (answer, call) = self.ask(&row).await?;
+            drop(calling);
             let decision = decision::decide(&Attempt {
                 facts: &row.facts,
                 attempts: row.attempts,

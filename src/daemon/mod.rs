@@ -159,6 +159,12 @@ pub fn status_line(stats: &KeyStats) -> String {
     )
 }
 
+/// Free call slots worth a claim while attempts are running: a claim is a write transaction, so
+/// a busy loop claims a quarter of its slots at once rather than one at a time.
+fn refill_at(concurrency: usize) -> usize {
+    (concurrency / 4).max(1)
+}
+
 fn secs(d: Duration) -> i64 {
     i64::try_from(d.as_secs()).unwrap_or(i64::MAX)
 }

@@ -1,7 +1,7 @@
 //! The run loop: ingest new keys, claim due ones, renew them with bounded concurrency, sleep
 //! until the next is due, and on shutdown drain in-flight attempts and unwritten results.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
@@ -11,8 +11,8 @@ use tokio::task::{Id, JoinError, JoinSet};
 use tokio_util::sync::CancellationToken;
 
 use super::attempt::{Engine, Settled};
-use super::writer::WriterGone;
-use super::{DaemonError, Service, ingest, secs, status_line};
+use super::writer::{MAX_BATCH, WriterGone};
+use super::{DaemonError, Service, ingest, refill_at, secs, status_line};
 use crate::clock::Clock;
 use crate::config::Config;
 use crate::ops::notify::Notifier;
@@ -81,6 +81,7 @@ pub async fn run(
         notifier,
         tasks: JoinSet::new(),
         in_flight: HashMap::new(),
+        held: HashSet::new(),
         last_prune: 0,
         last_status: None,
     };
@@ -131,6 +132,8 @@ struct Loop {
     tasks: JoinSet<Result<Settled, WriterGone>>,
     /// The row each task works on, until its result is durable.
     in_flight: HashMap<Id, i64>,
+    /// The same rows, to look up.
+    held: HashSet<i64>,
     last_prune: i64,
 }
 
@@ -158,14 +161,27 @@ impl Loop {
                 () = shutdown.cancelled() => break,
                 Some(joined) = self.tasks.join_next_with_id(), if !self.tasks.is_empty() => {
                     self.finished(joined);
-                    // Every attempt that finished meanwhile, before the next pass refills.
-                    while let Some(joined) = self.tasks.try_join_next_with_id() {
-                        self.finished(joined);
-                    }
+                    self.reap();
                 }
+                () = self.engine.call_answered(), if !self.tasks.is_empty() => self.reap(),
                 () = tokio::time::sleep(wait) => {}
             }
         }
+    }
+
+    /// Every attempt that finished meanwhile, before the next pass refills.
+    fn reap(&mut self) {
+        while let Some(joined) = self.tasks.try_join_next_with_id() {
+            self.finished(joined);
+        }
+    }
+
+    /// Free call slots, as long as the results waiting for the writer stay bounded too.
+    fn free_slots(&self) -> usize {
+        let concurrency = self.config.renew.concurrency;
+        let calls = concurrency.saturating_sub(self.engine.calls_in_flight());
+        let tasks = (concurrency + MAX_BATCH).saturating_sub(self.tasks.len());
+        calls.min(tasks)
     }
 
     /// One pass; returns how long to sleep before the next.
@@ -188,10 +204,10 @@ impl Loop {
             .into_iter()
             .filter(|k| !paused.contains(k))
             .collect();
-        let free = concurrency.saturating_sub(self.tasks.len());
+        let free = self.free_slots();
         let mut full_claim = false;
         // Under load, claims wait until a few slots are free: one query refills many.
-        if free > 0 && (free >= refill_at(concurrency) || self.tasks.is_empty()) {
+        if free > 0 && (free >= refill_at(concurrency) || self.engine.calls_in_flight() == 0) {
             let limit = u32::try_from(free).unwrap_or(u32::MAX).min(batch);
             let lease_until = now + secs(renew.lease);
             let rows = self
@@ -208,7 +224,7 @@ impl Loop {
             .metrics()
             .in_flight
             .store(self.tasks.len() as i64, Ordering::Relaxed);
-        let free = concurrency.saturating_sub(self.tasks.len());
+        let free = self.free_slots();
         if ingested >= batch as usize || (full_claim && free >= refill_at(concurrency)) {
             return Ok(Duration::ZERO);
         }
@@ -243,12 +259,13 @@ impl Loop {
         let id = row.id;
         // Its lease ran out while the attempt or its write still runs (a wall-clock jump, a
         // locked database), or its renewal waits in the spool: one attempt per key.
-        if self.in_flight.values().any(|&r| r == id) || self.engine.writer().holds(id) {
+        if self.held.contains(&id) || self.engine.writer().holds(id) {
             return;
         }
         let engine = self.engine.clone();
         let handle = self.tasks.spawn(async move { engine.attempt(row).await });
         self.in_flight.insert(handle.id(), id);
+        self.held.insert(id);
     }
 
     fn finished(&mut self, joined: Joined) {
@@ -257,6 +274,9 @@ impl Loop {
             Err(e) => (e.id(), Err(e)),
         };
         let row = self.in_flight.remove(&task);
+        if let Some(id) = row {
+            self.held.remove(&id);
+        }
         match result {
             Ok(Ok(_)) => {}
             Ok(Err(e)) => {
@@ -311,7 +331,9 @@ impl Loop {
             while let Some(joined) = self.tasks.join_next_with_id().await {
                 if let Ok((task, _)) = &joined {
                     // It finished after all; its result is recorded.
-                    self.in_flight.remove(task);
+                    if let Some(id) = self.in_flight.remove(task) {
+                        self.held.remove(&id);
+                    }
                 }
             }
             let ids: Vec<i64> = self.in_flight.values().copied().collect();
@@ -320,9 +342,4 @@ impl Loop {
             }
         }
     }
-}
-
-/// Free slots worth a claim while attempts are running.
-fn refill_at(concurrency: usize) -> usize {
-    (concurrency / 8).max(1)
 }

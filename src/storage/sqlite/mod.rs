@@ -20,9 +20,12 @@ use crate::policy::claims::{KeyFacts, KeyText, Kind};
 
 pub use open::migrator;
 
-/// A SQLite database. Cloning shares the pool.
+/// A SQLite database. Cloning shares the pools.
 #[derive(Debug, Clone)]
 pub struct SqliteStore {
+    /// The writer's own connection: batches of row changes and their events.
+    writer: SqlitePool,
+    /// Everything else: claims, the loop's reads, reports.
     pool: SqlitePool,
 }
 
@@ -39,9 +42,22 @@ impl SqliteStore {
 
     /// Opens (creating if needed, mode 0600) without touching the schema.
     pub async fn connect(url: &str, busy_timeout: Duration) -> Result<SqliteStore> {
-        Ok(SqliteStore {
-            pool: open::pool(url, busy_timeout).await?,
-        })
+        let (writer, pool) = open::pools(url, busy_timeout).await?;
+        Ok(SqliteStore { writer, pool })
+    }
+}
+
+#[cfg(test)]
+impl SqliteStore {
+    /// The query plan of a statement, one detail per line.
+    async fn explain(&self, sql: &'static str) -> String {
+        let rows: Vec<(i64, i64, i64, String)> =
+            sqlx::query_as(sqlx::AssertSqlSafe(format!("EXPLAIN QUERY PLAN {sql}")))
+                .bind("[]")
+                .fetch_all(&self.pool)
+                .await
+                .unwrap_or_default();
+        rows.into_iter().map(|r| r.3).collect::<Vec<_>>().join("\n")
     }
 }
 
@@ -87,6 +103,24 @@ fn claimed_rows(rows: &[SqliteRow]) -> Result<Vec<ClaimedRow>> {
         .collect::<std::result::Result<_, _>>()?)
 }
 
+async fn next_due(pool: &SqlitePool, kinds: &[Kind]) -> Result<Option<i64>> {
+    let mut next: Option<i64> = None;
+    for kind in kinds {
+        let (due,): (Option<i64>,) = sqlx::query_as(
+            "SELECT MIN(next_attempt_at) FROM store_keys INDEXED BY store_keys_due_kind
+             WHERE state = 'active' AND kind = ?",
+        )
+        .bind(kind.as_str())
+        .fetch_one(pool)
+        .await?;
+        next = match (next, due) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
+    }
+    Ok(next)
+}
+
 fn ids_json(ids: &[i64]) -> String {
     serde_json::to_string(ids).unwrap_or_else(|_| "[]".to_owned())
 }
@@ -108,6 +142,7 @@ impl Storage for SqliteStore {
 
     async fn close(&self) {
         self.pool.close().await;
+        self.writer.close().await;
     }
 
     async fn pending(&self, limit: u32) -> Result<Vec<PendingRow>> {
@@ -197,25 +232,11 @@ impl Storage for SqliteStore {
     }
 
     async fn next_due(&self, kinds: &[Kind]) -> Result<Option<i64>> {
-        let mut next: Option<i64> = None;
-        for kind in kinds {
-            let (due,): (Option<i64>,) = sqlx::query_as(
-                "SELECT MIN(next_attempt_at) FROM store_keys INDEXED BY store_keys_due_kind
-                 WHERE state = 'active' AND kind = ?",
-            )
-            .bind(kind.as_str())
-            .fetch_one(&self.pool)
-            .await?;
-            next = match (next, due) {
-                (Some(a), Some(b)) => Some(a.min(b)),
-                (a, b) => a.or(b),
-            };
-        }
-        Ok(next)
+        next_due(&self.pool, kinds).await
     }
 
     async fn apply(&self, writes: &[Write]) -> Result<Vec<bool>> {
-        write::apply(&self.pool, writes).await
+        write::apply(&self.writer, writes).await
     }
 
     async fn extend_leases(&self, ids: &[i64], until: i64) -> Result<()> {
@@ -290,7 +311,7 @@ impl Storage for SqliteStore {
     }
 
     async fn key_stats(&self, now: i64) -> Result<KeyStats> {
-        let next_due = self.next_due(&Kind::ALL).await?;
+        let next_due = next_due(&self.pool, &Kind::ALL).await?;
         read::key_stats(&self.pool, now, next_due).await
     }
 
