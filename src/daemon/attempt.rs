@@ -63,7 +63,7 @@ pub struct Engine {
 struct Calls {
     n: std::sync::atomic::AtomicUsize,
     answered: tokio::sync::Notify,
-    /// The loop is woken once this few calls remain: enough slots are free for a claim.
+    /// The loop is woken once this few calls remain: a few slots are free to refill.
     wake_at: usize,
 }
 
@@ -127,7 +127,7 @@ impl Engine {
             calls: Calls {
                 n: std::sync::atomic::AtomicUsize::new(0),
                 answered: tokio::sync::Notify::new(),
-                wake_at: concurrency.saturating_sub(super::refill_at(concurrency)),
+                wake_at: concurrency.saturating_sub((concurrency / 16).max(1)),
             },
         })
     }

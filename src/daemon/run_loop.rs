@@ -1,7 +1,7 @@
 //! The run loop: ingest new keys, claim due ones, renew them with bounded concurrency, sleep
 //! until the next is due, and on shutdown drain in-flight attempts and unwritten results.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
@@ -82,6 +82,7 @@ pub async fn run(
         tasks: JoinSet::new(),
         in_flight: HashMap::new(),
         held: HashSet::new(),
+        ready: VecDeque::new(),
         last_prune: 0,
         last_status: None,
     };
@@ -134,6 +135,8 @@ struct Loop {
     in_flight: HashMap<Id, i64>,
     /// The same rows, to look up.
     held: HashSet<i64>,
+    /// Keys claimed and waiting for a call slot.
+    ready: VecDeque<crate::storage::ClaimedRow>,
     last_prune: i64,
 }
 
@@ -141,31 +144,58 @@ type Joined = Result<(Id, Result<Settled, WriterGone>), JoinError>;
 
 impl Loop {
     async fn run_until(&mut self, shutdown: &CancellationToken) {
+        let mut wait = Duration::ZERO;
+        let mut full_pass = true;
         while !shutdown.is_cancelled() {
-            let wait = match self.pass().await {
-                Ok(wait) => wait,
-                Err(e) => {
-                    // A locked, read-only or full database: say so, and try again after a poll.
-                    tracing::error!(error = %e, "cycle failed; retrying after the poll interval");
-                    if let DaemonError::Db(e) = &e {
-                        self.health.db_failed(e);
+            if full_pass {
+                wait = match self.pass().await {
+                    Ok(wait) => wait,
+                    Err(e) => {
+                        // A locked, read-only or full database: say so, and try again after a
+                        // poll.
+                        tracing::error!(error = %e, "cycle failed; retrying after the poll interval");
+                        if let DaemonError::Db(e) = &e {
+                            self.health.db_failed(e);
+                        }
+                        self.config.renew.poll_interval
                     }
-                    self.config.renew.poll_interval
-                }
-            };
-            self.health.beat();
-            self.notifier.pet();
-            self.update_status().await;
-            let wait = self.notifier.max_sleep().map_or(wait, |max| wait.min(max));
+                };
+                self.health.beat();
+                self.notifier.pet();
+                self.update_status().await;
+                wait = self.notifier.max_sleep().map_or(wait, |max| wait.min(max));
+            } else {
+                // Slots freed up: refill them from the keys already claimed, no query needed.
+                self.spawn_ready();
+            }
+            full_pass = true;
             tokio::select! {
                 () = shutdown.cancelled() => break,
                 Some(joined) = self.tasks.join_next_with_id(), if !self.tasks.is_empty() => {
                     self.finished(joined);
                     self.reap();
                 }
-                () = self.engine.call_answered(), if !self.tasks.is_empty() => self.reap(),
+                () = self.engine.call_answered(), if !self.tasks.is_empty() => {
+                    self.reap();
+                    full_pass = self.ready.len() < self.refill_at();
+                }
                 () = tokio::time::sleep(wait) => {}
             }
+        }
+    }
+
+    /// Keys claimed and not yet started go when fewer than this many wait.
+    fn refill_at(&self) -> usize {
+        refill_at(self.config.renew.concurrency)
+    }
+
+    /// Starts claimed keys while call slots are free.
+    fn spawn_ready(&mut self) {
+        while self.free_slots() > 0 {
+            let Some(row) = self.ready.pop_front() else {
+                return;
+            };
+            self.spawn(row);
         }
     }
 
@@ -187,7 +217,8 @@ impl Loop {
     /// One pass; returns how long to sleep before the next.
     async fn pass(&mut self) -> Result<Duration, DaemonError> {
         let now = self.clock.now();
-        let renew = &self.config.renew;
+        let config = self.config.clone();
+        let renew = &config.renew;
         let (batch, poll, concurrency) = (renew.batch_size, renew.poll_interval, renew.concurrency);
         let ingested = ingest::ingest_pending(
             &*self.storage,
@@ -204,32 +235,34 @@ impl Loop {
             .into_iter()
             .filter(|k| !paused.contains(k))
             .collect();
-        let free = self.free_slots();
+        self.spawn_ready();
         let mut full_claim = false;
-        // Under load, claims wait until a few slots are free: one query refills many.
-        if free > 0 && (free >= refill_at(concurrency) || self.engine.calls_in_flight() == 0) {
-            let limit = u32::try_from(free).unwrap_or(u32::MAX).min(batch);
+        // Claimed keys wait in `ready` for a free slot, so a slot is refilled the moment an
+        // answer comes, not after a claim's commit. The queue is topped up when it runs low.
+        if self.ready.len() < self.refill_at() {
+            let want = concurrency / 2 + self.free_slots();
+            let limit = u32::try_from(want.saturating_sub(self.ready.len()).max(1))
+                .unwrap_or(u32::MAX)
+                .min(batch);
             let lease_until = now + secs(renew.lease);
             let rows = self
                 .storage
                 .claim_due(now, lease_until, limit, &kinds)
                 .await?;
             full_claim = rows.len() == limit as usize;
-            for row in rows {
-                self.spawn(row);
-            }
+            self.ready.extend(rows);
+            self.spawn_ready();
         }
         self.prune(now).await?;
         self.engine
             .metrics()
             .in_flight
             .store(self.tasks.len() as i64, Ordering::Relaxed);
-        let free = self.free_slots();
-        if ingested >= batch as usize || (full_claim && free >= refill_at(concurrency)) {
+        if ingested >= batch as usize || (full_claim && self.ready.len() < self.refill_at()) {
             return Ok(Duration::ZERO);
         }
-        if free < refill_at(concurrency) {
-            // A finishing attempt wakes the loop.
+        if !self.ready.is_empty() || self.free_slots() == 0 {
+            // An answer wakes the loop.
             return Ok(poll);
         }
         let until_due = match self.storage.next_due(&kinds).await? {
@@ -311,6 +344,11 @@ impl Loop {
     /// Stop claiming; let in-flight attempts finish within the grace period (their results are
     /// written or spooled by the writer); abort the rest and give their keys back.
     async fn drain(&mut self) {
+        // Claimed but never started: due again at once, not after their lease.
+        let unstarted: Vec<i64> = self.ready.drain(..).map(|r| r.id).collect();
+        if let Err(e) = self.storage.release(&unstarted, self.clock.now()).await {
+            tracing::warn!(error = %e, "could not release claimed keys; they are retried after their lease");
+        }
         let in_flight = self.tasks.len();
         if in_flight > 0 {
             tracing::info!(in_flight, "shutting down; waiting for in-flight renewals");
