@@ -14,7 +14,7 @@ use storekeyd::storage::{NewKey, Storage};
 
 use super::{Exit, read_key_arg, usage};
 
-pub async fn status(
+pub(super) async fn status(
     config: &Config,
     db: &dyn Storage,
     within: Option<Duration>,
@@ -35,7 +35,7 @@ pub async fn status(
     })
 }
 
-pub fn inspect_key(config: &Config, arg: &str, json: bool) -> anyhow::Result<Exit> {
+pub(super) fn inspect_key(config: &Config, arg: &str, json: bool) -> anyhow::Result<Exit> {
     let key = KeyText::new(read_key_arg(arg)?);
     let claims =
         claims::decode(key.expose()).map_err(|e| usage(format!("not a Store ID key: {e}")))?;
@@ -45,7 +45,7 @@ pub fn inspect_key(config: &Config, arg: &str, json: bool) -> anyhow::Result<Exi
     )
 }
 
-pub async fn inspect_row(
+pub(super) async fn inspect_row(
     config: &Config,
     db: &dyn Storage,
     row: i64,
@@ -89,7 +89,7 @@ fn print_inspection(inspection: &Inspection, json: bool) -> anyhow::Result<Exit>
     })
 }
 
-pub async fn add(
+pub(super) async fn add(
     db: &dyn Storage,
     user_ref: String,
     key_arg: &str,
@@ -114,7 +114,11 @@ pub async fn add(
 /// Rows per transaction: large enough to be fast, small enough to hold the write lock briefly.
 const IMPORT_BATCH: usize = 500;
 
-pub async fn import(db: &dyn Storage, file: &Path, format: Option<Format>) -> anyhow::Result<Exit> {
+pub(super) async fn import(
+    db: &dyn Storage,
+    file: &Path,
+    format: Option<Format>,
+) -> anyhow::Result<Exit> {
     let reader: Box<dyn std::io::BufRead> = if file == Path::new("-") {
         Box::new(std::io::stdin().lock())
     } else {

@@ -18,7 +18,7 @@ use tokio_util::sync::CancellationToken;
 
 /// Exit codes; documented in the README and in `--help`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Exit {
+pub(crate) enum Exit {
     /// Done, and everything is healthy.
     Ok = 0,
     /// Something failed inside storekeyd or its environment (database, I/O, network).
@@ -33,9 +33,9 @@ pub enum Exit {
 /// An error that is the caller's to fix (exit 2).
 #[derive(Debug, thiserror::Error)]
 #[error("{0}")]
-pub struct UsageError(pub String);
+pub(crate) struct UsageError(pub String);
 
-pub fn usage(msg: impl Into<String>) -> anyhow::Error {
+pub(crate) fn usage(msg: impl Into<String>) -> anyhow::Error {
     UsageError(msg.into()).into()
 }
 
@@ -51,7 +51,7 @@ variables (STOREKEYD_RENEW__MARGIN=3d). Logs: STOREKEYD_LOG sets the filter (sto
 /// expires, writes the new key back, and flags the keys the Store has revoked.
 #[derive(Debug, Parser)]
 #[command(name = "storekeyd", version, propagate_version = true, after_help = AFTER_HELP)]
-pub struct Cli {
+pub(crate) struct Cli {
     /// The configuration file (TOML). Without one, the defaults and STOREKEYD_* variables apply.
     #[arg(long, short, global = true, env = "STOREKEYD_CONFIG")]
     config: Option<PathBuf>,
@@ -157,7 +157,7 @@ enum Command {
     Man,
 }
 
-pub async fn execute(cli: Cli) -> ExitCode {
+pub(crate) async fn execute(cli: Cli) -> ExitCode {
     let result = dispatch(cli).await;
     let exit = match result {
         Ok(exit) => exit,
@@ -264,7 +264,7 @@ async fn open_existing(config: &Config) -> anyhow::Result<Arc<dyn Storage>> {
 }
 
 /// Cancelled on SIGTERM (systemd stop) or SIGINT (Ctrl-C).
-pub fn shutdown_signal() -> anyhow::Result<CancellationToken> {
+pub(crate) fn shutdown_signal() -> anyhow::Result<CancellationToken> {
     use anyhow::Context as _;
     use tokio::signal::unix::{SignalKind, signal};
     let token = CancellationToken::new();
@@ -297,7 +297,7 @@ fn chain(e: &anyhow::Error) -> String {
 }
 
 /// Reads a key given as an argument, or from stdin for `-`.
-pub fn read_key_arg(arg: &str) -> anyhow::Result<String> {
+pub(crate) fn read_key_arg(arg: &str) -> anyhow::Result<String> {
     if arg != "-" {
         return Ok(arg.trim().to_owned());
     }

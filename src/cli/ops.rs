@@ -18,7 +18,7 @@ use storekeyd::{daemon, emulator};
 
 use super::{Exit, shutdown_signal, usage};
 
-pub async fn run(config: Arc<Config>) -> anyhow::Result<Exit> {
+pub(super) async fn run(config: Arc<Config>) -> anyhow::Result<Exit> {
     let db = storage::open(&config.database_url(), config.database_busy_timeout).await?;
     let listener = if config.metrics.enabled {
         let addr = config.metrics.listen;
@@ -34,7 +34,7 @@ pub async fn run(config: Arc<Config>) -> anyhow::Result<Exit> {
     Ok(Exit::Ok)
 }
 
-pub async fn emulator(listen: SocketAddr, apps: &[String]) -> anyhow::Result<Exit> {
+pub(super) async fn emulator(listen: SocketAddr, apps: &[String]) -> anyhow::Result<Exit> {
     let listener = tokio::net::TcpListener::bind(listen)
         .await
         .with_context(|| format!("emulator: cannot listen on {listen}"))?;
@@ -52,7 +52,7 @@ pub async fn emulator(listen: SocketAddr, apps: &[String]) -> anyhow::Result<Exi
     Ok(Exit::Ok)
 }
 
-pub async fn migrate(config: &Config) -> anyhow::Result<Exit> {
+pub(super) async fn migrate(config: &Config) -> anyhow::Result<Exit> {
     let db = storage::connect(&config.database_url()).await?;
     db.migrate().await?;
     db.check_schema().await?;
@@ -61,7 +61,7 @@ pub async fn migrate(config: &Config) -> anyhow::Result<Exit> {
     Ok(Exit::Ok)
 }
 
-pub async fn check(config: &Config) -> anyhow::Result<Exit> {
+pub(super) async fn check(config: &Config) -> anyhow::Result<Exit> {
     let mut healthy = true;
     let mut report = |ok: bool, what: String| {
         healthy &= ok;
@@ -118,7 +118,7 @@ pub async fn check(config: &Config) -> anyhow::Result<Exit> {
     Ok(if healthy { Exit::Ok } else { Exit::Unhealthy })
 }
 
-pub async fn renew(
+pub(super) async fn renew(
     config: Arc<Config>,
     db: Arc<dyn Storage>,
     row: Option<i64>,

@@ -13,7 +13,7 @@ use crate::policy::claims::Kind;
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct MintRequest {
+pub(super) struct MintRequest {
     pub kind: Kind,
     pub client_id: String,
     pub user_id: String,
@@ -23,7 +23,7 @@ pub struct MintRequest {
     pub issued_secs_ago: Option<i64>,
 }
 
-pub async fn mint(State(st): State<AppState>, Json(req): Json<MintRequest>) -> Response {
+pub(super) async fn mint(State(st): State<AppState>, Json(req): Json<MintRequest>) -> Response {
     let lifetime = req.lifetime_secs.unwrap_or(30 * 86_400);
     if lifetime <= 0 {
         return (StatusCode::BAD_REQUEST, "lifetime_secs must be positive").into_response();
@@ -37,12 +37,12 @@ pub async fn mint(State(st): State<AppState>, Json(req): Json<MintRequest>) -> R
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct RevokeRequest {
+pub(super) struct RevokeRequest {
     pub key: Option<String>,
     pub user_id: Option<String>,
 }
 
-pub async fn revoke(State(st): State<AppState>, Json(req): Json<RevokeRequest>) -> Response {
+pub(super) async fn revoke(State(st): State<AppState>, Json(req): Json<RevokeRequest>) -> Response {
     let revoked = match (req.key, req.user_id) {
         (Some(key), None) => usize::from(st.emu.revoke_key(&key)),
         (None, Some(user)) => st.emu.revoke_user(&user),
@@ -59,32 +59,38 @@ pub async fn revoke(State(st): State<AppState>, Json(req): Json<RevokeRequest>) 
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct RegisterRequest {
+pub(super) struct RegisterRequest {
     pub tenant_id: String,
     pub client_id: String,
     pub client_secret: String,
 }
 
-pub async fn register(State(st): State<AppState>, Json(req): Json<RegisterRequest>) -> StatusCode {
+pub(super) async fn register(
+    State(st): State<AppState>,
+    Json(req): Json<RegisterRequest>,
+) -> StatusCode {
     st.emu
         .register_app(&req.tenant_id, &req.client_id, &req.client_secret);
     StatusCode::NO_CONTENT
 }
 
-pub async fn get_faults(State(st): State<AppState>) -> Json<Faults> {
+pub(super) async fn get_faults(State(st): State<AppState>) -> Json<Faults> {
     Json(st.emu.faults())
 }
 
-pub async fn put_faults(State(st): State<AppState>, Json(faults): Json<Faults>) -> StatusCode {
+pub(super) async fn put_faults(
+    State(st): State<AppState>,
+    Json(faults): Json<Faults>,
+) -> StatusCode {
     st.emu.set_faults(faults);
     StatusCode::NO_CONTENT
 }
 
-pub async fn get_stats(State(st): State<AppState>) -> Json<Stats> {
+pub(super) async fn get_stats(State(st): State<AppState>) -> Json<Stats> {
     Json(st.emu.stats())
 }
 
-pub async fn reset_stats(State(st): State<AppState>) -> StatusCode {
+pub(super) async fn reset_stats(State(st): State<AppState>) -> StatusCode {
     *lock(&st.emu.stats) = Stats::default();
     StatusCode::NO_CONTENT
 }

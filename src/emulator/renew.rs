@@ -14,11 +14,11 @@ use super::token;
 use crate::policy::claims::Kind;
 use crate::policy::outcome::{AUTH_TOKEN_INVALID, INCONSISTENT_CLIENT_ID};
 
-pub async fn collections(State(st): State<AppState>, body: Bytes) -> Response {
+pub(super) async fn collections(State(st): State<AppState>, body: Bytes) -> Response {
     handle(st, Kind::Collections, body).await
 }
 
-pub async fn purchase(State(st): State<AppState>, body: Bytes) -> Response {
+pub(super) async fn purchase(State(st): State<AppState>, body: Bytes) -> Response {
     handle(st, Kind::Purchase, body).await
 }
 

@@ -104,11 +104,11 @@ pub struct Emulator {
 }
 
 /// Poisoning only follows a panic in another handler; the data is still counters and maps.
-pub fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+pub(super) fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
-pub fn key_id(key: &str) -> [u8; 32] {
+pub(super) fn key_id(key: &str) -> [u8; 32] {
     Sha256::digest(key.trim().as_bytes()).into()
 }
 

@@ -13,12 +13,12 @@ use serde_json::json;
 use super::AppState;
 use super::state::{Emulator, lock};
 
-pub const AUDIENCE: &str = "https://onestore.microsoft.com";
+pub(super) const AUDIENCE: &str = "https://onestore.microsoft.com";
 const SCOPE: &str = "https://onestore.microsoft.com/.default";
 
 /// The claims of the access tokens (service tickets) the emulator issues.
 #[derive(Debug, Serialize, Deserialize)]
-pub struct Ticket {
+pub(super) struct Ticket {
     pub aud: String,
     pub iss: String,
     pub appid: String,
@@ -28,7 +28,7 @@ pub struct Ticket {
     pub exp: i64,
 }
 
-pub async fn token(
+pub(super) async fn token(
     State(st): State<AppState>,
     Path(tenant): Path<String>,
     Form(form): Form<HashMap<String, String>>,
@@ -137,7 +137,7 @@ fn issue(
 }
 
 /// Checks a ticket the emulator issued: signature, audience, and expiry on the emulator's clock.
-pub fn verify(emu: &Emulator, ticket: &str) -> Result<Ticket, &'static str> {
+pub(super) fn verify(emu: &Emulator, ticket: &str) -> Result<Ticket, &'static str> {
     let mut validation = Validation::new(Algorithm::HS256);
     validation.set_audience(&[AUDIENCE]);
     // Expiry is checked against the emulator's clock, which tests move forward.

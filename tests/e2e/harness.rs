@@ -17,11 +17,11 @@ use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
-pub const TENANT: &str = "test-tenant";
-pub const APP: &str = "app-main";
-pub const OTHER_APP: &str = "app-other";
-pub const DAY: u64 = 86_400;
-pub const KEY_LIFETIME: i64 = 30 * 86_400;
+pub(crate) const TENANT: &str = "test-tenant";
+pub(crate) const APP: &str = "app-main";
+pub(crate) const OTHER_APP: &str = "app-other";
+pub(crate) const DAY: u64 = 86_400;
+pub(crate) const KEY_LIFETIME: i64 = 30 * 86_400;
 
 /// Tracing output only when `TEST_LOG` is set (e.g. `TEST_LOG=storekeyd=debug`).
 fn init_logging() {
@@ -38,7 +38,7 @@ fn init_logging() {
 
 /// One key row as the tests look at it.
 #[derive(Debug, Clone)]
-pub struct Row {
+pub(crate) struct Row {
     pub id: i64,
     pub key: String,
     pub state: String,
@@ -85,12 +85,12 @@ impl From<RawRow> for Row {
 
 /// The backend's own connection to the database, opened as a game backend would open it, after
 /// storekeyd created the schema.
-pub struct Backend {
+pub(crate) struct Backend {
     pool: sqlx::SqlitePool,
 }
 
 impl Backend {
-    pub async fn open(url: &str) -> Backend {
+    pub(crate) async fn open(url: &str) -> Backend {
         use std::str::FromStr as _;
         storage::open(url, storage::BUSY_TIMEOUT)
             .await
@@ -108,16 +108,16 @@ impl Backend {
         Backend { pool }
     }
 
-    pub fn pool(&self) -> &sqlx::SqlitePool {
+    pub(crate) fn pool(&self) -> &sqlx::SqlitePool {
         &self.pool
     }
 
-    pub async fn close(&self) {
+    pub(crate) async fn close(&self) {
         self.pool.close().await;
     }
 }
 
-pub struct TestEnv {
+pub(crate) struct TestEnv {
     pub clock: Clock,
     pub emu: Arc<Emulator>,
     pub config: Config,
@@ -133,12 +133,12 @@ pub struct TestEnv {
 }
 
 impl TestEnv {
-    pub async fn new() -> TestEnv {
+    pub(crate) async fn new() -> TestEnv {
         TestEnv::with_database(None).await
     }
 
     /// A test env whose database lives at `path` (a file system the test controls).
-    pub async fn with_database(path: Option<std::path::PathBuf>) -> TestEnv {
+    pub(crate) async fn with_database(path: Option<std::path::PathBuf>) -> TestEnv {
         init_logging();
         let clock = Clock::system();
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -165,7 +165,7 @@ impl TestEnv {
     }
 
     /// Starts the daemon with this env's config and its own database connection.
-    pub async fn spawn_daemon(&mut self) {
+    pub(crate) async fn spawn_daemon(&mut self) {
         assert!(self.daemon.is_none(), "daemon already running");
         let db = storage::open(
             &self.config.database_url(),
@@ -188,7 +188,7 @@ impl TestEnv {
     }
 
     /// Stops the daemon as SIGTERM does and waits for it to exit cleanly.
-    pub async fn stop_daemon(&mut self) {
+    pub(crate) async fn stop_daemon(&mut self) {
         let (stop, handle) = self.daemon.take().expect("daemon not running");
         stop.cancel();
         tokio::time::timeout(Duration::from_secs(30), handle)
@@ -198,23 +198,23 @@ impl TestEnv {
             .expect("daemon returned an error");
     }
 
-    pub fn set_faults(&self, faults: Faults) {
+    pub(crate) fn set_faults(&self, faults: Faults) {
         self.emu.set_faults(faults);
     }
 
-    pub fn mint(&self, kind: Kind, client_id: &str, user: &str) -> String {
+    pub(crate) fn mint(&self, kind: Kind, client_id: &str, user: &str) -> String {
         self.emu.mint(kind, client_id, user, KEY_LIFETIME)
     }
 
     /// Stores a key with the backend contract's statement.
-    pub async fn store(&self, user: &str, kind: Kind, key: &str) {
+    pub(crate) async fn store(&self, user: &str, kind: Kind, key: &str) {
         contract::upsert_key(self.db.pool(), user, kind.as_str(), key)
             .await
             .unwrap();
     }
 
     /// Mints a collections key for `user` and stores it.
-    pub async fn add_user(&self, user: &str) -> String {
+    pub(crate) async fn add_user(&self, user: &str) -> String {
         let key = self.mint(Kind::Collections, APP, user);
         self.store(user, Kind::Collections, &key).await;
         key
@@ -223,12 +223,12 @@ impl TestEnv {
     /// Mints a collections key issued 20 days ago (due now) for `user` and stores it. Tests that
     /// count exact outcomes use these and leave the clock alone: a clock that jumps by days
     /// would also expire access tokens in flight.
-    pub async fn add_due_user(&self, user: &str) -> String {
+    pub(crate) async fn add_due_user(&self, user: &str) -> String {
         self.add_due_key(user, APP).await
     }
 
     /// Like [`TestEnv::add_due_user`] for any application.
-    pub async fn add_due_key(&self, user: &str, client_id: &str) -> String {
+    pub(crate) async fn add_due_key(&self, user: &str, client_id: &str) -> String {
         let issued = self.clock.now() - 20 * DAY as i64;
         let key = self
             .emu
@@ -238,7 +238,7 @@ impl TestEnv {
     }
 
     /// Counts rows by state.
-    pub async fn count(&self, state: &str) -> usize {
+    pub(crate) async fn count(&self, state: &str) -> usize {
         self.rows()
             .await
             .iter()
@@ -246,7 +246,7 @@ impl TestEnv {
             .count()
     }
 
-    pub async fn row(&self, user: &str, kind: Kind) -> Row {
+    pub(crate) async fn row(&self, user: &str, kind: Kind) -> Row {
         let sql = format!("{ROW_SELECT} WHERE user_ref = ? AND kind = ?");
         let raw: RawRow = sqlx::query_as(sqlx::AssertSqlSafe(sql))
             .bind(user)
@@ -257,7 +257,7 @@ impl TestEnv {
         Row::from(raw)
     }
 
-    pub async fn rows(&self) -> Vec<Row> {
+    pub(crate) async fn rows(&self) -> Vec<Row> {
         let sql = format!("{ROW_SELECT} ORDER BY id");
         let raw: Vec<RawRow> = sqlx::query_as(sqlx::AssertSqlSafe(sql))
             .fetch_all(self.db.pool())
@@ -267,7 +267,7 @@ impl TestEnv {
     }
 
     /// Outcomes recorded for a row, oldest first.
-    pub async fn outcomes(&self, key_id: i64) -> Vec<(String, i64, Option<i64>)> {
+    pub(crate) async fn outcomes(&self, key_id: i64) -> Vec<(String, i64, Option<i64>)> {
         sqlx::query_as(
             "SELECT outcome, at, http_status FROM store_key_events WHERE key_id = ? ORDER BY id",
         )
@@ -279,7 +279,7 @@ impl TestEnv {
 
     /// Polls `check` every 20 ms, moving the shared clock forward by `step` each time, until it
     /// holds; panics with `what` after `patience` (30 s; 10 minutes for the long versions).
-    pub async fn run_until<F, Fut>(&self, step: Duration, what: &str, mut check: F)
+    pub(crate) async fn run_until<F, Fut>(&self, step: Duration, what: &str, mut check: F)
     where
         F: FnMut() -> Fut,
         Fut: std::future::Future<Output = bool>,
@@ -299,7 +299,7 @@ impl TestEnv {
     }
 
     /// Waits without moving the clock.
-    pub async fn wait_until<F, Fut>(&self, what: &str, check: F)
+    pub(crate) async fn wait_until<F, Fut>(&self, what: &str, check: F)
     where
         F: FnMut() -> Fut,
         Fut: std::future::Future<Output = bool>,
@@ -309,7 +309,7 @@ impl TestEnv {
 }
 
 /// The value of one sample in Prometheus text, e.g. `storekeyd_breaker_open{kind="collections"}`.
-pub fn metric(text: &str, sample: &str) -> Option<f64> {
+pub(crate) fn metric(text: &str, sample: &str) -> Option<f64> {
     text.lines()
         .find_map(|l| {
             l.strip_prefix(sample)
@@ -319,7 +319,7 @@ pub fn metric(text: &str, sample: &str) -> Option<f64> {
 }
 
 /// Sends SIGTERM (what systemd sends on stop) to a child process.
-pub fn sigterm(child: &tokio::process::Child) {
+pub(crate) fn sigterm(child: &tokio::process::Child) {
     let pid = child.id().expect("the child has exited").to_string();
     let status = std::process::Command::new("kill")
         .args(["-TERM", &pid])
@@ -329,13 +329,13 @@ pub fn sigterm(child: &tokio::process::Child) {
 }
 
 /// Whether the `STOREKEYD_FULL` opt-in asks for the long versions of the reliability tests.
-pub fn full() -> bool {
+pub(crate) fn full() -> bool {
     std::env::var_os("STOREKEYD_FULL").is_some()
 }
 
 /// What a run of the binary printed and how it exited.
 #[derive(Debug)]
-pub struct Output {
+pub(crate) struct Output {
     pub code: i32,
     pub stdout: String,
     pub stderr: String,
@@ -343,17 +343,17 @@ pub struct Output {
 
 impl TestEnv {
     /// Writes this env's config to a file for the binary, returning its path.
-    pub fn write_config(&self) -> std::path::PathBuf {
+    pub(crate) fn write_config(&self) -> std::path::PathBuf {
         self.write_config_to(&self.dir.path().join("storekeyd.toml"))
     }
 
-    pub fn write_config_to(&self, path: &std::path::Path) -> std::path::PathBuf {
+    pub(crate) fn write_config_to(&self, path: &std::path::Path) -> std::path::PathBuf {
         std::fs::write(path, toml::to_string(&self.config).unwrap()).unwrap();
         path.to_owned()
     }
 
     /// Runs `storekeyd --config <this env's config> ARGS`, feeding `stdin`.
-    pub async fn cli(&self, args: &[&str], stdin: &str) -> Output {
+    pub(crate) async fn cli(&self, args: &[&str], stdin: &str) -> Output {
         use tokio::io::AsyncWriteExt as _;
         let config = self.write_config();
         let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_storekeyd"))
@@ -382,7 +382,7 @@ impl TestEnv {
     }
 
     /// GETs a path from the running daemon's metrics listener.
-    pub async fn get(&self, path: &str) -> (u16, String) {
+    pub(crate) async fn get(&self, path: &str) -> (u16, String) {
         let addr = self.metrics_addr.expect("daemon not running");
         let resp = reqwest::get(format!("http://{addr}{path}")).await.unwrap();
         (resp.status().as_u16(), resp.text().await.unwrap())
@@ -399,7 +399,7 @@ impl Drop for TestEnv {
 }
 
 /// Production defaults, but fast polling and short timeouts, pointed at the emulator.
-pub fn test_config(emu: &Emulator, dir: &TempDir) -> Config {
+pub(crate) fn test_config(emu: &Emulator, dir: &TempDir) -> Config {
     let mut config = Config {
         database_url: Some(format!("sqlite://{}", dir.path().join("keys.db").display())),
         state_directory: Some(dir.path().to_path_buf()),
@@ -425,6 +425,6 @@ pub fn test_config(emu: &Emulator, dir: &TempDir) -> Config {
     config
 }
 
-pub fn write_private(path: &std::path::Path, contents: &str) {
+pub(crate) fn write_private(path: &std::path::Path, contents: &str) {
     storekeyd::demo::write_private(path, contents).unwrap();
 }
