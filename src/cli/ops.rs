@@ -127,7 +127,13 @@ pub(super) async fn renew(
 ) -> anyhow::Result<Exit> {
     let clock = Clock::system();
     let health = Arc::new(Health::new(std::time::Duration::from_secs(3600)));
-    let service = Service::start(config.clone(), db.clone(), clock.clone(), health)?;
+    let service = Service::start(
+        config.clone(),
+        db.clone(),
+        clock.clone(),
+        health,
+        tokio_util::sync::CancellationToken::new(),
+    )?;
     let result = renew_with(&service.engine, &config, &*db, &clock, row, due, dry_run).await;
     // Every result the Store gave is written (or spooled) before the command returns.
     service.close().await;

@@ -49,6 +49,7 @@ pub enum DaemonError {
 pub struct Service {
     pub engine: Arc<Engine>,
     writer: JoinHandle<()>,
+    alarms: JoinHandle<()>,
     stopping: CancellationToken,
     close: CancellationToken,
 }
@@ -56,11 +57,14 @@ pub struct Service {
 impl Service {
     /// Reads every secret (a missing one stops the start instead of failing renewals one by one
     /// later) and starts the writer.
+    /// `shutdown` is the stop signal: once it fires, renewed keys the database refuses are
+    /// spooled at once instead of waited for.
     pub fn start(
         config: Arc<Config>,
         storage: Arc<dyn Storage>,
         clock: Clock,
         health: Arc<Health>,
+        shutdown: CancellationToken,
     ) -> Result<Service, DaemonError> {
         let credentials = config
             .applications
@@ -76,22 +80,23 @@ impl Service {
             clock.clone(),
             metrics.clone(),
         );
-        let (stopping, close) = (CancellationToken::new(), CancellationToken::new());
+        let (stopping, close) = (shutdown.child_token(), CancellationToken::new());
         let settings = WriterSettings {
             spool_after: config.renew.spool_after,
             lease: config.renew.lease,
         };
         let (writer, task) = writer::spawn(
             storage.clone(),
-            Spool::in_directory(&config.state_directory()),
+            Spool::for_process(&config.state_directory()),
             settings,
             health,
             clock.clone(),
             (stopping.clone(), close.clone()),
         );
+        let (safety, alarms) = Safety::new(&config, storage, clock.clone());
         let parts = Parts {
             api: RenewClient::new(http, config.http.max_body_bytes),
-            safety: Safety::new(&config, storage, clock.clone()),
+            safety,
             config,
             tokens,
             clock,
@@ -100,6 +105,7 @@ impl Service {
         Ok(Service {
             engine: Arc::new(Engine::new(parts, writer)?),
             writer: task,
+            alarms,
             stopping,
             close,
         })
@@ -110,12 +116,19 @@ impl Service {
         self.stopping.cancel();
     }
 
-    /// Writes (or spools) everything queued, then stops the writer.
+    /// Writes (or spools) everything queued, then stops the writer and the alarm recorder.
+    /// Every other holder of the engine must be gone.
     pub async fn close(self) {
         self.stopping.cancel();
         self.close.cancel();
         if let Err(e) = self.writer.await {
             tracing::error!(error = %e, "the database writer failed");
+        }
+        drop(self.engine);
+        match tokio::time::timeout(Duration::from_secs(5), self.alarms).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => tracing::error!(error = %e, "the alarm recorder failed"),
+            Err(_) => tracing::warn!("the alarm recorder did not finish; alarms may be stale"),
         }
     }
 }
@@ -128,12 +141,7 @@ async fn recover(
     clock: &Clock,
     shutdown: &CancellationToken,
 ) -> Result<(), DaemonError> {
-    spool::recover(
-        storage,
-        &Spool::in_directory(&config.state_directory()),
-        shutdown,
-    )
-    .await?;
+    spool::recover(storage, &config.state_directory(), shutdown).await?;
     storage.clear_alarms().await?;
     let rechecked = storage.recheck_misconfigured(clock.now()).await?;
     if rechecked > 0 {

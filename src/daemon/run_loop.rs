@@ -49,6 +49,7 @@ pub async fn run(
         storage.clone(),
         clock.clone(),
         health.clone(),
+        shutdown.clone(),
     )?;
     let engine = service.engine.clone();
     let background = CancellationToken::new();
@@ -148,6 +149,8 @@ impl Loop {
         let mut full_pass = true;
         while !shutdown.is_cancelled() {
             if full_pass {
+                // Not cut short by a stop: a claim's rows must reach the queue to be handed back.
+                // (A pass waits on a locked database for at most the busy timeout.)
                 wait = match self.pass().await {
                     Ok(wait) => wait,
                     Err(e) => {
@@ -189,13 +192,17 @@ impl Loop {
         refill_at(self.config.renew.concurrency)
     }
 
-    /// Starts claimed keys while call slots are free.
+    /// Starts claimed keys while call slots are free. A key whose lease ran out in the queue is
+    /// left alone: another process may have claimed it since; it is due again here too.
     fn spawn_ready(&mut self) {
+        let lease = self.config.renew.lease;
         while self.free_slots() > 0 {
             let Some(row) = self.ready.pop_front() else {
                 return;
             };
-            self.spawn(row);
+            if row.claimed.elapsed() < lease {
+                self.spawn(row);
+            }
         }
     }
 
@@ -250,7 +257,11 @@ impl Loop {
                 .claim_due(now, lease_until, limit, &kinds)
                 .await?;
             full_claim = rows.len() == limit as usize;
-            self.ready.extend(rows);
+            for row in rows {
+                // Claimed again after its lease ran out in the queue: the fresh claim counts.
+                self.ready.retain(|r| r.id != row.id);
+                self.ready.push_back(row);
+            }
             self.spawn_ready();
         }
         self.prune(now).await?;

@@ -5,7 +5,9 @@
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
+
 use std::time::Instant;
+use tokio::sync::mpsc;
 
 use crate::clock::Clock;
 use crate::config::Config;
@@ -19,6 +21,7 @@ pub struct Safety {
     breakers: Mutex<HashMap<Kind, Breaker>>,
     guard: Mutex<RevocationGuard>,
     storage: Arc<dyn Storage>,
+    alarm_tx: mpsc::UnboundedSender<AlarmRecord>,
     clock: Clock,
     /// Whether state changes are written to `storekeyd_alarms`: the daemon's are; a one-shot CLI
     /// process's are not (they would outlive it, or clear the daemon's).
@@ -38,18 +41,28 @@ fn credential_alarm(app: &str) -> String {
 }
 
 impl Safety {
-    pub fn new(config: &Config, storage: Arc<dyn Storage>, clock: Clock) -> Self {
+    /// Also starts the task that records alarm changes; it ends once the `Safety` is dropped
+    /// and everything it was sent is written.
+    pub fn new(
+        config: &Config,
+        storage: Arc<dyn Storage>,
+        clock: Clock,
+    ) -> (Self, tokio::task::JoinHandle<()>) {
         let breakers = Kind::ALL
             .into_iter()
             .map(|k| (k, Breaker::new(config.breaker_policy())))
             .collect();
-        Safety {
+        let (alarm_tx, alarm_rx) = mpsc::unbounded_channel();
+        let recorder = tokio::spawn(record_alarms(storage.clone(), alarm_rx));
+        let safety = Safety {
             breakers: Mutex::new(breakers),
             guard: Mutex::new(RevocationGuard::new(config.guard_policy())),
             storage,
+            alarm_tx,
             clock,
             record: AtomicBool::new(true),
-        }
+        };
+        (safety, recorder)
     }
 
     /// For a CLI process: write no alarms, and honour the credential alarms the daemon raised.
@@ -174,18 +187,43 @@ impl Safety {
             .collect()
     }
 
-    /// Writes or clears the alarm row; a failure is logged, never fatal (the metric and the log
-    /// line carry the same news).
+    /// Writes or clears the alarm row, in the background and in order: an attempt that raised
+    /// an alarm must not hold its renewed key back while the database is busy. A failure is
+    /// logged, never fatal (the metric and the log line carry the same news).
     async fn record(&self, name: &str, detail: Option<&str>) {
         if !self.record.load(Ordering::Relaxed) {
             return;
         }
-        let result = match detail {
-            Some(d) => self.storage.set_alarm(name, d, self.clock.now()).await,
-            None => self.storage.clear_alarm(name).await,
+        let change = AlarmRecord {
+            name: name.to_owned(),
+            detail: detail.map(str::to_owned),
+            at: self.clock.now(),
+        };
+        if self.alarm_tx.send(change).is_err() {
+            tracing::warn!(
+                alarm = name,
+                "could not record the alarm for `status`: the recorder stopped"
+            );
+        }
+    }
+}
+
+/// One alarm raised (with its detail) or cleared.
+struct AlarmRecord {
+    name: String,
+    detail: Option<String>,
+    at: i64,
+}
+
+/// Writes alarm changes one after the other, as they came.
+async fn record_alarms(storage: Arc<dyn Storage>, mut rx: mpsc::UnboundedReceiver<AlarmRecord>) {
+    while let Some(c) = rx.recv().await {
+        let result = match &c.detail {
+            Some(d) => storage.set_alarm(&c.name, d, c.at).await,
+            None => storage.clear_alarm(&c.name).await,
         };
         if let Err(e) = result {
-            tracing::warn!(alarm = name, error = %e, "could not record the alarm for `status`");
+            tracing::warn!(alarm = c.name, error = %e, "could not record the alarm for `status`");
         }
     }
 }

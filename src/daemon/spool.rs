@@ -1,5 +1,7 @@
 //! The spool: renewed keys the database would not take, in an append-only file of JSON lines
-//! (mode 0600, fsync'd after every entry) in the state directory. The next start applies it, by
+//! (mode 0600, fsync'd after every entry) in the state directory, one file per process
+//! (`storekeyd-<pid>.spool`), so that a `storekeyd renew` and the daemon never remove each
+//! other's entries. The next start of the daemon applies every file whose process is gone, by
 //! compare-and-swap like any write, before it claims anything.
 
 use std::io::Write as _;
@@ -13,8 +15,9 @@ use tokio_util::sync::CancellationToken;
 use crate::policy::claims::{KeyFacts, KeyText};
 use crate::storage::{Change, DbError, Event, Storage, Write};
 
-/// The spool file's name in the state directory.
-pub const FILE_NAME: &str = "storekeyd.spool";
+/// Spool files are `storekeyd-<pid>.spool` in the state directory.
+const PREFIX: &str = "storekeyd-";
+const SUFFIX: &str = ".spool";
 
 #[derive(Debug, Clone)]
 pub struct Spool {
@@ -50,9 +53,10 @@ pub enum SpoolError {
 }
 
 impl Spool {
-    pub fn in_directory(dir: &Path) -> Self {
+    /// This process's spool in `dir`.
+    pub fn for_process(dir: &Path) -> Self {
         Spool {
-            path: dir.join(FILE_NAME),
+            path: dir.join(format!("{PREFIX}{}{SUFFIX}", std::process::id())),
         }
     }
 
@@ -60,7 +64,8 @@ impl Spool {
         &self.path
     }
 
-    /// Appends one renewal; durable once this returns.
+    /// Appends one renewal; durable once this returns. A failed append leaves the file as it
+    /// was (no half line for the next entry to run into).
     pub fn append(&self, write: &Write) -> std::io::Result<()> {
         use std::os::unix::fs::OpenOptionsExt as _;
         let Some(entry) = entry(write) else {
@@ -74,8 +79,12 @@ impl Spool {
             .create(true)
             .mode(0o600)
             .open(&self.path)?;
-        file.write_all(&line)?;
-        file.sync_data()?;
+        let len = file.metadata()?.len();
+        let written = file.write_all(&line).and_then(|()| file.sync_data());
+        if let Err(e) = written {
+            let _ = file.set_len(len);
+            return Err(e);
+        }
         if created {
             sync_dir(&self.path)?;
         }
@@ -91,12 +100,12 @@ impl Spool {
         }
     }
 
-    /// Every entry, in order. A last line cut short by a crash is skipped: its append never
-    /// returned, so its attempt was never taken as written.
-    pub fn read(&self) -> Result<Vec<Write>, SpoolError> {
+    /// Every entry, in order. A line that does not parse (cut short by a crash: its append never
+    /// returned, so nobody took it as written) is skipped and counted.
+    pub fn read(&self) -> Result<(Vec<Write>, usize), SpoolError> {
         let text = match std::fs::read_to_string(&self.path) {
             Ok(t) => t,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok((Vec::new(), 0)),
             Err(source) => {
                 return Err(SpoolError::Io {
                     path: self.path.display().to_string(),
@@ -104,18 +113,50 @@ impl Spool {
                 });
             }
         };
-        let complete = text.rfind('\n').map_or("", |end| &text[..end]);
         let mut writes = Vec::new();
-        for (n, line) in complete.lines().enumerate() {
-            let corrupt = |message: String| SpoolError::Corrupt {
-                path: self.path.display().to_string(),
-                line: n + 1,
-                message,
-            };
-            let entry: Entry = serde_json::from_str(line).map_err(|e| corrupt(e.to_string()))?;
-            writes.push(write(entry).map_err(corrupt)?);
+        let mut skipped = 0;
+        for line in text.lines().filter(|l| !l.trim().is_empty()) {
+            match serde_json::from_str::<Entry>(line)
+                .map_err(|e| e.to_string())
+                .and_then(write)
+            {
+                Ok(w) => writes.push(w),
+                Err(_) => skipped += 1,
+            }
         }
-        Ok(writes)
+        Ok((writes, skipped))
+    }
+
+    /// The spools in `dir` whose process is gone (or is this one: a pid reused after a crash).
+    fn orphans(dir: &Path) -> Result<Vec<Spool>, SpoolError> {
+        let entries = match std::fs::read_dir(dir) {
+            Ok(e) => e,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+            Err(source) => {
+                return Err(SpoolError::Io {
+                    path: dir.display().to_string(),
+                    source,
+                });
+            }
+        };
+        let own = std::process::id();
+        let mut orphans = Vec::new();
+        for entry in entries.flatten() {
+            let name = entry.file_name();
+            let Some(pid) = name
+                .to_str()
+                .and_then(|n| n.strip_prefix(PREFIX))
+                .and_then(|n| n.strip_suffix(SUFFIX))
+                .and_then(|p| p.parse::<u32>().ok())
+            else {
+                continue;
+            };
+            if pid == own || !Path::new("/proc").join(pid.to_string()).exists() {
+                orphans.push(Spool { path: entry.path() });
+            }
+        }
+        orphans.sort_by(|a, b| a.path.cmp(&b.path));
+        Ok(orphans)
     }
 }
 
@@ -182,16 +223,28 @@ pub enum RecoverError {
     },
 }
 
-/// Applies what a previous run spooled, retrying while the database is busy, until `stop`.
-/// Returns how many renewals it wrote.
+/// Applies what earlier processes spooled in `dir`, retrying while the database is busy, until
+/// `stop`. Returns how many renewals it wrote.
 pub async fn recover(
+    storage: &dyn Storage,
+    dir: &Path,
+    stop: &CancellationToken,
+) -> Result<usize, RecoverError> {
+    let mut total = 0;
+    for spool in Spool::orphans(dir)? {
+        total += recover_one(storage, &spool, stop).await?;
+    }
+    Ok(total)
+}
+
+async fn recover_one(
     storage: &dyn Storage,
     spool: &Spool,
     stop: &CancellationToken,
 ) -> Result<usize, RecoverError> {
-    let writes = spool.read()?;
-    if writes.is_empty() {
-        return Ok(0);
+    let (writes, skipped) = spool.read()?;
+    if skipped > 0 {
+        tracing::warn!(spool = %spool.path().display(), lines = skipped, "skipping spool lines that do not parse (an append cut short)");
     }
     let applied = loop {
         match storage.apply(&writes).await {
@@ -209,10 +262,95 @@ pub async fn recover(
     })?;
     let written = applied.iter().filter(|ok| **ok).count();
     tracing::info!(
+        spool = %spool.path().display(),
         keys = writes.len(),
         written,
         superseded = writes.len() - written,
-        "applied the renewals a previous run spooled"
+        "applied the renewals an earlier run spooled"
     );
-    Ok(writes.len())
+    Ok(written)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::policy::claims::Kind;
+
+    fn renewal(id: i64) -> Write {
+        Write::Row {
+            id,
+            expected: KeyText::from_bytes(vec![0xff, b'a']),
+            at: 7,
+            change: Change::Renew {
+                key: KeyText::new("new.key.text"),
+                facts: KeyFacts {
+                    kind: Kind::Purchase,
+                    client_id: "app".into(),
+                    user_id: None,
+                    issued_at: 1,
+                    expires_at: 2,
+                },
+                next_at: 3,
+            },
+            event: None,
+        }
+    }
+
+    #[test]
+    fn entries_round_trip_and_a_torn_line_is_skipped() {
+        use std::os::unix::fs::PermissionsExt as _;
+        let dir = tempfile::tempdir().unwrap();
+        let spool = Spool::for_process(dir.path());
+        spool.append(&renewal(1)).unwrap();
+        spool.append(&renewal(2)).unwrap();
+        let mode = std::fs::metadata(spool.path())
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o600);
+        // A crash in the middle of an append.
+        let mut f = std::fs::OpenOptions::new()
+            .append(true)
+            .open(spool.path())
+            .unwrap();
+        f.write_all(br#"{"id":3,"expec"#).unwrap();
+        let (writes, skipped) = spool.read().unwrap();
+        assert_eq!(skipped, 1);
+        assert_eq!(writes.len(), 2);
+        let Write::Row {
+            id,
+            expected,
+            change,
+            ..
+        } = &writes[1]
+        else {
+            panic!("not a row write")
+        };
+        assert_eq!(*id, 2);
+        assert_eq!(
+            expected.cas_bytes(),
+            &[0xff, b'a'],
+            "the key's bytes, not a lossy rendering"
+        );
+        assert!(matches!(change, Change::Renew { key, .. } if key.expose() == "new.key.text"));
+        assert_eq!(
+            Spool::orphans(dir.path()).unwrap().len(),
+            1,
+            "this process's own file"
+        );
+        spool.clear().unwrap();
+        assert!(!spool.path().exists());
+    }
+
+    #[test]
+    fn a_live_process_keeps_its_spool() {
+        let dir = tempfile::tempdir().unwrap();
+        // PID 1 is alive on every Linux machine.
+        std::fs::write(dir.path().join("storekeyd-1.spool"), "").unwrap();
+        std::fs::write(dir.path().join("storekeyd-4194999.spool"), "").unwrap();
+        std::fs::write(dir.path().join("other.spool"), "").unwrap();
+        let orphans = Spool::orphans(dir.path()).unwrap();
+        assert_eq!(orphans.len(), 1);
+        assert!(orphans[0].path().ends_with("storekeyd-4194999.spool"));
+    }
 }

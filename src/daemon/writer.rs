@@ -17,9 +17,9 @@ use crate::storage::{Change, Storage, Write};
 
 /// At most this many writes go into one transaction.
 pub const MAX_BATCH: usize = 1024;
-/// How long a write may wait for a busy or failing database before renewals go to the spool
-/// while the daemon stops.
-const STOPPING_SPOOL_AFTER: Duration = Duration::from_secs(2);
+/// While the daemon stops, renewals that can be neither written nor spooled are given up after
+/// this long (with an error naming how many), so a stop still ends before systemd kills it.
+const STOPPING_GIVE_UP: Duration = Duration::from_secs(10);
 const RETRY_FIRST: Duration = Duration::from_millis(50);
 const RETRY_MAX: Duration = Duration::from_secs(2);
 
@@ -107,8 +107,8 @@ pub struct WriterSettings {
     pub lease: Duration,
 }
 
-/// Starts the writer task. `stopping` (shutdown began) shortens the wait before spooling;
-/// `close` (nothing more will be sent) ends the task once the queue is written.
+/// Starts the writer task. Once `stopping` (shutdown began), a write the database refuses is
+/// spooled at once; `close` (nothing more will be sent) ends the task once the queue is written.
 pub fn spawn(
     storage: Arc<dyn Storage>,
     spool: Spool,
@@ -169,7 +169,8 @@ impl Writer {
                 break; // closed, and everything sent was handled
             }
             self.commit(std::mem::take(&mut batch)).await;
-            if !self.spooled.is_empty() {
+            // A stop spools rather than waits; the next start writes the spool.
+            if !self.spooled.is_empty() && !self.stopping.is_cancelled() {
                 self.apply_spooled().await;
             }
         }
@@ -217,34 +218,45 @@ impl Writer {
                 tracing::warn!(error = %e, "database write failed; the keys are tried again later");
                 return;
             }
-            let bound = if self.stopping.is_cancelled() {
-                STOPPING_SPOOL_AFTER.min(self.settings.spool_after)
-            } else {
-                self.settings.spool_after
-            };
-            if started.elapsed() >= bound {
+            let stopping = self.stopping.is_cancelled();
+            if stopping || started.elapsed() >= self.settings.spool_after {
                 tracing::error!(error = %e, keys = jobs.len(), "the database stays unwritable; renewed keys go to the spool");
-                self.spool_jobs(jobs);
-                return;
+                jobs = self.spool_jobs(jobs);
+                if jobs.is_empty() {
+                    return;
+                }
+                if stopping && started.elapsed() >= STOPPING_GIVE_UP {
+                    tracing::error!(
+                        keys = jobs.len(),
+                        "stopping: renewed keys could be written neither to the database nor to the spool; they are lost"
+                    );
+                    return;
+                }
+            } else {
+                tracing::warn!(error = %e, keys = jobs.len(), "database write failed; holding the renewed keys and retrying");
             }
-            tracing::warn!(error = %e, keys = jobs.len(), "database write failed; holding the renewed keys and retrying");
-            self.keep_leases(&jobs).await;
+            let ids: Vec<i64> = jobs.iter().map(|j| j.write.key_id()).collect();
+            self.keep_leases(&ids).await;
             tokio::time::sleep(delay).await;
             delay = (delay * 2).min(RETRY_MAX);
         }
     }
 
-    /// Renewals go to the spool file (durable once this returns).
-    fn spool_jobs(&mut self, jobs: Vec<Job>) {
+    /// Renewals go to the spool file; returns those that could not be written there either
+    /// (they stay unanswered, and the database is tried again).
+    fn spool_jobs(&mut self, jobs: Vec<Job>) -> Vec<Job> {
+        let mut unsaved = Vec::new();
         for job in jobs {
             if let Err(e) = self.spool.append(&job.write) {
-                // Nowhere durable to put it: it stays in memory and the database is retried.
                 tracing::error!(error = %e, spool = %self.spool.path().display(), "cannot write the spool file");
+                unsaved.push(job);
+                continue;
             }
             lock(&self.held).insert(job.write.key_id());
             self.spooled.push(job.write.clone());
             answer(job, Written::Spooled);
         }
+        unsaved
     }
 
     /// Once the database takes writes again, the spooled renewals are applied (by
@@ -267,15 +279,18 @@ impl Writer {
                     held.remove(&w.key_id());
                 }
             }
-            Err(_) => self.spooled = writes,
+            Err(_) => {
+                let ids: Vec<i64> = writes.iter().map(Write::key_id).collect();
+                self.keep_leases(&ids).await;
+                self.spooled = writes;
+            }
         }
     }
 
     /// A lease that ran out would let another process claim a row whose result waits here.
-    async fn keep_leases(&self, jobs: &[Job]) {
-        let ids: Vec<i64> = jobs.iter().map(|j| j.write.key_id()).collect();
+    async fn keep_leases(&self, ids: &[i64]) {
         let until = self.clock.now() + secs(self.settings.lease);
-        if let Err(e) = self.storage.extend_leases(&ids, until).await {
+        if let Err(e) = self.storage.extend_leases(ids, until).await {
             tracing::debug!(error = %e, "could not extend the leases either");
         }
     }

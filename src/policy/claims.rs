@@ -279,32 +279,44 @@ fn truncate(s: &str) -> String {
 
 /// A key as it is held in memory: the text plus a fingerprint, with `Debug` that shows only the
 /// fingerprint so that no log line or error can carry the credential.
-#[derive(Clone, PartialEq, Eq)]
+#[derive(Clone)]
 pub struct KeyText {
     text: String,
     /// The stored bytes when they are not UTF-8 (a backend bound a blob): kept so that writes can
     /// still compare-and-swap on exactly what was read. The text is then a lossy rendering that
     /// never decodes.
     raw: Option<Box<[u8]>>,
+    /// Computed once: an attempt names its key in its span, its event and its write.
+    fingerprint: std::sync::OnceLock<Fingerprint>,
 }
+
+impl PartialEq for KeyText {
+    fn eq(&self, other: &Self) -> bool {
+        self.text == other.text && self.raw == other.raw
+    }
+}
+
+impl Eq for KeyText {}
 
 impl KeyText {
     pub fn new(key: impl Into<String>) -> Self {
         KeyText {
             text: key.into(),
             raw: None,
+            fingerprint: std::sync::OnceLock::new(),
         }
     }
 
     /// From a column's bytes, whatever they are.
     pub fn from_bytes(bytes: Vec<u8>) -> Self {
         match String::from_utf8(bytes) {
-            Ok(text) => KeyText { text, raw: None },
+            Ok(text) => KeyText::new(text),
             Err(e) => {
                 let raw = e.into_bytes();
                 KeyText {
                     text: String::from_utf8_lossy(&raw).into_owned(),
                     raw: Some(raw.into()),
+                    fingerprint: std::sync::OnceLock::new(),
                 }
             }
         }
@@ -324,7 +336,7 @@ impl KeyText {
     }
 
     pub fn fingerprint(&self) -> Fingerprint {
-        Fingerprint::of(&self.text)
+        *self.fingerprint.get_or_init(|| Fingerprint::of(&self.text))
     }
 }
 

@@ -132,6 +132,10 @@ pub struct NewKey {
 
 /// One write the writer applies.
 #[derive(Debug, Clone)]
+#[expect(
+    clippy::large_enum_variant,
+    reason = "row changes are nearly every write; boxing them would allocate for each"
+)]
 pub enum Write {
     /// A change to one key row at time `at`, only if the row still holds `expected`, with its
     /// event.

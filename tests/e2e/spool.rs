@@ -7,7 +7,6 @@ use std::os::unix::fs::PermissionsExt as _;
 use std::time::Duration;
 
 use sqlx::Connection as _;
-use storekeyd::daemon::spool::FILE_NAME;
 use storekeyd::emulator::Faults;
 use storekeyd::policy::claims::Kind;
 
@@ -47,8 +46,21 @@ async fn locked_env(spool_after: Duration) -> (TestEnv, sqlx::SqliteConnection) 
     (env, backend)
 }
 
+/// The spool files in the state directory (`storekeyd-<pid>.spool`).
+fn spools(env: &TestEnv) -> Vec<std::path::PathBuf> {
+    std::fs::read_dir(env.dir.path())
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p.extension().is_some_and(|x| x == "spool"))
+        .collect()
+}
+
 fn spool_lines(env: &TestEnv) -> usize {
-    std::fs::read_to_string(env.dir.path().join(FILE_NAME)).map_or(0, |t| t.lines().count())
+    spools(env)
+        .iter()
+        .map(|p| std::fs::read_to_string(p).map_or(0, |t| t.lines().count()))
+        .sum()
 }
 
 /// Every row holds the newest key the Store issued for its user, renewed exactly once.
@@ -81,7 +93,7 @@ async fn renewals_spooled_while_the_database_stays_locked_are_written_when_it_fr
         spool_lines(&env) == KEYS
     })
     .await;
-    let mode = std::fs::metadata(env.dir.path().join(FILE_NAME))
+    let mode = std::fs::metadata(&spools(&env)[0])
         .unwrap()
         .permissions()
         .mode();
@@ -93,10 +105,8 @@ async fn renewals_spooled_while_the_database_stays_locked_are_written_when_it_fr
 
     sqlx::query("COMMIT").execute(&mut backend).await.unwrap();
     assert_every_key_kept(&env).await;
-    env.wait_until("the spool emptied", || async {
-        !env.dir.path().join(FILE_NAME).exists()
-    })
-    .await;
+    env.wait_until("the spool emptied", || async { spools(&env).is_empty() })
+        .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -118,7 +128,7 @@ async fn a_stop_while_the_database_is_locked_spools_and_the_next_start_writes_fi
     env.spawn_daemon().await;
     assert_every_key_kept(&env).await;
     assert!(
-        !env.dir.path().join(FILE_NAME).exists(),
+        spools(&env).is_empty(),
         "the start applied the spool and removed it"
     );
     env.stop_daemon().await;

@@ -67,15 +67,24 @@ fn claimed(row: &SqliteRow) -> std::result::Result<ClaimedRow, sqlx::Error> {
     let count = |name: &str| -> std::result::Result<u32, sqlx::Error> {
         Ok(u32::try_from(row.try_get::<i64, _>(name)?).unwrap_or(u32::MAX))
     };
+    let key = KeyText::from_bytes(row.try_get("key_bytes")?);
+    let user_id: Option<String> = row.try_get("user_id")?;
+    // Rows activated before the column existed: read the user from the key, once, so a
+    // successor for another user is still refused.
+    let user_id = user_id.or_else(|| {
+        crate::policy::claims::decode(key.expose())
+            .ok()
+            .and_then(|c| c.user_id)
+    });
     Ok(ClaimedRow {
         id: row.try_get("id")?,
-        key: KeyText::from_bytes(row.try_get("key_bytes")?),
+        key,
         facts: KeyFacts {
             kind: Kind::parse(&kind).ok_or_else(|| decode_error("kind", &kind))?,
             client_id: row
                 .try_get::<Option<String>, _>("client_id")?
                 .unwrap_or_default(),
-            user_id: row.try_get("user_id")?,
+            user_id,
             issued_at: row.try_get::<Option<i64>, _>("issued_at")?.unwrap_or(0),
             expires_at: row.try_get::<Option<i64>, _>("expires_at")?.unwrap_or(0),
         },

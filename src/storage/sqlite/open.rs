@@ -15,12 +15,15 @@ use crate::storage::{DbError, Result};
 /// The writer's page cache (negative: KiB): the hot pages of a drain; it fills only as pages are
 /// used. The other connections keep SQLite's default (2 MiB).
 const WRITER_CACHE: &str = "-8192";
+const WRITER_BUSY: Duration = Duration::from_secs(2);
 
 /// Two pools on one file: the writer's own connection, and three for claims, the loop's reads
 /// and reports. The writer keeps one connection (and so one warm page cache) instead of taking
 /// whichever is free; in WAL mode readers never wait for it.
 pub(super) async fn pools(url: &str, busy_timeout: Duration) -> Result<(SqlitePool, SqlitePool)> {
-    let writer = pool(url, busy_timeout, 1, WRITER_CACHE).await?;
+    // The writer retries a refused batch itself (and spools past a bound), so it waits for the
+    // lock in short steps: a stop never waits out a long busy timeout.
+    let writer = pool(url, busy_timeout.min(WRITER_BUSY), 1, WRITER_CACHE).await?;
     let others = pool(url, busy_timeout, 3, "-2000").await?;
     Ok((writer, others))
 }

@@ -35,22 +35,40 @@ async fn apply_in(conn: &mut SqliteConnection, writes: &[Write]) -> Result<Vec<b
         .iter()
         .map(|w| matches!(w, Write::Event(_)))
         .collect();
-    // Each write's JSON, grouped by the statement that applies it.
-    let mut groups: Vec<(ChangeKind, Vec<usize>, String)> = Vec::new();
+    // Each write's JSON, grouped by the statement that applies it. A statement reports the ids
+    // it changed, so a row appears at most once per statement: a second write to the same row
+    // (a spool applied twice, say) goes into a later statement of its own.
+    let mut groups: Vec<Group> = Vec::new();
     for (i, write) in writes.iter().enumerate() {
         let Some((kind, json)) = row_json(write) else {
             continue;
         };
-        match groups.iter_mut().find(|(k, _, _)| *k == kind) {
-            Some((_, indexes, array)) => {
-                indexes.push(i);
-                array.push(',');
-                array.push_str(&json);
+        let id = write.key_id();
+        match groups
+            .iter_mut()
+            .find(|g| g.kind == kind && !g.ids.contains(&id))
+        {
+            Some(g) => {
+                g.indexes.push(i);
+                g.ids.insert(id);
+                g.array.push(',');
+                g.array.push_str(&json);
             }
-            None => groups.push((kind, vec![i], format!("[{json}"))),
+            None => groups.push(Group {
+                kind,
+                indexes: vec![i],
+                ids: std::collections::HashSet::from([id]),
+                array: format!("[{json}"),
+            }),
         }
     }
-    for (kind, indexes, mut array) in groups {
+    for Group {
+        kind,
+        indexes,
+        mut array,
+        ..
+    } in groups
+    {
         array.push(']');
         let done: Vec<(i64,)> = sqlx::query_as(kind.sql())
             .bind(array)
@@ -64,6 +82,14 @@ async fn apply_in(conn: &mut SqliteConnection, writes: &[Write]) -> Result<Vec<b
     insert_events(conn, writes, &applied).await?;
     sqlx::query("COMMIT").execute(&mut *conn).await?;
     Ok(applied)
+}
+
+/// The writes one statement applies.
+struct Group {
+    kind: ChangeKind,
+    indexes: Vec<usize>,
+    ids: std::collections::HashSet<i64>,
+    array: String,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
