@@ -274,7 +274,12 @@ async fn ingest_then_idle(n: usize) {
     let rate = n as f64 / took;
     line("daemon ingest", format!("{rate:.0} rows/s ({took:.1} s)"));
     line("daemon CPU per row", format!("{cpu_us:.1} µs"));
-    idle(&mut daemon, pid).await;
+    idle(&mut daemon, pid, "the daemon that ingested them").await;
+    stop(daemon).await;
+    // What a daemon (re)started over a million stored keys holds.
+    let mut daemon = spawn(&bench);
+    let pid = daemon.id().expect("the daemon's pid");
+    idle(&mut daemon, pid, "a daemon started over them").await;
     stop(daemon).await;
     bench.finish().await;
 }
@@ -290,15 +295,15 @@ async fn any_pending(pool: &SqlitePool) -> bool {
     exists != 0
 }
 
-/// The daemon over the ingested keys with none due: it should sleep, and hold little memory.
-async fn idle(daemon: &mut Child, pid: u32) {
-    // Let the pass that ingested the last rows finish (claims, the next-due query) first.
-    tokio::time::sleep(Duration::from_secs(1)).await;
+/// A daemon over the ingested keys with none due: it should sleep, and hold little memory.
+async fn idle(daemon: &mut Child, pid: u32, which: &str) {
+    // Let the pass that ingested the last rows (or the first pass) finish first.
+    tokio::time::sleep(Duration::from_secs(2)).await;
     let before = cpu_secs(pid);
     tokio::time::sleep(IDLE).await;
     watch(daemon, Instant::now(), "idling");
     let used_ms = (cpu_secs(pid) - before) * 1e3;
-    println!("\nidle: the same daemon, keys stored, none due");
+    println!("\nidle: {which}, keys stored, none due");
     let label = format!("daemon CPU in {} s", IDLE.as_secs());
     line(&label, format!("{used_ms:.0} ms"));
     line("daemon RSS", format!("{:.1} MB", status_mb(pid, "VmRSS")));

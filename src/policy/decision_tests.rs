@@ -9,14 +9,9 @@ use crate::policy::claims;
 const NOW: i64 = 1_800_000_000;
 const DAY: i64 = 86_400;
 
+/// The shipped defaults: 14-day cadence, 7-day margin, 1 h jitter, backoff from 30 s to 1 h.
 fn policy() -> Policy {
-    Policy {
-        max_age: Duration::from_secs(14 * DAY as u64),
-        margin: Duration::from_secs(7 * DAY as u64),
-        jitter: Duration::from_secs(3600),
-        backoff_base: Duration::from_secs(30),
-        backoff_cap: Duration::from_secs(3600),
-    }
+    crate::config::Config::default().policy()
 }
 
 /// A key issued 20 days before NOW, expiring 10 days after.

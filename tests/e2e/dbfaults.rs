@@ -1,9 +1,8 @@
 //! The database misbehaves: a backend holds the write lock, or writes start failing. The daemon
 //! waits, says so, loses no result and recovers.
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use sqlx::Connection as _;
 use storekeyd::emulator::Faults;
 
 use crate::harness::{TestEnv, full};
@@ -31,33 +30,8 @@ async fn a_long_write_lock_delays_but_loses_no_renewal() {
     // Results are kept and retried for up to a lease (2 minutes by default).
     env.config.renew.lease = Duration::from_secs(120);
     let keys = 6;
-    for i in 0..keys {
-        env.add_due_user(&format!("user-{i}")).await;
-    }
-    env.set_faults(Faults {
-        latency_ms: 700,
-        retire_renewed_keys: true,
-        ..Faults::default()
-    });
-    env.spawn_daemon().await;
-    env.wait_until("renewals in flight", || async {
-        env.emu.stats().renew_requests >= keys
-    })
-    .await;
-
     // A backend's long transaction: holds the write lock while the Store answers.
-    let mut backend = sqlx::SqliteConnection::connect(&env.config.database_url())
-        .await
-        .unwrap();
-    sqlx::query("BEGIN IMMEDIATE")
-        .execute(&mut backend)
-        .await
-        .unwrap();
-    let locked = Instant::now();
-    env.wait_until("the Store renewed every key", || async {
-        env.emu.stats().renewed >= keys
-    })
-    .await;
+    let (mut backend, locked) = env.lock_while_renewing(keys).await;
     tokio::time::sleep(Duration::from_secs(hold).saturating_sub(locked.elapsed())).await;
     sqlx::query("COMMIT").execute(&mut backend).await.unwrap();
 

@@ -308,6 +308,45 @@ impl TestEnv {
     }
 }
 
+impl TestEnv {
+    /// Starts the daemon on `keys` due keys (`user-0` …) whose renewals take 700 ms at a Store
+    /// that retires renewed keys, and takes the database's write lock (a backend's long
+    /// transaction) while they are in flight. Returns once the Store has renewed every key, with
+    /// the lock still held, and when it was taken.
+    pub(crate) async fn lock_while_renewing(
+        &mut self,
+        keys: u64,
+    ) -> (sqlx::SqliteConnection, std::time::Instant) {
+        use sqlx::Connection as _;
+        for i in 0..keys {
+            self.add_due_user(&format!("user-{i}")).await;
+        }
+        self.set_faults(Faults {
+            latency_ms: 700,
+            retire_renewed_keys: true,
+            ..Faults::default()
+        });
+        self.spawn_daemon().await;
+        self.wait_until("renewals in flight", || async {
+            self.emu.stats().renew_requests >= keys
+        })
+        .await;
+        let mut backend = sqlx::SqliteConnection::connect(&self.config.database_url())
+            .await
+            .unwrap();
+        sqlx::query("BEGIN IMMEDIATE")
+            .execute(&mut backend)
+            .await
+            .unwrap();
+        let locked = std::time::Instant::now();
+        self.wait_until("the Store renewed every key", || async {
+            self.emu.stats().renewed >= keys
+        })
+        .await;
+        (backend, locked)
+    }
+}
+
 /// The value of one sample in Prometheus text, e.g. `storekeyd_breaker_open{kind="collections"}`.
 pub(crate) fn metric(text: &str, sample: &str) -> Option<f64> {
     text.lines()

@@ -6,43 +6,19 @@
 use std::os::unix::fs::PermissionsExt as _;
 use std::time::Duration;
 
-use sqlx::Connection as _;
-use storekeyd::emulator::Faults;
 use storekeyd::policy::claims::Kind;
 
 use crate::harness::TestEnv;
 
 const KEYS: usize = 6;
 
-/// A daemon whose database will be locked by a backend while renewals are in flight.
+/// A daemon whose database a backend locks while renewals are in flight; returns once the Store
+/// renewed every key, with the lock held.
 async fn locked_env(spool_after: Duration) -> (TestEnv, sqlx::SqliteConnection) {
     let mut env = TestEnv::new().await;
     env.config.database_busy_timeout = Duration::from_millis(500);
     env.config.renew.spool_after = spool_after;
-    for i in 0..KEYS {
-        env.add_due_user(&format!("user-{i}")).await;
-    }
-    env.set_faults(Faults {
-        latency_ms: 700,
-        retire_renewed_keys: true,
-        ..Faults::default()
-    });
-    env.spawn_daemon().await;
-    env.wait_until("renewals in flight", || async {
-        env.emu.stats().renew_requests >= KEYS as u64
-    })
-    .await;
-    let mut backend = sqlx::SqliteConnection::connect(&env.config.database_url())
-        .await
-        .unwrap();
-    sqlx::query("BEGIN IMMEDIATE")
-        .execute(&mut backend)
-        .await
-        .unwrap();
-    env.wait_until("the Store renewed every key", || async {
-        env.emu.stats().renewed >= KEYS as u64
-    })
-    .await;
+    let (backend, _) = env.lock_while_renewing(KEYS as u64).await;
     (env, backend)
 }
 
