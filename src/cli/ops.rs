@@ -230,7 +230,7 @@ async fn not_claimable(db: &dyn Storage, id: i64) -> anyhow::Result<String> {
 
 async fn renew_one(engine: &Engine, db: &dyn Storage, claimed: ClaimedRow) -> anyhow::Result<bool> {
     let id = claimed.id;
-    let settled = engine.attempt(claimed).await?;
+    let settled = engine.attempt(claimed, engine.call_permit()).await?;
     let summary = db.key_row(id).await?.map(|(s, _)| s);
     let (user, kind, reason, fp) = summary.map_or_else(Default::default, |s| {
         (

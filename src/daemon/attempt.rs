@@ -53,7 +53,7 @@ pub struct Engine {
     safety: Safety,
     writer: WriterHandle,
     endpoints: HashMap<Kind, reqwest::Url>,
-    calls: Calls,
+    calls: Arc<Calls>,
 }
 
 /// Attempts waiting for Entra ID or the Store. An attempt leaves this count once it has its
@@ -67,17 +67,12 @@ struct Calls {
     wake_at: usize,
 }
 
-/// Counts one attempt as calling until dropped.
-struct Calling<'a>(&'a Calls);
+/// One attempt counted as calling, from before its task starts until its answer is in: taken
+/// where the attempt is started, so attempts spawned and not yet running count too.
+#[derive(Debug)]
+pub struct CallPermit(Arc<Calls>);
 
-impl<'a> Calling<'a> {
-    fn enter(calls: &'a Calls) -> Self {
-        calls.n.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        Calling(calls)
-    }
-}
-
-impl Drop for Calling<'_> {
+impl Drop for CallPermit {
     fn drop(&mut self) {
         let before = self.0.n.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
         if before <= self.0.wake_at + 1 {
@@ -124,12 +119,20 @@ impl Engine {
             safety: parts.safety,
             writer,
             endpoints,
-            calls: Calls {
+            calls: Arc::new(Calls {
                 n: std::sync::atomic::AtomicUsize::new(0),
                 answered: tokio::sync::Notify::new(),
                 wake_at: concurrency.saturating_sub((concurrency / 16).max(1)),
-            },
+            }),
         })
+    }
+
+    /// Counts an attempt about to start as calling; hand it to [`Engine::attempt`].
+    pub fn call_permit(&self) -> CallPermit {
+        self.calls
+            .n
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        CallPermit(self.calls.clone())
     }
 
     /// Attempts still waiting for an answer.
@@ -197,13 +200,17 @@ impl Engine {
         ))
     }
 
-    /// Runs one attempt and waits until its result is durable.
-    pub async fn attempt(&self, row: ClaimedRow) -> Result<Settled, WriterGone> {
+    /// Runs one attempt and waits until its result is durable. `permit` (from
+    /// [`Engine::call_permit`]) is given back once the answer is in.
+    pub async fn attempt(
+        &self,
+        row: ClaimedRow,
+        permit: CallPermit,
+    ) -> Result<Settled, WriterGone> {
         let span = tracing::info_span!("renew", row = row.id, key = %row.key.fingerprint(), kind = %row.facts.kind);
         async {
-            let calling = Calling::enter(&self.calls);
             let (answer, call) = self.ask(&row).await?;
-            drop(calling);
+            drop(permit);
             let decision = decision::decide(&Attempt {
                 facts: &row.facts,
                 attempts: row.attempts,

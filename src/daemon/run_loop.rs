@@ -307,7 +307,10 @@ impl Loop {
             return;
         }
         let engine = self.engine.clone();
-        let handle = self.tasks.spawn(async move { engine.attempt(row).await });
+        let permit = engine.call_permit();
+        let handle = self
+            .tasks
+            .spawn(async move { engine.attempt(row, permit).await });
         self.in_flight.insert(handle.id(), id);
         self.held.insert(id);
     }

@@ -277,8 +277,10 @@ impl TestEnv {
         .unwrap()
     }
 
-    /// Polls `check` every 20 ms, moving the shared clock forward by `step` each time, until it
-    /// holds; panics with `what` after `patience` (30 s; 10 minutes for the long versions).
+    /// Polls `check` every 20 ms, moving the shared clock forward by up to `step` each time,
+    /// until it holds; panics with `what` after `patience` (30 s; 10 minutes for the long
+    /// versions). The clock stands still while a key is due and not yet acted on (see
+    /// [`TestEnv::advance_toward_next_due`]), so a slow machine slows the test, never fails it.
     pub(crate) async fn run_until<F, Fut>(&self, step: Duration, what: &str, mut check: F)
     where
         F: FnMut() -> Fut,
@@ -293,9 +295,31 @@ impl TestEnv {
                 tokio::time::Instant::now() < deadline,
                 "timed out waiting for: {what}"
             );
-            self.clock.advance(step);
+            self.advance_toward_next_due(step).await;
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
+    }
+
+    /// Moves the clock forward by `step`, but not while a key waits to be checked, is due or is
+    /// being worked on: every key the clock made due gets its attempt before time moves on.
+    async fn advance_toward_next_due(&self, step: Duration) {
+        if step.is_zero() {
+            return;
+        }
+        let (pending, leased, due): (i64, i64, Option<i64>) = sqlx::query_as(
+            "SELECT COALESCE(SUM(state = 'pending'), 0),
+                    COALESCE(SUM(state = 'active' AND lease_until IS NOT NULL), 0),
+                    MIN(CASE WHEN state = 'active' THEN next_attempt_at END)
+             FROM store_keys",
+        )
+        .fetch_one(self.db.pool())
+        .await
+        .unwrap();
+        let now = self.clock.now();
+        if pending > 0 || leased > 0 || due.is_some_and(|d| d <= now) {
+            return;
+        }
+        self.clock.advance(step);
     }
 
     /// Waits without moving the clock.

@@ -29,6 +29,15 @@ pub struct SqliteStore {
     pool: SqlitePool,
 }
 
+/// Lease updates by id. The unary `+` keeps the planner on the ids: with the state index it
+/// walked every active row (8 s at a million keys).
+const EXTEND_LEASES: &str = "UPDATE store_keys SET next_attempt_at = ?1, lease_until = ?1
+     WHERE id IN (SELECT value FROM json_each(?2)) AND +state = 'active'
+       AND lease_until IS NOT NULL";
+const RELEASE: &str = "UPDATE store_keys SET next_attempt_at = ?1, lease_until = NULL
+     WHERE id IN (SELECT value FROM json_each(?2)) AND +state = 'active'
+       AND lease_until IS NOT NULL";
+
 /// The columns a claim returns: the key and the claims ingest stored for it.
 const CLAIMED: &str = "id, CAST(key AS BLOB) AS key_bytes, attempts, refusals, kind, client_id, user_id, issued_at, expires_at";
 
@@ -50,7 +59,7 @@ impl SqliteStore {
 #[cfg(test)]
 impl SqliteStore {
     /// The query plan of a statement, one detail per line.
-    async fn explain(&self, sql: &'static str) -> String {
+    pub(super) async fn explain(&self, sql: &'static str) -> String {
         let rows: Vec<(i64, i64, i64, String)> =
             sqlx::query_as(sqlx::AssertSqlSafe(format!("EXPLAIN QUERY PLAN {sql}")))
                 .bind("[]")
@@ -249,28 +258,26 @@ impl Storage for SqliteStore {
     }
 
     async fn extend_leases(&self, ids: &[i64], until: i64) -> Result<()> {
-        sqlx::query(
-            "UPDATE store_keys SET next_attempt_at = ?1, lease_until = ?1
-             WHERE id IN (SELECT value FROM json_each(?2)) AND state = 'active'
-               AND lease_until IS NOT NULL",
-        )
-        .bind(until)
-        .bind(ids_json(ids))
-        .execute(&self.pool)
-        .await?;
+        if ids.is_empty() {
+            return Ok(());
+        }
+        sqlx::query(EXTEND_LEASES)
+            .bind(until)
+            .bind(ids_json(ids))
+            .execute(&self.pool)
+            .await?;
         Ok(())
     }
 
     async fn release(&self, ids: &[i64], now: i64) -> Result<()> {
-        sqlx::query(
-            "UPDATE store_keys SET next_attempt_at = ?, lease_until = NULL
-             WHERE id IN (SELECT value FROM json_each(?)) AND state = 'active'
-               AND lease_until IS NOT NULL",
-        )
-        .bind(now)
-        .bind(ids_json(ids))
-        .execute(&self.pool)
-        .await?;
+        if ids.is_empty() {
+            return Ok(());
+        }
+        sqlx::query(RELEASE)
+            .bind(now)
+            .bind(ids_json(ids))
+            .execute(&self.pool)
+            .await?;
         Ok(())
     }
 
@@ -353,5 +360,24 @@ impl Storage for SqliteStore {
             .execute(&self.pool)
             .await?;
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[tokio::test]
+    async fn lease_updates_look_rows_up_by_id() {
+        let dir = tempfile::tempdir().unwrap();
+        let url = format!("sqlite://{}", dir.path().join("plan.db").display());
+        let store = super::SqliteStore::open(&url, std::time::Duration::from_secs(1))
+            .await
+            .unwrap();
+        for sql in [super::EXTEND_LEASES, super::RELEASE] {
+            let plan = store.explain(sql).await;
+            assert!(
+                plan.contains("USING INTEGER PRIMARY KEY") && !plan.contains("store_keys_state"),
+                "{plan}"
+            );
+        }
     }
 }
