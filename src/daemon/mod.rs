@@ -167,10 +167,11 @@ pub fn status_line(stats: &KeyStats) -> String {
     )
 }
 
-/// Free call slots worth a claim while attempts are running: a claim is a write transaction, so
-/// a busy loop claims a quarter of its slots at once rather than one at a time.
+/// The loop tops up its queue of claimed keys once fewer than this many wait: half the
+/// concurrency, enough to refill every slot that frees while a claim waits for the write lock
+/// (the writer commits back to back during a drain).
 fn refill_at(concurrency: usize) -> usize {
-    (concurrency / 4).max(1)
+    (concurrency / 2).max(1)
 }
 
 fn secs(d: Duration) -> i64 {

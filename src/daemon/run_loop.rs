@@ -247,7 +247,7 @@ impl Loop {
         // Claimed keys wait in `ready` for a free slot, so a slot is refilled the moment an
         // answer comes, not after a claim's commit. The queue is topped up when it runs low.
         if self.ready.len() < self.refill_at() {
-            let want = concurrency / 2 + self.free_slots();
+            let want = concurrency + self.free_slots();
             let limit = u32::try_from(want.saturating_sub(self.ready.len()).max(1))
                 .unwrap_or(u32::MAX)
                 .min(batch);
