@@ -282,7 +282,7 @@ async fn dry_run_row(
         facts: claims.facts(),
         attempts: 0,
         refusals: 0,
-        claimed: std::time::Instant::now(),
+        lease_until: i64::MAX,
     };
     Ok(if dry_run_one(engine, &row).await {
         Exit::Ok

@@ -125,10 +125,15 @@ impl Service {
             tracing::error!(error = %e, "the database writer failed");
         }
         drop(self.engine);
-        match tokio::time::timeout(Duration::from_secs(5), self.alarms).await {
+        let mut alarms = self.alarms;
+        match tokio::time::timeout(Duration::from_secs(5), &mut alarms).await {
             Ok(Ok(())) => {}
             Ok(Err(e)) => tracing::error!(error = %e, "the alarm recorder failed"),
-            Err(_) => tracing::warn!("the alarm recorder did not finish; alarms may be stale"),
+            Err(_) => {
+                // Not left running: it would write an alarm after the stop cleared them.
+                alarms.abort();
+                tracing::warn!("the alarm recorder did not finish in time; stopped it");
+            }
         }
     }
 }

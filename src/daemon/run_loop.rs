@@ -28,6 +28,8 @@ const PRUNE_BATCHES_PER_PASS: u32 = 10;
 const TOKEN_RECHECK: Duration = Duration::from_secs(300);
 /// How often the systemd STATUS line is recomputed.
 const STATUS_EVERY: Duration = Duration::from_secs(60);
+/// How often spools left by other processes are looked for.
+const ORPHANS_EVERY: Duration = Duration::from_secs(60);
 
 /// Runs until `shutdown` is cancelled, then lets in-flight renewals finish within
 /// `renew.shutdown_grace`, writes (or spools) every result the Store gave, and hands back the
@@ -86,6 +88,8 @@ pub async fn run(
         ready: VecDeque::new(),
         last_prune: 0,
         last_status: None,
+        // The start applied them already.
+        last_orphans: Some(Instant::now()),
     };
     lp.run_until(&shutdown).await;
     lp.notifier.stopping();
@@ -131,6 +135,7 @@ struct Loop {
     health: Arc<Health>,
     notifier: Notifier,
     last_status: Option<Instant>,
+    last_orphans: Option<Instant>,
     tasks: JoinSet<Result<Settled, WriterGone>>,
     /// The row each task works on, until its result is durable.
     in_flight: HashMap<Id, i64>,
@@ -192,15 +197,16 @@ impl Loop {
         refill_at(self.config.renew.concurrency)
     }
 
-    /// Starts claimed keys while call slots are free. A key whose lease ran out in the queue is
-    /// left alone: another process may have claimed it since; it is due again here too.
+    /// Starts claimed keys while call slots are free. A key whose lease runs out before an
+    /// attempt could finish (four requests) is left alone: another process may claim it; it is
+    /// due again here too once the lease ends.
     fn spawn_ready(&mut self) {
-        let lease = self.config.renew.lease;
+        let needed = secs(self.config.http.request_timeout.saturating_mul(4));
         while self.free_slots() > 0 {
             let Some(row) = self.ready.pop_front() else {
                 return;
             };
-            if row.claimed.elapsed() < lease {
+            if self.clock.now().saturating_add(needed) < row.lease_until {
                 self.spawn(row);
             }
         }
@@ -265,6 +271,7 @@ impl Loop {
             self.spawn_ready();
         }
         self.prune(now).await?;
+        self.adopt_orphan_spools().await;
         self.engine
             .metrics()
             .in_flight
@@ -353,6 +360,25 @@ impl Loop {
             tracing::debug!(events = pruned, more, "pruned old events");
         }
         Ok(())
+    }
+
+    /// Every minute, the spools that other processes left (a `storekeyd renew` that could not
+    /// write) are applied, so their keys are not renewed again from the retired ones.
+    async fn adopt_orphan_spools(&mut self) {
+        if self
+            .last_orphans
+            .is_some_and(|t| t.elapsed() < ORPHANS_EVERY)
+        {
+            return;
+        }
+        self.last_orphans = Some(Instant::now());
+        // Already cancelled: one try, no waiting on a busy database; the next minute tries again.
+        let once = CancellationToken::new();
+        once.cancel();
+        let dir = self.config.state_directory();
+        if let Err(e) = super::spool::recover(&*self.storage, &dir, &once).await {
+            tracing::warn!(error = %e, "could not apply a spool another process left; will try again");
+        }
     }
 
     /// Stop claiming; let in-flight attempts finish within the grace period (their results are

@@ -1,8 +1,9 @@
 //! The spool: renewed keys the database would not take, in an append-only file of JSON lines
 //! (mode 0600, fsync'd after every entry) in the state directory, one file per process
-//! (`storekeyd-<pid>.spool`), so that a `storekeyd renew` and the daemon never remove each
-//! other's entries. The next start of the daemon applies every file whose process is gone, by
-//! compare-and-swap like any write, before it claims anything.
+//! (`storekeyd-<pid>-<random>.spool`), held under an exclusive lock while its process lives, so
+//! that a `storekeyd renew` and the daemon never remove each other's entries. The daemon applies
+//! every file whose lock it can take (its process is gone), by compare-and-swap like any write:
+//! at start before it claims anything, and every minute while it runs.
 
 use std::io::Write as _;
 use std::path::{Path, PathBuf};
@@ -19,9 +20,11 @@ use crate::storage::{Change, DbError, Event, Storage, Write};
 const PREFIX: &str = "storekeyd-";
 const SUFFIX: &str = ".spool";
 
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct Spool {
     path: PathBuf,
+    /// Open and locked from the first append until the file is removed.
+    file: std::sync::Mutex<Option<std::fs::File>>,
 }
 
 /// One spooled renewal.
@@ -53,10 +56,20 @@ pub enum SpoolError {
 }
 
 impl Spool {
-    /// This process's spool in `dir`.
+    /// A spool of this process's own in `dir` (created at its first entry).
     pub fn for_process(dir: &Path) -> Self {
+        let name = format!(
+            "{PREFIX}{}-{:08x}{SUFFIX}",
+            std::process::id(),
+            fastrand::u32(..)
+        );
+        Spool::at(dir.join(name))
+    }
+
+    fn at(path: PathBuf) -> Self {
         Spool {
-            path: dir.join(format!("{PREFIX}{}{SUFFIX}", std::process::id())),
+            path,
+            file: std::sync::Mutex::new(None),
         }
     }
 
@@ -67,33 +80,54 @@ impl Spool {
     /// Appends one renewal; durable once this returns. A failed append leaves the file as it
     /// was (no half line for the next entry to run into).
     pub fn append(&self, write: &Write) -> std::io::Result<()> {
-        use std::os::unix::fs::OpenOptionsExt as _;
         let Some(entry) = entry(write) else {
             return Ok(());
         };
         let mut line = serde_json::to_vec(&entry).map_err(std::io::Error::other)?;
         line.push(b'\n');
-        let created = !self.path.exists();
-        let mut file = std::fs::OpenOptions::new()
-            .append(true)
-            .create(true)
-            .mode(0o600)
-            .open(&self.path)?;
+        let mut held = self
+            .file
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if held.is_none() {
+            *held = Some(self.create()?);
+        }
+        let Some(file) = held.as_mut() else {
+            return Err(std::io::Error::other("spool file not open"));
+        };
         let len = file.metadata()?.len();
         let written = file.write_all(&line).and_then(|()| file.sync_data());
         if let Err(e) = written {
             let _ = file.set_len(len);
             return Err(e);
         }
-        if created {
-            sync_dir(&self.path)?;
-        }
         Ok(())
+    }
+
+    /// Creates the file (it must not exist: the name is this process's) and locks it for as long
+    /// as this process holds it.
+    fn create(&self) -> std::io::Result<std::fs::File> {
+        use std::os::unix::fs::OpenOptionsExt as _;
+        let file = std::fs::OpenOptions::new()
+            .append(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&self.path)?;
+        file.lock()?;
+        sync_dir(&self.path)?;
+        Ok(file)
     }
 
     /// Removes the file once everything in it is in the database.
     pub fn clear(&self) -> std::io::Result<()> {
-        match std::fs::remove_file(&self.path) {
+        // Removed while still locked, so no other process takes it for an orphan meanwhile.
+        let mut held = self
+            .file
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let removed = std::fs::remove_file(&self.path);
+        *held = None;
+        match removed {
             Ok(()) => sync_dir(&self.path),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
             Err(e) => Err(e),
@@ -127,7 +161,8 @@ impl Spool {
         Ok((writes, skipped))
     }
 
-    /// The spools in `dir` whose process is gone (or is this one: a pid reused after a crash).
+    /// The spools in `dir` whose process is gone: the ones whose lock can be taken. Each comes
+    /// back locked (by this process) until it is applied and removed.
     fn orphans(dir: &Path) -> Result<Vec<Spool>, SpoolError> {
         let entries = match std::fs::read_dir(dir) {
             Ok(e) => e,
@@ -139,21 +174,31 @@ impl Spool {
                 });
             }
         };
-        let own = std::process::id();
         let mut orphans = Vec::new();
         for entry in entries.flatten() {
             let name = entry.file_name();
-            let Some(pid) = name
+            let ours = name
                 .to_str()
-                .and_then(|n| n.strip_prefix(PREFIX))
-                .and_then(|n| n.strip_suffix(SUFFIX))
-                .and_then(|p| p.parse::<u32>().ok())
-            else {
+                .is_some_and(|n| n.starts_with(PREFIX) && n.ends_with(SUFFIX));
+            if !ours {
                 continue;
-            };
-            if pid == own || !Path::new("/proc").join(pid.to_string()).exists() {
-                orphans.push(Spool { path: entry.path() });
             }
+            let path = entry.path();
+            let file = match std::fs::OpenOptions::new().append(true).open(&path) {
+                Ok(f) => f,
+                Err(e) => {
+                    tracing::error!(spool = %path.display(), error = %e, "cannot open a spool file; its renewed keys are not written until it can be read");
+                    continue;
+                }
+            };
+            // Held by a live process (another daemon, a `renew` still running): not ours to take.
+            if file.try_lock().is_err() {
+                continue;
+            }
+            orphans.push(Spool {
+                path,
+                file: std::sync::Mutex::new(Some(file)),
+            });
         }
         orphans.sort_by(|a, b| a.path.cmp(&b.path));
         Ok(orphans)
@@ -242,7 +287,13 @@ async fn recover_one(
     spool: &Spool,
     stop: &CancellationToken,
 ) -> Result<usize, RecoverError> {
-    let (writes, skipped) = spool.read()?;
+    let (writes, skipped) = match spool.read() {
+        Ok(read) => read,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot read a spool file; its renewed keys are not written until it can be read");
+            return Ok(0);
+        }
+    };
     if skipped > 0 {
         tracing::warn!(spool = %spool.path().display(), lines = skipped, "skipping spool lines that do not parse (an append cut short)");
     }
@@ -333,24 +384,27 @@ mod tests {
             "the key's bytes, not a lossy rendering"
         );
         assert!(matches!(change, Change::Renew { key, .. } if key.expose() == "new.key.text"));
-        assert_eq!(
-            Spool::orphans(dir.path()).unwrap().len(),
-            1,
-            "this process's own file"
+        assert!(
+            Spool::orphans(dir.path()).unwrap().is_empty(),
+            "a spool whose owner holds it is nobody's orphan"
         );
         spool.clear().unwrap();
         assert!(!spool.path().exists());
     }
 
     #[test]
-    fn a_live_process_keeps_its_spool() {
+    fn a_spool_is_an_orphan_once_its_owner_lets_go() {
         let dir = tempfile::tempdir().unwrap();
-        // PID 1 is alive on every Linux machine.
-        std::fs::write(dir.path().join("storekeyd-1.spool"), "").unwrap();
-        std::fs::write(dir.path().join("storekeyd-4194999.spool"), "").unwrap();
+        let owner = Spool::for_process(dir.path());
+        owner.append(&renewal(1)).unwrap();
         std::fs::write(dir.path().join("other.spool"), "").unwrap();
+        assert!(Spool::orphans(dir.path()).unwrap().is_empty());
+        // The owner dies: its handle, and so its lock, goes.
+        let path = owner.path().to_owned();
+        drop(owner);
         let orphans = Spool::orphans(dir.path()).unwrap();
         assert_eq!(orphans.len(), 1);
-        assert!(orphans[0].path().ends_with("storekeyd-4194999.spool"));
+        assert_eq!(orphans[0].path(), path);
+        assert_eq!(orphans[0].read().unwrap().0.len(), 1);
     }
 }

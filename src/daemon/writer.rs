@@ -127,6 +127,7 @@ pub fn spawn(
         clock,
         stopping,
         close,
+        stopping_since: None,
         held: held.clone(),
         spooled: Vec::new(),
     };
@@ -142,6 +143,8 @@ struct Writer {
     clock: crate::clock::Clock,
     stopping: CancellationToken,
     close: CancellationToken,
+    /// When this writer first saw the stop while holding keys it could not save.
+    stopping_since: Option<Instant>,
     held: Arc<Mutex<HashSet<i64>>>,
     /// Renewals in the spool file, still to be applied to the database.
     spooled: Vec<Write>,
@@ -225,7 +228,8 @@ impl Writer {
                 if jobs.is_empty() {
                     return;
                 }
-                if stopping && started.elapsed() >= STOPPING_GIVE_UP {
+                let since = stopping.then(|| *self.stopping_since.get_or_insert_with(Instant::now));
+                if since.is_some_and(|t| t.elapsed() >= STOPPING_GIVE_UP) {
                     tracing::error!(
                         keys = jobs.len(),
                         "stopping: renewed keys could be written neither to the database nor to the spool; they are lost"
@@ -235,8 +239,10 @@ impl Writer {
             } else {
                 tracing::warn!(error = %e, keys = jobs.len(), "database write failed; holding the renewed keys and retrying");
             }
-            let ids: Vec<i64> = jobs.iter().map(|j| j.write.key_id()).collect();
-            self.keep_leases(&ids).await;
+            if !stopping {
+                let ids: Vec<i64> = jobs.iter().map(|j| j.write.key_id()).collect();
+                self.keep_leases(&ids).await;
+            }
             tokio::time::sleep(delay).await;
             delay = (delay * 2).min(RETRY_MAX);
         }

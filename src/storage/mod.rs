@@ -7,7 +7,7 @@ mod error;
 pub mod sqlite;
 
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use async_trait::async_trait;
 
@@ -118,8 +118,8 @@ pub struct ClaimedRow {
     pub attempts: u32,
     /// Consecutive refusals the guard deferred before this one.
     pub refusals: u32,
-    /// When this process claimed it: the lease runs from here.
-    pub claimed: Instant,
+    /// Unix time the claim's lease ends: past it another process may claim the key.
+    pub lease_until: i64,
 }
 
 /// A key to store as a backend would.

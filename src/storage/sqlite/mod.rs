@@ -6,7 +6,7 @@ mod open;
 mod read;
 mod write;
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use async_trait::async_trait;
 use sqlx::SqlitePool;
@@ -70,7 +70,7 @@ impl SqliteStore {
     }
 }
 
-fn claimed(row: &SqliteRow) -> std::result::Result<ClaimedRow, sqlx::Error> {
+fn claimed(row: &SqliteRow, lease_until: i64) -> std::result::Result<ClaimedRow, sqlx::Error> {
     use sqlx::Row as _;
     let kind: String = row.try_get("kind")?;
     let count = |name: &str| -> std::result::Result<u32, sqlx::Error> {
@@ -99,7 +99,7 @@ fn claimed(row: &SqliteRow) -> std::result::Result<ClaimedRow, sqlx::Error> {
         },
         attempts: count("attempts")?,
         refusals: count("refusals")?,
-        claimed: Instant::now(),
+        lease_until,
     })
 }
 
@@ -114,10 +114,10 @@ fn decode_error(column: &str, value: &str) -> sqlx::Error {
     }
 }
 
-fn claimed_rows(rows: &[SqliteRow]) -> Result<Vec<ClaimedRow>> {
+fn claimed_rows(rows: &[SqliteRow], lease_until: i64) -> Result<Vec<ClaimedRow>> {
     Ok(rows
         .iter()
-        .map(claimed)
+        .map(|r| claimed(r, lease_until))
         .collect::<std::result::Result<_, _>>()?)
 }
 
@@ -216,7 +216,7 @@ impl Storage for SqliteStore {
             .bind(limit)
             .fetch_all(&self.pool)
             .await?;
-        let mut claimed = claimed_rows(&rows)?;
+        let mut claimed = claimed_rows(&rows, lease_until)?;
         claimed.sort_by_key(|r| r.id);
         Ok(claimed)
     }
@@ -233,7 +233,7 @@ impl Storage for SqliteStore {
             .bind(now)
             .fetch_optional(&self.pool)
             .await?;
-        Ok(row.as_ref().map(claimed).transpose()?)
+        Ok(row.as_ref().map(|r| claimed(r, lease_until)).transpose()?)
     }
 
     async fn due_rows(&self, now: i64, limit: u32) -> Result<Vec<ClaimedRow>> {
@@ -246,7 +246,8 @@ impl Storage for SqliteStore {
             .bind(limit)
             .fetch_all(&self.pool)
             .await?;
-        claimed_rows(&rows)
+        // Not claimed: a dry run holds no lease.
+        claimed_rows(&rows, i64::MAX)
     }
 
     async fn next_due(&self, kinds: &[Kind]) -> Result<Option<i64>> {
@@ -261,10 +262,12 @@ impl Storage for SqliteStore {
         if ids.is_empty() {
             return Ok(());
         }
+        // On the writer's connection: only the writer extends leases, and its busy timeout is
+        // short.
         sqlx::query(EXTEND_LEASES)
             .bind(until)
             .bind(ids_json(ids))
-            .execute(&self.pool)
+            .execute(&self.writer)
             .await?;
         Ok(())
     }
