@@ -77,14 +77,15 @@ impl Spool {
         &self.path
     }
 
-    /// Appends one renewal; durable once this returns. A failed append leaves the file as it
-    /// was (no half line for the next entry to run into).
+    /// Appends one renewal; durable once this returns. A failed append is cut off again.
     pub fn append(&self, write: &Write) -> std::io::Result<()> {
         let Some(entry) = entry(write) else {
             return Ok(());
         };
-        let mut line = serde_json::to_vec(&entry).map_err(std::io::Error::other)?;
-        line.push(b'\n');
+        // Each entry starts a line of its own: whatever a crash (or a failed rollback) left at
+        // the end of the file stays on its own line and is skipped, never joined to this one.
+        let mut line = vec![b'\n'];
+        serde_json::to_writer(&mut line, &entry).map_err(std::io::Error::other)?;
         let mut held = self
             .file
             .lock()
@@ -364,10 +365,18 @@ mod tests {
             .append(true)
             .open(spool.path())
             .unwrap();
-        f.write_all(br#"{"id":3,"expec"#).unwrap();
+        f.write_all(b"\n{\"id\":3,\"expec").unwrap();
+        drop(f);
+        // And an entry after it, as a later run would append.
+        spool.append(&renewal(4)).unwrap();
         let (writes, skipped) = spool.read().unwrap();
         assert_eq!(skipped, 1);
-        assert_eq!(writes.len(), 2);
+        assert_eq!(writes.len(), 3);
+        assert_eq!(
+            writes[2].key_id(),
+            4,
+            "the entry after the torn one is whole"
+        );
         let Write::Row {
             id,
             expected,

@@ -35,7 +35,9 @@ fn spools(env: &TestEnv) -> Vec<std::path::PathBuf> {
 fn spool_lines(env: &TestEnv) -> usize {
     spools(env)
         .iter()
-        .map(|p| std::fs::read_to_string(p).map_or(0, |t| t.lines().count()))
+        .map(|p| {
+            std::fs::read_to_string(p).map_or(0, |t| t.lines().filter(|l| !l.is_empty()).count())
+        })
         .sum()
 }
 
