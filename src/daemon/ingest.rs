@@ -23,23 +23,27 @@ pub async fn ingest_pending(
         return Ok(0);
     }
     let writes: Vec<Write> = rows.iter().map(|row| verdict(row, config, now)).collect();
-    let written = writer.write_all(writes.clone()).await?;
-    for (write, written) in writes.iter().zip(written) {
-        if let (
-            Write::Row {
-                id,
-                change: Change::Flag { state, reason },
-                event,
-                ..
-            },
-            Written::Applied,
-        ) = (write, written)
-        {
-            let key = event.as_ref().and_then(|e| e.key_fp.as_deref());
-            tracing::warn!(row = id, key, state = state.as_str(), reason, "key flagged");
+    // What to log for the flags, taken before the writes go (no copy of the keys).
+    let flags: Vec<Option<(i64, &'static str, String)>> = writes.iter().map(flag_of).collect();
+    let written = writer.write_all(writes).await?;
+    for ((row, flag), written) in rows.iter().zip(flags).zip(written) {
+        if let (Some((id, state, reason)), Written::Applied) = (flag, written) {
+            let key = row.key.fingerprint();
+            tracing::warn!(row = id, key = %key, state, reason, "key flagged");
         }
     }
     Ok(rows.len())
+}
+
+fn flag_of(write: &Write) -> Option<(i64, &'static str, String)> {
+    match write {
+        Write::Row {
+            id,
+            change: Change::Flag { state, reason },
+            ..
+        } => Some((*id, state.as_str(), reason.clone())),
+        _ => None,
+    }
 }
 
 /// The write that records one pending row's check.

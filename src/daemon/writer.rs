@@ -192,19 +192,25 @@ impl Writer {
         let started = Instant::now();
         let mut delay = RETRY_FIRST;
         loop {
-            let writes: Vec<Write> = jobs.iter().map(|j| j.write.clone()).collect();
-            let e = match self.storage.apply(&writes).await {
+            // Moved out and back rather than cloned: every renewed key passes through here.
+            let (writes, dones): (Vec<Write>, Vec<_>) =
+                jobs.into_iter().map(|j| (j.write, j.done)).unzip();
+            let result = self.storage.apply(&writes).await;
+            jobs = writes
+                .into_iter()
+                .zip(dones)
+                .map(|(write, done)| Job { write, done })
+                .collect();
+            let e = match result {
                 Ok(applied) => {
                     self.health.db_ok();
                     for (job, ok) in jobs.into_iter().zip(applied) {
-                        answer(
-                            job,
-                            if ok {
-                                Written::Applied
-                            } else {
-                                Written::Superseded
-                            },
-                        );
+                        let written = if ok {
+                            Written::Applied
+                        } else {
+                            Written::Superseded
+                        };
+                        answer(job, written);
                     }
                     return;
                 }

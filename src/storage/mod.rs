@@ -1,6 +1,6 @@
 //! What storekeyd remembers: the keys table, its events and the alarms. Everything the loop, the
 //! CLI, the listener and the demo ask of a database goes through [`Storage`]; each database has
-//! one implementation that owns all of its SQL (placeholders, time functions, index hints).
+//! one implementation that owns all of its SQL (parameter syntax, time functions, index hints).
 
 pub mod contract;
 mod error;

@@ -139,6 +139,19 @@ async fn next_due(pool: &SqlitePool, kinds: &[Kind]) -> Result<Option<i64>> {
     Ok(next)
 }
 
+/// Runs one of the lease statements (`?1` a time, `?2` the ids as a JSON array).
+async fn update_leases(pool: &SqlitePool, sql: &'static str, ids: &[i64], at: i64) -> Result<()> {
+    if ids.is_empty() {
+        return Ok(());
+    }
+    sqlx::query(sql)
+        .bind(at)
+        .bind(ids_json(ids))
+        .execute(pool)
+        .await?;
+    Ok(())
+}
+
 fn ids_json(ids: &[i64]) -> String {
     serde_json::to_string(ids).unwrap_or_else(|_| "[]".to_owned())
 }
@@ -259,29 +272,13 @@ impl Storage for SqliteStore {
     }
 
     async fn extend_leases(&self, ids: &[i64], until: i64) -> Result<()> {
-        if ids.is_empty() {
-            return Ok(());
-        }
         // On the writer's connection: only the writer extends leases, and its busy timeout is
         // short.
-        sqlx::query(EXTEND_LEASES)
-            .bind(until)
-            .bind(ids_json(ids))
-            .execute(&self.writer)
-            .await?;
-        Ok(())
+        update_leases(&self.writer, EXTEND_LEASES, ids, until).await
     }
 
     async fn release(&self, ids: &[i64], now: i64) -> Result<()> {
-        if ids.is_empty() {
-            return Ok(());
-        }
-        sqlx::query(RELEASE)
-            .bind(now)
-            .bind(ids_json(ids))
-            .execute(&self.pool)
-            .await?;
-        Ok(())
+        update_leases(&self.pool, RELEASE, ids, now).await
     }
 
     async fn recheck_misconfigured(&self, now: i64) -> Result<u64> {
