@@ -77,8 +77,6 @@ pub struct Issued {
     pub lifetime_secs: i64,
     pub expires_at: i64,
     pub revoked: bool,
-    /// When the emulator issued it (monotonic), for tests that reason about in-flight answers.
-    pub minted: std::time::Instant,
 }
 
 #[derive(Debug, Clone)]
@@ -179,7 +177,6 @@ impl Emulator {
             lifetime_secs,
             expires_at: spec.issued_at + lifetime_secs,
             revoked: false,
-            minted: std::time::Instant::now(),
         };
         lock(&self.latest).insert((kind, issued.user_id.clone()), key.clone());
         lock(&self.keys).insert(key_id(&key), issued);
@@ -243,11 +240,6 @@ impl Emulator {
     /// Whether the emulator issued this key (renewed or not).
     pub fn issued(&self, key: &str) -> bool {
         lock(&self.keys).contains_key(&key_id(key))
-    }
-
-    /// When the emulator issued this key.
-    pub fn minted_at(&self, key: &str) -> Option<std::time::Instant> {
-        lock(&self.keys).get(&key_id(key)).map(|k| k.minted)
     }
 
     pub fn issued_count(&self) -> usize {
