@@ -24,6 +24,19 @@ impl Clock {
         secs.saturating_add(self.offset_secs.load(Ordering::Relaxed))
     }
 
+    /// Now, in Unix milliseconds: for ordering events within a second (a renewal that began
+    /// after a refusal).
+    pub fn now_ms(&self) -> i64 {
+        let ms = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX));
+        ms.saturating_add(
+            self.offset_secs
+                .load(Ordering::Relaxed)
+                .saturating_mul(1000),
+        )
+    }
+
     pub fn now_system_time(&self) -> SystemTime {
         let secs = u64::try_from(self.now()).unwrap_or(0);
         UNIX_EPOCH + Duration::from_secs(secs)

@@ -185,12 +185,22 @@ impl Default for Breaker {
 #[serde(default, deny_unknown_fields)]
 pub struct Guard {
     /// Different keys of one application refused with AuthenticationTokenInvalid within
-    /// `window`, outnumbering its renewals there, that raise the credential alarm.
+    /// `window`, with no renewal of it since, that raise the credential alarm.
     pub threshold: usize,
     #[serde(with = "human")]
     pub window: Duration,
-    /// With no recent renewal to vouch for the credential, flag a key refused this many times.
-    pub confirm_attempts: u32,
+    /// At most one canary (a healthy key renewed early to test the credential) per application
+    /// this often.
+    #[serde(with = "human")]
+    pub canary_interval: Duration,
+    /// A canary is a key issued at least this long ago: renewing a key renewed moments ago
+    /// proves as much but gains nothing, and the Store may answer with the same expiry.
+    #[serde(with = "human")]
+    pub canary_min_age: Duration,
+    /// A refused key whose application has no other key to test the credential with is flagged
+    /// revoked once its refusals span this long.
+    #[serde(with = "human")]
+    pub lone_key_after: Duration,
 }
 
 impl Default for Guard {
@@ -198,7 +208,9 @@ impl Default for Guard {
         Guard {
             threshold: 5,
             window: Duration::from_secs(900),
-            confirm_attempts: 3,
+            canary_interval: Duration::from_secs(60),
+            canary_min_age: Duration::from_secs(3600),
+            lone_key_after: Duration::from_secs(6 * 3600),
         }
     }
 }
@@ -246,8 +258,8 @@ impl Default for Config {
 impl Default for Endpoints {
     fn default() -> Self {
         Endpoints {
-            collections: "https://collections.mp.microsoft.com/v6.0/b2b/keys/renew".into(),
-            purchase: "https://purchase.mp.microsoft.com/v6.0/b2b/keys/renew".into(),
+            collections: Kind::Collections.documented_renew_url().into(),
+            purchase: Kind::Purchase.documented_renew_url().into(),
         }
     }
 }
@@ -447,8 +459,26 @@ impl Config {
         if self.guard.threshold < 2 {
             return Err(field_error("guard.threshold", "must be at least 2"));
         }
-        if self.guard.confirm_attempts == 0 {
-            return Err(field_error("guard.confirm_attempts", "must be at least 1"));
+        // A zero window would quietly switch the protection off.
+        for (field, window) in [
+            ("guard.window", self.guard.window),
+            ("breaker.window", self.breaker.window),
+        ] {
+            if window < Duration::from_secs(1) {
+                return Err(field_error(
+                    field,
+                    "must be at least 1s: a zero window would switch the protection off",
+                ));
+            }
+        }
+        if self.guard.canary_interval < Duration::from_secs(1) {
+            return Err(field_error("guard.canary_interval", "must be at least 1s"));
+        }
+        if self.guard.lone_key_after < Duration::from_secs(3600) {
+            return Err(field_error(
+                "guard.lone_key_after",
+                "must be at least 1h: a key is flagged on refusals alone only after hours of them",
+            ));
         }
         if self.breaker.probe_initial.is_zero()
             || self.breaker.probe_max < self.breaker.probe_initial
@@ -510,7 +540,8 @@ impl Config {
         crate::policy::guard::GuardPolicy {
             threshold: self.guard.threshold,
             window: self.guard.window,
-            confirm_attempts: self.guard.confirm_attempts,
+            canary_interval: self.guard.canary_interval,
+            lone_key_after: self.guard.lone_key_after,
         }
     }
 
@@ -667,6 +698,30 @@ mod tests {
             "config: `renew.margin`: expected a duration like `7d`, `90s` or `1h 30m`, got `a week`"
         ));
         assert!(err("[renew]\nmargin = 7").contains("`renew.margin`: expected a duration"));
+    }
+
+    #[test]
+    fn settings_that_would_switch_a_protection_off_are_refused() {
+        for (toml, field) in [
+            (
+                "[guard]\nwindow = \"0s\"",
+                "`guard.window`: must be at least 1s",
+            ),
+            (
+                "[breaker]\nwindow = \"0s\"",
+                "`breaker.window`: must be at least 1s",
+            ),
+            (
+                "[guard]\ncanary_interval = \"0s\"",
+                "`guard.canary_interval`",
+            ),
+            (
+                "[guard]\nlone_key_after = \"10m\"",
+                "`guard.lone_key_after`: must be at least 1h",
+            ),
+        ] {
+            assert!(err(toml).contains(field), "{toml}: {}", err(toml));
+        }
     }
 
     #[test]

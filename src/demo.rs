@@ -55,6 +55,9 @@ pub fn config(emu: &Emulator, dir: &Path) -> Result<Config, std::io::Error> {
     r.lease = Duration::from_secs(25);
     r.shutdown_grace = Duration::from_secs(5);
     config.http.request_timeout = Duration::from_secs(5);
+    // One-minute keys: a canary may be seconds old, and is asked for every few seconds.
+    config.guard.canary_interval = Duration::from_secs(5);
+    config.guard.canary_min_age = Duration::from_secs(5);
     Ok(config)
 }
 

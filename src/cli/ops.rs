@@ -281,7 +281,8 @@ async fn dry_run_row(
         key,
         facts: claims.facts(),
         attempts: 0,
-        refusals: 0,
+        refusals: storekeyd::storage::Refusals::default(),
+        canary: false,
         lease_until: i64::MAX,
     };
     Ok(if dry_run_one(engine, &row).await {

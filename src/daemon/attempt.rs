@@ -91,9 +91,11 @@ pub struct Parts {
     pub safety: Safety,
 }
 
-/// What a renew call answered, for the event row.
+/// What a renew call answered, for the event row, and when it began (Unix milliseconds: the
+/// guard orders renewals and refusals by it).
 struct Call {
     response: RenewResponse,
+    started_ms: i64,
 }
 
 impl Engine {
@@ -209,20 +211,29 @@ impl Engine {
     ) -> Result<Settled, WriterGone> {
         let span = tracing::info_span!("renew", row = row.id, key = %row.key.fingerprint(), kind = %row.facts.kind);
         async {
-            let (answer, call) = self.ask(&row).await?;
-            drop(permit);
-            let decision = decision::decide(&Attempt {
-                facts: &row.facts,
-                attempts: row.attempts,
-                answer,
-                now: self.clock.now(),
-                policy: &self.config.policy(),
-                draw: fastrand::f64(),
-            });
-            self.apply(&row, decision, call).await
+            let canary = row.canary.then(|| row.facts.client_id.clone());
+            let settled = self.run(row, permit).await;
+            if let Some(app) = canary {
+                self.safety.canary_done(&app);
+            }
+            settled
         }
         .instrument(span)
         .await
+    }
+
+    async fn run(&self, row: ClaimedRow, permit: CallPermit) -> Result<Settled, WriterGone> {
+        let (answer, call) = self.ask(&row).await?;
+        drop(permit);
+        let decision = decision::decide(&Attempt {
+            facts: &row.facts,
+            attempts: row.attempts,
+            answer,
+            now: self.clock.now(),
+            policy: &self.config.policy(),
+            draw: fastrand::f64(),
+        });
+        self.apply(&row, decision, call).await
     }
 
     /// Everything up to the decision: what the breaker, Entra ID, the Store and the guard said.
@@ -256,13 +267,13 @@ impl Engine {
         };
         let was_probe = std::mem::take(&mut probe.armed);
         self.safety
-            .observe(facts.kind, row.id, &first.outcome, was_probe)
+            .observe(facts.kind, row.id, &first.response.outcome, was_probe)
             .await;
-        if !matches!(first.outcome, Outcome::AuthInvalid { .. }) {
+        if !matches!(first.response.outcome, Outcome::AuthInvalid { .. }) {
             return Ok(answered(first));
         }
         // First suspect ourselves: the Store cannot tell a bad ticket from a revoked key.
-        let mut event = self.event(row, EventKind::AuthInvalid, &first);
+        let mut event = self.event(row, EventKind::AuthInvalid, &first.response);
         event.detail = Some("retrying with a fresh access token".to_owned());
         self.writer.send(Write::Event(event)).await?;
         self.metrics.renewals.inc(EventKind::AuthInvalid.as_str());
@@ -276,29 +287,30 @@ impl Engine {
             return Ok((Answer::ExpiredUnsent, None));
         };
         self.safety
-            .observe(facts.kind, row.id, &second.outcome, false)
+            .observe(facts.kind, row.id, &second.response.outcome, false)
             .await;
-        let Outcome::AuthInvalid { detail } = &second.outcome else {
+        let Outcome::AuthInvalid { detail } = &second.response.outcome else {
             return Ok(answered(second));
         };
         let verdict = self
             .safety
-            .refused(&facts.client_id, row.id, row.refusals)
+            .refused(&facts.client_id, row.id, row.refusals, row.canary)
             .await;
         let answer = Answer::Refused {
             detail: detail.clone(),
             verdict,
         };
-        Ok((answer, Some(Call { response: second })))
+        Ok((answer, Some(second)))
     }
 
     /// The renew call, unless the key has expired by now (waiting for the rate limiter or a
     /// token takes time): an expired key is never sent.
-    async fn call(&self, row: &ClaimedRow, token: &AccessToken) -> Option<RenewResponse> {
+    async fn call(&self, row: &ClaimedRow, token: &AccessToken) -> Option<Call> {
         let now = self.clock.now();
         if now >= row.facts.expires_at {
             return None;
         }
+        let started_ms = self.clock.now_ms();
         let sent_at = self.clock.now_system_time();
         let resp = self
             .api
@@ -308,7 +320,10 @@ impl Engine {
         self.metrics
             .renew_latency
             .observe(std::time::Duration::from_millis(millis));
-        Some(resp)
+        Some(Call {
+            response: resp,
+            started_ms,
+        })
     }
 
     fn endpoint(&self, kind: Kind) -> &reqwest::Url {
@@ -330,7 +345,7 @@ impl Engine {
         };
         event.key_fp = Some(row.key.fingerprint().to_string());
         event.detail = (!decision.detail.is_empty()).then(|| decision.detail.clone());
-        let (change, settled) = change(&decision.action);
+        let (change, settled) = change(&decision.action, self.clock.now_ms());
         let event = (decision.event != EventKind::Deferred).then_some(event);
         let written = self
             .writer
@@ -370,7 +385,7 @@ impl Engine {
             Action::Renew { key, claims, .. } => {
                 if let Some(call) = call {
                     self.safety
-                        .renewed(&claims.client_id, call.response.sent)
+                        .renewed(&claims.client_id, call.started_ms)
                         .await;
                 }
                 self.metrics
@@ -411,7 +426,7 @@ impl Engine {
     }
 }
 
-fn change(action: &Action) -> (Change, Settled) {
+fn change(action: &Action, now_ms: i64) -> (Change, Settled) {
     match action {
         Action::Renew {
             key,
@@ -433,7 +448,7 @@ fn change(action: &Action) -> (Change, Settled) {
             Change::Retry {
                 at: *at,
                 reason: reason.clone(),
-                refused: *refused,
+                refused_ms: refused.then_some(now_ms),
             },
             Settled::Retry,
         ),
@@ -448,12 +463,12 @@ fn change(action: &Action) -> (Change, Settled) {
     }
 }
 
-fn answered(resp: RenewResponse) -> (Answer, Option<Call>) {
+fn answered(call: Call) -> (Answer, Option<Call>) {
     let answer = Answer::Answered {
-        outcome: resp.outcome.clone(),
-        error_code: resp.error_code.clone(),
+        outcome: call.response.outcome.clone(),
+        error_code: call.response.error_code.clone(),
     };
-    (answer, Some(Call { response: resp }))
+    (answer, Some(call))
 }
 
 fn token_failed(e: &impl std::fmt::Display) -> Answer {

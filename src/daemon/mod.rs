@@ -147,7 +147,10 @@ async fn recover(
     shutdown: &CancellationToken,
 ) -> Result<(), DaemonError> {
     spool::recover(storage, &config.state_directory(), shutdown).await?;
-    storage.clear_alarms().await?;
+    // An alarm of a breaker describes a process that is gone; a credential alarm stands.
+    storage
+        .clear_alarms_except(safety::CREDENTIAL_PREFIX)
+        .await?;
     let rechecked = storage.recheck_misconfigured(clock.now()).await?;
     if rechecked > 0 {
         tracing::info!(

@@ -15,10 +15,11 @@ use super::writer::{MAX_BATCH, WriterGone};
 use super::{DaemonError, Service, ingest, refill_at, secs, status_line};
 use crate::clock::Clock;
 use crate::config::Config;
+use crate::daemon::safety::CREDENTIAL_PREFIX;
 use crate::ops::notify::Notifier;
 use crate::ops::observe::{self, Health, Observer};
 use crate::policy::claims::Kind;
-use crate::storage::Storage;
+use crate::storage::{ClaimedRow, Storage};
 
 /// Events older than the retention are pruned this often.
 const PRUNE_EVERY_SECS: i64 = 3600;
@@ -54,6 +55,9 @@ pub async fn run(
         shutdown.clone(),
     )?;
     let engine = service.engine.clone();
+    if let Err(e) = engine.safety().load_credential_alarms().await {
+        tracing::warn!(error = %e, "could not read the credential alarms of the last run");
+    }
     let background = CancellationToken::new();
     let mut helpers = JoinSet::new();
     if let Some(listener) = listener {
@@ -99,9 +103,9 @@ pub async fn run(
     background.cancel();
     while helpers.join_next().await.is_some() {}
     service.close().await;
-    // The conditions behind the alarms lived in this process; `status` must not show them as
-    // current while no daemon runs.
-    if let Err(e) = storage.clear_alarms().await {
+    // The conditions behind the other alarms lived in this process; `status` must not show them
+    // as current while no daemon runs. A credential alarm stands until a renewal proves it wrong.
+    if let Err(e) = storage.clear_alarms_except(CREDENTIAL_PREFIX).await {
         tracing::warn!(error = %e, "could not clear the alarms");
     }
     storage.close().await;
@@ -142,7 +146,7 @@ struct Loop {
     /// The same rows, to look up.
     held: HashSet<i64>,
     /// Keys claimed and waiting for a call slot.
-    ready: VecDeque<crate::storage::ClaimedRow>,
+    ready: VecDeque<ClaimedRow>,
     last_prune: i64,
 }
 
@@ -208,6 +212,8 @@ impl Loop {
             };
             if self.clock.now().saturating_add(needed) < row.lease_until {
                 self.spawn(row);
+            } else {
+                self.not_attempted(&row);
             }
         }
     }
@@ -248,6 +254,7 @@ impl Loop {
             .into_iter()
             .filter(|k| !paused.contains(k))
             .collect();
+        self.claim_canaries(now, now + secs(renew.lease)).await;
         self.spawn_ready();
         let mut full_claim = false;
         // Claimed keys wait in `ready` for a free slot, so a slot is refilled the moment an
@@ -263,9 +270,12 @@ impl Loop {
                 .claim_due(now, lease_until, limit, &kinds)
                 .await?;
             full_claim = rows.len() == limit as usize;
-            for row in rows {
-                // Claimed again after its lease ran out in the queue: the fresh claim counts.
-                self.ready.retain(|r| r.id != row.id);
+            for mut row in rows {
+                // Claimed again after its lease ran out in the queue: the fresh claim counts
+                // (and is still the canary it was).
+                if let Some(i) = self.ready.iter().position(|r| r.id == row.id) {
+                    row.canary |= self.ready.remove(i).is_some_and(|r| r.canary);
+                }
                 self.ready.push_back(row);
             }
             self.spawn_ready();
@@ -293,6 +303,40 @@ impl Loop {
         Ok(until_due.min(until_probe.max(Duration::from_millis(100))))
     }
 
+    /// Claims a canary for each application whose guard wants evidence that its credential
+    /// works; they go first.
+    async fn claim_canaries(&mut self, now: i64, lease_until: i64) {
+        let safety = self.engine.safety();
+        let issued_before = now - secs(self.config.guard.canary_min_age);
+        for app in safety.canaries_due() {
+            match self
+                .storage
+                .claim_canary(&app, issued_before, now, lease_until)
+                .await
+            {
+                Ok(Some(row)) => {
+                    tracing::info!(app, row = row.id, key = %row.key.fingerprint(), "renewing a key early as a canary: is the credential working?");
+                    safety.canary_found(&app, true).await;
+                    self.ready.push_front(row);
+                }
+                Ok(None) => safety.canary_found(&app, false).await,
+                Err(e) => {
+                    tracing::warn!(app, error = %e, "could not claim a canary; will try again");
+                    // Not a sign that there is no other key: only a search says that.
+                    safety.canary_found(&app, true).await;
+                    safety.canary_done(&app);
+                }
+            }
+        }
+    }
+
+    /// A claimed key that will not be attempted here; a canary's application may ask again.
+    fn not_attempted(&self, row: &ClaimedRow) {
+        if row.canary {
+            self.engine.safety().canary_done(&row.facts.client_id);
+        }
+    }
+
     /// A one-line STATUS for `systemctl status`, refreshed at most once a minute (it counts keys).
     async fn update_status(&mut self) {
         if !self.notifier.enabled() || self.last_status.is_some_and(|t| t.elapsed() < STATUS_EVERY)
@@ -306,11 +350,12 @@ impl Loop {
         }
     }
 
-    fn spawn(&mut self, row: crate::storage::ClaimedRow) {
+    fn spawn(&mut self, row: ClaimedRow) {
         let id = row.id;
         // Its lease ran out while the attempt or its write still runs (a wall-clock jump, a
         // locked database), or its renewal waits in the spool: one attempt per key.
         if self.held.contains(&id) || self.engine.writer().holds(id) {
+            self.not_attempted(&row);
             return;
         }
         let engine = self.engine.clone();

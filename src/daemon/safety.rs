@@ -13,7 +13,7 @@ use crate::clock::Clock;
 use crate::config::Config;
 use crate::policy::breaker::{Breaker, Permit, Transition};
 use crate::policy::claims::Kind;
-use crate::policy::guard::{AlarmChange, RevocationGuard, Verdict};
+use crate::policy::guard::{AlarmChange, Refusals, RevocationGuard, Verdict};
 use crate::policy::outcome::Outcome;
 use crate::storage::Storage;
 
@@ -36,8 +36,12 @@ fn breaker_alarm(kind: Kind) -> String {
     format!("breaker:{kind}")
 }
 
+/// Credential alarms outlive the process (the guard takes them up again at start); the others
+/// describe the process's own state.
+pub const CREDENTIAL_PREFIX: &str = "credential:";
+
 fn credential_alarm(app: &str) -> String {
-    format!("credential:{app}")
+    format!("{CREDENTIAL_PREFIX}{app}")
 }
 
 impl Safety {
@@ -68,13 +72,26 @@ impl Safety {
     /// For a CLI process: write no alarms, and honour the credential alarms the daemon raised.
     pub async fn adopt_daemon_alarms(&self) {
         self.record.store(false, Ordering::Relaxed);
-        let alarms = self.storage.alarms().await.unwrap_or_default();
+        if let Err(e) = self.load_credential_alarms().await {
+            tracing::warn!(error = %e, "could not read the daemon's alarms");
+        }
+    }
+
+    /// Takes up the credential alarms recorded in the database (by an earlier run, or by the
+    /// daemon for a CLI process): they stand until a renewal begun after them succeeds.
+    pub async fn load_credential_alarms(&self) -> Result<(), crate::storage::DbError> {
+        let alarms = self.storage.alarms().await?;
         let mut guard = lock(&self.guard);
         for alarm in alarms {
-            if let Some(app) = alarm.name.strip_prefix("credential:") {
-                guard.raise(app, Instant::now());
+            if let Some(app) = alarm.name.strip_prefix(CREDENTIAL_PREFIX) {
+                tracing::warn!(
+                    app,
+                    "credential alarm from before the restart stands until a renewal succeeds"
+                );
+                guard.raise(app, alarm.since.saturating_mul(1000));
             }
         }
+        Ok(())
     }
 
     /// The probe `permit` granted was not sent after all: let another caller probe.
@@ -146,27 +163,56 @@ impl Safety {
         }
     }
 
-    /// A key of application `app` renewed by an attempt begun at `started`.
-    pub async fn renewed(&self, app: &str, started: Instant) {
-        let change = lock(&self.guard).success(app, started, Instant::now());
+    /// A key of application `app` renewed by an attempt begun at `started_ms`.
+    pub async fn renewed(&self, app: &str, started_ms: i64) {
+        let change = lock(&self.guard).success(app, started_ms);
         if change == Some(AlarmChange::Cleared) {
             tracing::warn!(app, "credential alarm cleared: a renewal succeeded again");
             self.record(&credential_alarm(app), None).await;
         }
     }
 
-    /// A key of `app` refused twice with AuthenticationTokenInvalid: revoked, or is it us?
-    pub async fn refused(&self, app: &str, key_id: i64, prior_failures: u32) -> Verdict {
-        let (verdict, change) =
-            lock(&self.guard).refused(app, key_id, prior_failures, Instant::now());
-        if change == Some(AlarmChange::Raised) {
-            let detail = format!(
-                "the Store refuses many keys of application {app} at once (AuthenticationTokenInvalid) while none renews: that is the credential or configuration, not revocations; no key is flagged revoked until a renewal succeeds again"
+    /// The applications to renew a canary key of now; each must be answered with
+    /// [`Self::canary_found`].
+    pub fn canaries_due(&self) -> Vec<String> {
+        lock(&self.guard).canaries_due(self.clock.now_ms())
+    }
+
+    pub async fn canary_found(&self, app: &str, found: bool) {
+        if !found {
+            tracing::info!(
+                app,
+                "no other healthy key of this application to renew as a canary"
             );
-            tracing::error!(app, "credential alarm: {detail}");
-            self.record(&credential_alarm(app), Some(&detail)).await;
+        }
+        let change = lock(&self.guard).canary_found(app, found, self.clock.now_ms());
+        if change == Some(AlarmChange::Raised) {
+            self.credential_alarm_raised(app).await;
+        }
+    }
+
+    /// A canary's attempt is over, whatever it answered.
+    pub fn canary_done(&self, app: &str) {
+        lock(&self.guard).canary_done(app, self.clock.now_ms());
+    }
+
+    /// A key of `app` refused twice with AuthenticationTokenInvalid: revoked, or is it us?
+    /// `prior`: its earlier refusals; `canary`: it was renewed early to test the credential.
+    pub async fn refused(&self, app: &str, key_id: i64, prior: Refusals, canary: bool) -> Verdict {
+        let (verdict, change) =
+            lock(&self.guard).refused(app, key_id, prior, canary, self.clock.now_ms());
+        if change == Some(AlarmChange::Raised) {
+            self.credential_alarm_raised(app).await;
         }
         verdict
+    }
+
+    async fn credential_alarm_raised(&self, app: &str) {
+        let detail = format!(
+            "the Store refuses keys of application {app} (AuthenticationTokenInvalid) while none renews (several at once, a canary, or every key it has): that is the credential or configuration, not revocations; no key is flagged revoked until a renewal succeeds again"
+        );
+        tracing::error!(app, "credential alarm: {detail}");
+        self.record(&credential_alarm(app), Some(&detail)).await;
     }
 
     /// The kinds whose breaker is open.

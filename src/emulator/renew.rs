@@ -139,6 +139,15 @@ fn renew(emu: &Emulator, faults: &Faults, kind: Kind, body: &[u8]) -> Response {
             "serviceTicket and key are required",
         );
     };
+    // Strict, so a client that sends what a backend padded is caught.
+    if key.trim().len() != key.len() {
+        return service_error(
+            StatusCode::BAD_REQUEST,
+            "BadRequest",
+            "InvalidRequestBody",
+            "the key has whitespace around it",
+        );
+    }
     let ticket = match token::verify(emu, ticket) {
         Ok(t) => t,
         Err(why) => return unauthorized(AUTH_TOKEN_INVALID, why),

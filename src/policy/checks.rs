@@ -57,13 +57,16 @@ pub fn check(
         ));
     }
     let endpoint = config.endpoint(claims.kind);
+    // Genuine keys advertise Microsoft's URL even where an egress proxy or the emulator is
+    // configured, so either is fine; anything else can only be fixed in the configuration.
     if let Some(uri) = &claims.refresh_uri
         && !same_endpoint(uri, endpoint)
+        && !same_endpoint(uri, claims.kind.documented_renew_url())
     {
         return Err(flag(
-            State::Invalid,
+            State::Misconfigured,
             format!(
-                "key's refreshUri `{}` is not the configured {} endpoint `{endpoint}`; the key was not sent anywhere",
+                "key's refreshUri `{}` is neither the configured {} endpoint `{endpoint}` nor Microsoft's; the key was not sent anywhere (it is checked again when storekeyd restarts)",
                 shorten(uri),
                 claims.kind
             ),
@@ -147,7 +150,7 @@ mod tests {
         let mut spec = KeySpec::collections("app", T, 100);
         spec.refresh_uri = "https://evil.example/v6.0/b2b/keys/renew".into();
         let f = check("collections", &key(&spec), T, &c).unwrap_err();
-        assert_eq!(f.state, State::Invalid);
+        assert_eq!(f.state, State::Misconfigured);
         assert!(
             f.reason.contains("evil.example") && f.reason.contains("not sent"),
             "{}",
@@ -161,6 +164,34 @@ mod tests {
                 .state,
             State::Invalid
         );
+    }
+
+    #[test]
+    fn a_refresh_uri_may_be_microsofts_or_the_configured_endpoint() {
+        let mut c = config();
+        c.endpoints.collections = "http://127.0.0.1:9000/v6.0/b2b/keys/renew".into();
+        let mut spec = KeySpec::collections("app", T, 100);
+        spec.refresh_uri = Kind::Collections.documented_renew_url().into();
+        assert!(check("collections", &key(&spec), T, &c).is_ok());
+        spec.refresh_uri = "http://localhost:9000/v6.0/b2b/keys/renew".into();
+        assert_eq!(
+            check("collections", &key(&spec), T, &c).unwrap_err().state,
+            State::Misconfigured,
+            "a different spelling of the host is a configuration to fix, never a bad key"
+        );
+        c.endpoints.collections = "http://localhost:9000/v6.0/b2b/keys/renew/".into();
+        assert!(check("collections", &key(&spec), T, &c).is_ok());
+    }
+
+    #[test]
+    fn a_padded_key_passes_the_checks() {
+        let k = KeyText::new(format!(
+            "  {}\n",
+            mint(&KeySpec::collections("app", T, 100))
+        ));
+        assert!(k.has_padding());
+        assert!(check("collections", &k, T, &config()).is_ok());
+        assert!(!KeyText::new(k.trimmed()).has_padding());
     }
 
     #[test]

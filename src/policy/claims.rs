@@ -56,6 +56,15 @@ impl Kind {
         }
     }
 
+    /// The renew URL Microsoft documents for this kind of key (what genuine keys advertise as
+    /// `refreshUri`).
+    pub fn documented_renew_url(self) -> &'static str {
+        match self {
+            Kind::Collections => "https://collections.mp.microsoft.com/v6.0/b2b/keys/renew",
+            Kind::Purchase => "https://purchase.mp.microsoft.com/v6.0/b2b/keys/renew",
+        }
+    }
+
     pub fn from_audience(aud: &str) -> Option<Kind> {
         Kind::ALL.into_iter().find(|k| k.audience() == aud)
     }
@@ -326,6 +335,17 @@ impl KeyText {
         &self.text
     }
 
+    /// The key as it is sent and stored once checked: without the whitespace a form or a file
+    /// may have added around it.
+    pub fn trimmed(&self) -> &str {
+        self.text.trim()
+    }
+
+    /// Whether the backend wrote whitespace around the key.
+    pub fn has_padding(&self) -> bool {
+        self.is_utf8() && self.trimmed().len() != self.text.len()
+    }
+
     /// The exact bytes the database holds, for compare-and-swap.
     pub fn cas_bytes(&self) -> &[u8] {
         self.raw.as_deref().unwrap_or(self.text.as_bytes())
@@ -336,7 +356,9 @@ impl KeyText {
     }
 
     pub fn fingerprint(&self) -> Fingerprint {
-        *self.fingerprint.get_or_init(|| Fingerprint::of(&self.text))
+        *self
+            .fingerprint
+            .get_or_init(|| Fingerprint::of(self.trimmed()))
     }
 }
 

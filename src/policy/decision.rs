@@ -75,8 +75,6 @@ pub struct Decision {
     pub detail: String,
 }
 
-const REVOKED: &str = "the Store refused the key (AuthenticationTokenInvalid), also with a freshly minted access token, and nothing points at our credential: it is revoked or no longer renewable; the client must mint a new key";
-
 /// Decides the fate of one attempt.
 pub fn decide(a: &Attempt<'_>) -> Decision {
     match &a.answer {
@@ -98,10 +96,10 @@ pub fn decide(a: &Attempt<'_>) -> Decision {
         }
         Answer::TokenFailed { detail } => retry(a, EventKind::TokenError, detail, None, false),
         Answer::Refused { detail, verdict } => match verdict {
-            Verdict::Revoked => flag(
+            Verdict::Revoked(why) => flag(
                 State::Revoked,
                 EventKind::Revoked,
-                REVOKED.to_owned(),
+                (*why).to_owned(),
                 Some(detail.clone()),
             ),
             Verdict::Defer(why) => {

@@ -94,7 +94,7 @@ fn a_refusal_is_flagged_only_on_the_guards_word() {
         detail: "inner".into(),
         verdict,
     };
-    let d = decide_with(&f, refused(Verdict::Revoked), NOW);
+    let d = decide_with(&f, refused(Verdict::Revoked(guard::REVOKED)), NOW);
     assert_eq!(d.event, EventKind::Revoked);
     assert!(matches!(
         d.action,
@@ -252,7 +252,8 @@ fn any_answer() -> impl Strategy<Value = Answer> {
         Just(Answer::NoApplication),
         ".{0,20}".prop_map(|d| Answer::TokenFailed { detail: d }),
         prop_oneof![
-            Just(Verdict::Revoked),
+            Just(Verdict::Revoked(guard::REVOKED)),
+            Just(Verdict::Revoked(guard::REVOKED_LONE)),
             Just(Verdict::Defer(guard::AWAITING)),
             Just(Verdict::Defer(guard::ALARM))
         ]
@@ -293,7 +294,7 @@ proptest! {
                 prop_assert!(*next_at < claims.expires_at);
             }
             Action::Flag { state: State::Revoked, .. } => {
-                let believed = matches!(answer, Answer::Refused { verdict: Verdict::Revoked, .. });
+                let believed = matches!(answer, Answer::Refused { verdict: Verdict::Revoked(_), .. });
                 prop_assert!(believed, "revoked without the guard: {:?}", answer);
             }
             Action::Flag { .. } => {}

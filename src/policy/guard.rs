@@ -1,29 +1,43 @@
-//! The false-revocation guard. Pure: every method takes `now`.
+//! The false-revocation guard. Pure: every method takes `now` (Unix milliseconds).
 //!
 //! `AuthenticationTokenInvalid` means "the access token or the key is invalid", and the Store
-//! does not say which. One key refused (after a fresh-token retry) while the same application's
-//! other keys renew is a revocation. Many different keys refused while none renews is our
-//! credential or configuration: then nothing is flagged, the keys are retried, and an alarm is
-//! raised until a renewal for that application succeeds again.
+//! does not say which. A refusal counts against a key only once a renewal of the same
+//! application that *began after it* succeeded: then the credential demonstrably works, and the
+//! key's next refusal flags it. Without such evidence the guard asks for it: one healthy key of
+//! the application is renewed early (a canary). A canary refused too, or many keys refused while
+//! none renews, is our credential: an alarm is raised and nothing is flagged until a renewal
+//! begun after the alarm succeeds. A key whose application has no other key to ask is flagged
+//! only once its refusals span `lone_key_after`.
 
 use std::collections::{HashMap, VecDeque};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct GuardPolicy {
-    /// Different keys of one application refused within `window` that raise the alarm (when
-    /// they outnumber that application's successes in the window).
+    /// Different keys of one application refused since its last renewal, within `window`, that
+    /// raise the credential alarm.
     pub threshold: usize,
     pub window: Duration,
-    /// With no recent success to vouch for the credential, a key is flagged once it has been
-    /// refused this many times in a row (so a lone revoked key still gets flagged).
-    pub confirm_attempts: u32,
+    /// At most one canary per application this often.
+    pub canary_interval: Duration,
+    /// With no other key of the application to ask, refusals must span this long before a key
+    /// is flagged.
+    pub lone_key_after: Duration,
+}
+
+/// What the database remembers of a key's refusals since it last renewed (across restarts and
+/// processes), in Unix milliseconds.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Refusals {
+    pub count: u32,
+    pub first_ms: Option<i64>,
+    pub last_ms: Option<i64>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Verdict {
-    /// The key is revoked: flag it.
-    Revoked,
+    /// The key is revoked: flag it, for this reason.
+    Revoked(&'static str),
     /// Not enough evidence that it is the key: retry it later, say why.
     Defer(&'static str),
 }
@@ -34,25 +48,36 @@ pub enum AlarmChange {
     Cleared,
 }
 
-pub const AWAITING: &str = "the Store refused the key (AuthenticationTokenInvalid), but no renewal of this application succeeded recently to show that our credential works; it is tried again before being flagged revoked";
-pub const ALARM: &str = "the Store is refusing many keys of this application at once (AuthenticationTokenInvalid): that is our credential or configuration, not revocations";
+pub const REVOKED: &str = "the Store refused the key (AuthenticationTokenInvalid), also with a freshly minted access token, after another key of the same application renewed: it is revoked or no longer renewable; the client must mint a new key";
+pub const REVOKED_LONE: &str = "the Store has refused the key (AuthenticationTokenInvalid, also with a freshly minted access token) for longer than guard.lone_key_after, and its application has no other key to show whether our credential works: treated as revoked; the client must mint a new key";
+pub const AWAITING: &str = "the Store refused the key (AuthenticationTokenInvalid), but no renewal of this application has succeeded since to show that our credential works; another key is renewed early to find out, and this one is tried again";
+pub const ALARM: &str = "the Store is refusing keys of this application while none renews (AuthenticationTokenInvalid): that is our credential or configuration, not revocations; nothing is flagged until a renewal succeeds again";
 
 #[derive(Debug, Default)]
 struct App {
-    refusals: VecDeque<(Instant, i64)>,
-    successes: VecDeque<Instant>,
-    alarm_since: Option<Instant>,
+    /// (when, key) of refusals since the last renewal began, within the window.
+    refusals: VecDeque<(i64, i64)>,
+    /// When the latest successful renewal began.
+    last_success_ms: Option<i64>,
+    alarm_since: Option<i64>,
+    canary: Canary,
+}
+
+#[derive(Debug, Default)]
+struct Canary {
+    wanted: bool,
+    in_flight: bool,
+    last_ms: Option<i64>,
+    /// The last search found no key to ask (and nothing has renewed since).
+    none_to_ask: bool,
 }
 
 impl App {
-    fn prune(&mut self, now: Instant, window: Duration) {
-        let old = |t: &Instant| now.duration_since(*t) > window;
-        while self.refusals.front().is_some_and(|(t, _)| old(t)) {
-            self.refusals.pop_front();
-        }
-        while self.successes.front().is_some_and(old) {
-            self.successes.pop_front();
-        }
+    fn prune(&mut self, now: i64, window: Duration) {
+        let window = i64::try_from(window.as_millis()).unwrap_or(i64::MAX);
+        let since = self.last_success_ms.unwrap_or(i64::MIN);
+        self.refusals
+            .retain(|(t, _)| *t > since && now.saturating_sub(*t) <= window);
     }
 
     fn distinct_refused(&self) -> usize {
@@ -77,20 +102,15 @@ impl RevocationGuard {
         }
     }
 
-    /// A key of `app` renewed, by an attempt that began at `started`: the credential worked
+    /// A key of `app` renewed, by an attempt that began at `started_ms`: the credential worked
     /// then. Only an attempt begun after the alarm was raised clears it (one already in flight
     /// when the credential broke proves nothing).
-    pub fn success(&mut self, app: &str, started: Instant, now: Instant) -> Option<AlarmChange> {
-        let window = self.policy.window;
+    pub fn success(&mut self, app: &str, started_ms: i64) -> Option<AlarmChange> {
         let a = self.apps.entry(app.to_owned()).or_default();
-        a.prune(now, window);
-        a.successes.push_back(started);
-        // Bounded: only the ones within the window matter.
-        if a.successes.len() > 10_000 {
-            a.successes.pop_front();
-        }
+        a.last_success_ms = Some(a.last_success_ms.map_or(started_ms, |t| t.max(started_ms)));
+        a.canary.none_to_ask = false;
         match a.alarm_since {
-            Some(since) if started > since => {
+            Some(since) if started_ms > since => {
                 a.alarm_since = None;
                 Some(AlarmChange::Cleared)
             }
@@ -98,48 +118,111 @@ impl RevocationGuard {
         }
     }
 
-    /// Raises the alarm for `app` without a refusal (a CLI process learning of the daemon's).
-    pub fn raise(&mut self, app: &str, now: Instant) {
-        self.apps.entry(app.to_owned()).or_default().alarm_since = Some(now);
+    /// Raises the alarm for `app` without a refusal: one recorded by an earlier run, or by the
+    /// daemon for a CLI process.
+    pub fn raise(&mut self, app: &str, since_ms: i64) {
+        let a = self.apps.entry(app.to_owned()).or_default();
+        a.alarm_since = Some(since_ms);
+        a.canary.wanted = true;
     }
 
-    /// A key of `app` was refused twice (the second time with a fresh access token).
-    /// `prior_refusals` is how many attempts in a row the database remembers were refused for it
-    /// before this one (across restarts and processes).
+    /// A key of `app` was refused twice (the second time with a fresh access token). `prior` is
+    /// what the database remembers of its earlier refusals; `canary`: the key was renewed early
+    /// to test the credential.
     pub fn refused(
         &mut self,
         app: &str,
         key_id: i64,
-        prior_refusals: u32,
-        now: Instant,
+        prior: Refusals,
+        canary: bool,
+        now: i64,
     ) -> (Verdict, Option<AlarmChange>) {
         let policy = self.policy;
         let a = self.apps.entry(app.to_owned()).or_default();
         a.prune(now, policy.window);
         a.refusals.push_back((now, key_id));
-        // Counted in the database, so a replaced key starts from zero and a restart forgets
-        // nothing.
-        let strikes = prior_refusals.saturating_add(1);
+        a.canary.wanted = true;
         if a.alarm_since.is_some() {
             return (Verdict::Defer(ALARM), None);
         }
-        // Evidence that the credential works: renewals begun after the refusals began. Ones from
-        // before prove nothing about now.
-        let oldest = a.refusals.front().map_or(now, |(t, _)| *t);
-        let evidence = a.successes.iter().filter(|t| **t > oldest).count();
+        // A canary is a key that renewed before: refused right after another key was, with
+        // nothing renewed in between, it points at us. So do many keys at once, and every key
+        // of a small application.
         let refused = a.distinct_refused();
-        if refused >= policy.threshold && evidence < refused {
+        if canary || refused >= policy.threshold || (a.canary.none_to_ask && refused >= 2) {
             a.alarm_since = Some(now);
             return (Verdict::Defer(ALARM), Some(AlarmChange::Raised));
         }
-        if evidence > 0 || strikes >= policy.confirm_attempts {
-            return (Verdict::Revoked, None);
+        // The credential worked after this key's previous refusal, and the key is refused again.
+        if let (Some(last), Some(success)) = (prior.last_ms, a.last_success_ms)
+            && success > last
+        {
+            return (Verdict::Revoked(REVOKED), None);
+        }
+        let lone_after = i64::try_from(policy.lone_key_after.as_millis()).unwrap_or(i64::MAX);
+        if a.canary.none_to_ask
+            && prior
+                .first_ms
+                .is_some_and(|first| now.saturating_sub(first) >= lone_after)
+        {
+            return (Verdict::Revoked(REVOKED_LONE), None);
         }
         (Verdict::Defer(AWAITING), None)
     }
 
-    /// Applications whose alarm is raised, with when it was.
-    pub fn alarms(&self) -> Vec<(String, Instant)> {
+    /// The applications that want a canary now: evidence is missing (a refusal, an alarm), none
+    /// is in flight, and the last was at least `canary_interval` ago. Each is marked in flight;
+    /// report back with [`Self::canary_found`].
+    pub fn canaries_due(&mut self, now: i64) -> Vec<String> {
+        let interval = i64::try_from(self.policy.canary_interval.as_millis()).unwrap_or(i64::MAX);
+        let mut due: Vec<String> = Vec::new();
+        for (name, a) in &mut self.apps {
+            let c = &mut a.canary;
+            if c.wanted
+                && !c.in_flight
+                && c.last_ms.is_none_or(|t| now.saturating_sub(t) >= interval)
+            {
+                c.in_flight = true;
+                c.last_ms = Some(now);
+                due.push(name.clone());
+            }
+        }
+        due.sort();
+        due
+    }
+
+    /// Whether a key to ask was found for `app`'s canary. None, while several of its keys are
+    /// refused: every key it has is refused, which is our credential.
+    pub fn canary_found(&mut self, app: &str, found: bool, now: i64) -> Option<AlarmChange> {
+        let window = self.policy.window;
+        let a = self.apps.entry(app.to_owned()).or_default();
+        a.canary.none_to_ask = !found;
+        if found {
+            return None;
+        }
+        a.canary.in_flight = false;
+        a.prune(now, window);
+        if a.alarm_since.is_none() && a.distinct_refused() >= 2 {
+            a.alarm_since = Some(now);
+            return Some(AlarmChange::Raised);
+        }
+        None
+    }
+
+    /// `app`'s canary attempt is over, whatever it answered. Once the credential is shown to
+    /// work, no more canaries are needed until the next refusal.
+    pub fn canary_done(&mut self, app: &str, now: i64) {
+        let window = self.policy.window;
+        let a = self.apps.entry(app.to_owned()).or_default();
+        a.canary.in_flight = false;
+        a.prune(now, window);
+        if a.alarm_since.is_none() && a.refusals.is_empty() {
+            a.canary.wanted = false;
+        }
+    }
+
+    /// Applications whose alarm is raised, with when it was (Unix milliseconds).
+    pub fn alarms(&self) -> Vec<(String, i64)> {
         let mut v: Vec<_> = self
             .apps
             .iter()
@@ -151,123 +234,5 @@ impl RevocationGuard {
 }
 
 #[cfg(test)]
-mod tests {
-    use std::time::Duration;
-
-    use super::*;
-
-    fn guard() -> RevocationGuard {
-        RevocationGuard::new(GuardPolicy {
-            threshold: 3,
-            window: Duration::from_secs(600),
-            confirm_attempts: 3,
-        })
-    }
-
-    fn at(t: Instant, secs: u64) -> Instant {
-        t + Duration::from_secs(secs)
-    }
-
-    #[test]
-    fn a_refusal_is_believed_once_a_later_renewal_shows_the_credential_works() {
-        let t = Instant::now();
-        let mut g = guard();
-        assert!(matches!(
-            g.refused("a", 2, 0, at(t, 1)).0,
-            Verdict::Defer(_)
-        ));
-        g.success("a", at(t, 2), at(t, 3));
-        assert_eq!(g.refused("a", 2, 1, at(t, 4)), (Verdict::Revoked, None));
-    }
-
-    #[test]
-    fn renewals_from_before_the_refusals_prove_nothing() {
-        let t = Instant::now();
-        let mut g = guard();
-        for _ in 0..200 {
-            g.success("a", t, t);
-        }
-        // The credential breaks: refusal after refusal, no renewal since.
-        assert!(matches!(
-            g.refused("a", 500, 0, at(t, 1)).0,
-            Verdict::Defer(_)
-        ));
-        assert!(matches!(
-            g.refused("a", 501, 0, at(t, 1)).0,
-            Verdict::Defer(_)
-        ));
-        assert_eq!(
-            g.refused("a", 502, 0, at(t, 1)),
-            (Verdict::Defer(ALARM), Some(AlarmChange::Raised))
-        );
-        // A renewal that was already in flight when the alarm was raised does not clear it.
-        assert_eq!(g.success("a", at(t, 1), at(t, 2)), None);
-        assert_eq!(g.alarms().len(), 1);
-    }
-
-    #[test]
-    fn a_wave_of_refusals_without_successes_raises_the_alarm_and_flags_nothing() {
-        let t = Instant::now();
-        let mut g = guard();
-        assert!(matches!(g.refused("a", 1, 0, t).0, Verdict::Defer(_)));
-        assert!(matches!(g.refused("a", 2, 0, t).0, Verdict::Defer(_)));
-        assert_eq!(
-            g.refused("a", 3, 0, t),
-            (Verdict::Defer(ALARM), Some(AlarmChange::Raised))
-        );
-        // Even a key refused many times is not flagged while the alarm stands.
-        for n in 0..5 {
-            assert_eq!(g.refused("a", 1, n, t).0, Verdict::Defer(ALARM));
-        }
-        // Another application is judged on its own.
-        assert!(matches!(g.refused("b", 10, 0, t).0, Verdict::Defer(_)));
-        g.success("b", at(t, 1), at(t, 1));
-        assert_eq!(g.refused("b", 10, 1, at(t, 2)).0, Verdict::Revoked);
-        // The credential works again (a renewal begun after the alarm): the alarm clears.
-        assert_eq!(
-            g.success("a", at(t, 5), at(t, 6)),
-            Some(AlarmChange::Cleared)
-        );
-        assert!(g.alarms().is_empty());
-    }
-
-    #[test]
-    fn a_lone_revoked_key_is_flagged_after_repeated_refusals() {
-        let t = Instant::now();
-        let mut g = guard();
-        assert!(matches!(g.refused("a", 1, 0, t).0, Verdict::Defer(_)));
-        assert!(matches!(
-            g.refused("a", 1, 1, at(t, 60)).0,
-            Verdict::Defer(_)
-        ));
-        assert_eq!(g.refused("a", 1, 2, at(t, 120)).0, Verdict::Revoked);
-    }
-
-    #[test]
-    fn refusals_remembered_by_the_database_count_as_strikes() {
-        let t = Instant::now();
-        let mut g = guard();
-        assert_eq!(g.refused("a", 1, 2, t).0, Verdict::Revoked);
-    }
-
-    #[test]
-    fn many_revocations_among_more_renewals_are_flagged() {
-        let t = Instant::now();
-        let mut g = guard();
-        assert!(matches!(g.refused("a", 100, 0, t).0, Verdict::Defer(_)));
-        for _ in 0..20 {
-            g.success("a", at(t, 1), at(t, 1));
-        }
-        for k in 100..105 {
-            assert_eq!(g.refused("a", k, 0, at(t, 2)).0, Verdict::Revoked);
-        }
-    }
-
-    #[test]
-    fn a_raised_alarm_defers_everything() {
-        let t = Instant::now();
-        let mut g = guard();
-        g.raise("a", t);
-        assert_eq!(g.refused("a", 1, 9, t).0, Verdict::Defer(ALARM));
-    }
-}
+#[path = "guard_tests.rs"]
+mod tests;

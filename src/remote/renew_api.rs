@@ -53,7 +53,7 @@ impl RenewClient {
         let started = Instant::now();
         let body = RenewBody {
             service_ticket: ticket.expose(),
-            key: key.expose(),
+            key: key.trimmed(),
         };
         let sent = self.http.post(endpoint.clone()).json(&body).send().await;
         let mut result = match sent {

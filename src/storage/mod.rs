@@ -15,6 +15,7 @@ pub use crate::policy::state::{EventKind, State};
 pub use error::DbError;
 
 use crate::policy::claims::{KeyFacts, KeyText, Kind};
+pub use crate::policy::guard::Refusals;
 
 pub type Result<T, E = DbError> = std::result::Result<T, E>;
 
@@ -60,6 +61,16 @@ pub trait Storage: Send + Sync + std::fmt::Debug {
     ) -> Result<Vec<ClaimedRow>>;
     /// Reserves one active key whatever its due time, unless an attempt holds it.
     async fn claim_row(&self, id: i64, now: i64, lease_until: i64) -> Result<Option<ClaimedRow>>;
+    /// Reserves the healthy key of application `client_id` that is due soonest (active, never
+    /// refused or failed since it last renewed, not held, issued at `issued_before` or earlier,
+    /// an hour or more from expiry), to renew it early as a canary.
+    async fn claim_canary(
+        &self,
+        client_id: &str,
+        issued_before: i64,
+        now: i64,
+        lease_until: i64,
+    ) -> Result<Option<ClaimedRow>>;
     /// Active keys due now, without reserving them (a dry run).
     async fn due_rows(&self, now: i64, limit: u32) -> Result<Vec<ClaimedRow>>;
     /// When the earliest active key of `kinds` is next due (an index lookup, not a scan).
@@ -96,7 +107,8 @@ pub trait Storage: Send + Sync + std::fmt::Debug {
     /// Raises (or updates) a named alarm for `status`.
     async fn set_alarm(&self, name: &str, detail: &str, since: i64) -> Result<()>;
     async fn clear_alarm(&self, name: &str) -> Result<()>;
-    async fn clear_alarms(&self) -> Result<()>;
+    /// Clears every alarm whose name does not start with `keep_prefix`.
+    async fn clear_alarms_except(&self, keep_prefix: &str) -> Result<()>;
 }
 
 /// A row written by a backend and not yet checked.
@@ -116,8 +128,10 @@ pub struct ClaimedRow {
     pub facts: KeyFacts,
     /// Consecutive failed attempts before this one.
     pub attempts: u32,
-    /// Consecutive refusals the guard deferred before this one.
-    pub refusals: u32,
+    /// The refusals the guard deferred since the key last renewed.
+    pub refusals: Refusals,
+    /// Claimed to test the application's credential, ahead of its time.
+    pub canary: bool,
     /// Unix time the claim's lease ends: past it another process may claim the key.
     pub lease_until: i64,
 }
@@ -163,7 +177,8 @@ impl Write {
 /// What a write does to its row.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Change {
-    /// A pending key passed the checks: active, scheduled.
+    /// A pending key passed the checks: active, scheduled, and stored without surrounding
+    /// whitespace.
     Activate {
         facts: KeyFacts,
         next_at: i64,
@@ -174,11 +189,12 @@ pub enum Change {
         facts: KeyFacts,
         next_at: i64,
     },
-    /// Another attempt at `at`.
+    /// Another attempt at `at`. `refused_ms`: the Store refused the key then (Unix
+    /// milliseconds), and the guard could not yet believe it; counted toward flagging it.
     Retry {
         at: i64,
         reason: String,
-        refused: bool,
+        refused_ms: Option<i64>,
     },
     Flag {
         state: State,

@@ -237,6 +237,15 @@ impl TestEnv {
         key
     }
 
+    /// The application's credential alarm, as `/metrics` shows it.
+    pub(crate) async fn credential_alarm(&self, app: &str) -> Option<f64> {
+        let text = self.get("/metrics").await.1;
+        metric(
+            &text,
+            &format!("storekeyd_credential_alarm{{application=\"{app}\"}}"),
+        )
+    }
+
     /// Counts rows by state.
     pub(crate) async fn count(&self, state: &str) -> usize {
         self.rows()
@@ -481,6 +490,9 @@ pub(crate) fn test_config(emu: &Emulator, dir: &TempDir) -> Config {
     r.rate_limit = 1000.0;
     r.lease = Duration::from_secs(10);
     r.shutdown_grace = Duration::from_secs(10);
+    // Canaries as often as a test can wait for them.
+    config.guard.canary_interval = Duration::from_secs(1);
+    config.guard.canary_min_age = Duration::from_secs(2);
     config.metrics.listen = "127.0.0.1:0".parse().unwrap();
     config.http.connect_timeout = Duration::from_secs(1);
     config.http.request_timeout = Duration::from_secs(2);

@@ -174,14 +174,23 @@ async fn no_key_token_or_secret_appears_in_any_output() {
         let path = format!("{}{suffix}", db.display());
         if let Ok(meta) = std::fs::metadata(&path) {
             assert_eq!(
-                meta.permissions().mode() & 0o077,
+                meta.permissions().mode() & 0o007,
                 0,
-                "{path} is readable by group or others"
+                "{path} is open to others"
             );
         }
     }
+    // Group access follows the umask (the unit's 0007 makes it 0660, for the backend's user).
+    let umask = current_umask();
     assert_eq!(
         std::fs::metadata(&db).unwrap().permissions().mode() & 0o777,
-        0o600
+        0o660 & !umask
     );
+}
+
+/// The process's umask (read from /proc, so nothing is changed to learn it).
+fn current_umask() -> u32 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap();
+    let line = status.lines().find(|l| l.starts_with("Umask:")).unwrap();
+    u32::from_str_radix(line.trim_start_matches("Umask:").trim(), 8).unwrap()
 }

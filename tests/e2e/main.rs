@@ -11,6 +11,7 @@ mod crash;
 mod dbfaults;
 mod demo;
 mod flags;
+mod guard;
 mod hostile;
 mod hygiene;
 mod observe;

@@ -136,7 +136,7 @@ async fn a_few_real_revocations_among_many_healthy_keys_are_flagged() {
     env.wait_until("the revoked keys flagged, the rest renewed", || async {
         let rows = env.rows().await;
         rows.iter().filter(|r| r.state == "revoked").count() == revoked.len()
-            && rows.iter().filter(|r| r.renewals == 1).count() == 20 - revoked.len()
+            && rows.iter().filter(|r| r.renewals >= 1).count() == 20 - revoked.len()
     })
     .await;
     let text = env.get("/metrics").await.1;

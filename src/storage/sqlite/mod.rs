@@ -13,8 +13,8 @@ use sqlx::SqlitePool;
 use sqlx::sqlite::SqliteRow;
 
 use super::{
-    Alarm, ClaimedRow, EventRecord, KeyStats, KeySummary, NewKey, PendingRow, Result, Storage,
-    Write,
+    Alarm, ClaimedRow, EventRecord, KeyStats, KeySummary, NewKey, PendingRow, Refusals, Result,
+    Storage, Write,
 };
 use crate::policy::claims::{KeyFacts, KeyText, Kind};
 
@@ -39,7 +39,7 @@ const RELEASE: &str = "UPDATE store_keys SET next_attempt_at = ?1, lease_until =
        AND lease_until IS NOT NULL";
 
 /// The columns a claim returns: the key and the claims ingest stored for it.
-const CLAIMED: &str = "id, CAST(key AS BLOB) AS key_bytes, attempts, refusals, kind, client_id, user_id, issued_at, expires_at";
+const CLAIMED: &str = "id, CAST(key AS BLOB) AS key_bytes, attempts, refusals, refused_first_ms, refused_last_ms, kind, client_id, user_id, issued_at, expires_at";
 
 impl SqliteStore {
     /// Opens (creating if needed, mode 0600) and migrates the database.
@@ -98,7 +98,12 @@ fn claimed(row: &SqliteRow, lease_until: i64) -> std::result::Result<ClaimedRow,
             expires_at: row.try_get::<Option<i64>, _>("expires_at")?.unwrap_or(0),
         },
         attempts: count("attempts")?,
-        refusals: count("refusals")?,
+        refusals: Refusals {
+            count: count("refusals")?,
+            first_ms: row.try_get("refused_first_ms")?,
+            last_ms: row.try_get("refused_last_ms")?,
+        },
+        canary: false,
         lease_until,
     })
 }
@@ -249,6 +254,39 @@ impl Storage for SqliteStore {
         Ok(row.as_ref().map(|r| claimed(r, lease_until)).transpose()?)
     }
 
+    async fn claim_canary(
+        &self,
+        client_id: &str,
+        issued_before: i64,
+        now: i64,
+        lease_until: i64,
+    ) -> Result<Option<ClaimedRow>> {
+        // Soonest due: renewing it early costs the least. With an hour of validity left: never
+        // the key that expires meanwhile.
+        let sql = format!(
+            "UPDATE store_keys SET next_attempt_at = ?1, lease_until = ?1
+             WHERE id = (SELECT id FROM store_keys INDEXED BY store_keys_due
+                         WHERE state = 'active' AND client_id = ?2 AND refusals = 0
+                           AND attempts = 0 AND expires_at > ?3 + 3600
+                           AND issued_at <= ?4
+                           AND (lease_until IS NULL OR lease_until <= ?3)
+                         ORDER BY next_attempt_at LIMIT 1)
+             RETURNING {CLAIMED}"
+        );
+        let row = sqlx::query(sqlx::AssertSqlSafe(sql))
+            .bind(lease_until)
+            .bind(client_id)
+            .bind(now)
+            .bind(issued_before)
+            .fetch_optional(&self.pool)
+            .await?;
+        let mut row = row.as_ref().map(|r| claimed(r, lease_until)).transpose()?;
+        if let Some(r) = &mut row {
+            r.canary = true;
+        }
+        Ok(row)
+    }
+
     async fn due_rows(&self, now: i64, limit: u32) -> Result<Vec<ClaimedRow>> {
         let sql = format!(
             "SELECT {CLAIMED} FROM store_keys INDEXED BY store_keys_due
@@ -355,8 +393,9 @@ impl Storage for SqliteStore {
         Ok(())
     }
 
-    async fn clear_alarms(&self) -> Result<()> {
-        sqlx::query("DELETE FROM storekeyd_alarms")
+    async fn clear_alarms_except(&self, keep_prefix: &str) -> Result<()> {
+        sqlx::query("DELETE FROM storekeyd_alarms WHERE substr(name, 1, length(?1)) <> ?1")
+            .bind(keep_prefix)
             .execute(&self.pool)
             .await?;
         Ok(())

@@ -50,7 +50,7 @@ async fn pool(
         .pragma("temp_store", "memory")
         .pragma("cache_size", cache_size);
     let path = options.get_filename().to_owned();
-    create_private(&path)?;
+    create_shared_with_group(&path)?;
     match SqlitePoolOptions::new()
         .max_connections(connections)
         .min_connections(0)
@@ -92,7 +92,7 @@ pub(super) async fn check_schema(pool: &SqlitePool) -> Result<()> {
 
 /// The schema, embedded in the binary from `migrations/sqlite`.
 pub fn migrator() -> Migrator {
-    let migrations: [(i64, &'static str, &'static str); 4] = [
+    let migrations: [(i64, &'static str, &'static str); 5] = [
         (
             1,
             "init",
@@ -112,6 +112,11 @@ pub fn migrator() -> Migrator {
             4,
             "user id",
             include_str!("../../../migrations/sqlite/0004_user_id.sql"),
+        ),
+        (
+            5,
+            "refusal times",
+            include_str!("../../../migrations/sqlite/0005_refusal_times.sql"),
         ),
     ];
     Migrator::with_migrations(
@@ -145,9 +150,10 @@ fn not_writable(path: &Path) -> Option<DbError> {
         })
 }
 
-/// SQLite creates the database with the umask's mode; a file of bearer credentials must be
-/// private, and SQLite gives the -wal and -shm files the main file's mode.
-fn create_private(path: &Path) -> Result<()> {
+/// SQLite would create the database with 0644 less the umask; a file of bearer credentials is
+/// never for others, but the backend's user shares it through the group (the unit's umask 0007
+/// leaves it 0660). SQLite gives the -wal and -shm files the main file's mode.
+fn create_shared_with_group(path: &Path) -> Result<()> {
     use std::os::unix::fs::OpenOptionsExt;
     if path.as_os_str().is_empty() || path.to_str() == Some(":memory:") || path.exists() {
         return Ok(());
@@ -155,7 +161,7 @@ fn create_private(path: &Path) -> Result<()> {
     std::fs::OpenOptions::new()
         .write(true)
         .create_new(true)
-        .mode(0o600)
+        .mode(0o660)
         .open(path)
         .map(drop)
         .map_err(|source| DbError::Create {

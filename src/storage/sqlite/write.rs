@@ -117,11 +117,14 @@ impl ChangeKind {
     pub(super) fn sql(self) -> &'static str {
         match self {
             ChangeKind::Activate => {
-                "UPDATE store_keys SET state = 'active', reason = NULL, key_fp = v.key_fp,
+                "UPDATE store_keys SET key = COALESCE(v.new_key, store_keys.key), state = 'active',
+                     reason = NULL, key_fp = v.key_fp,
                      client_id = v.client_id, user_id = v.user_id, issued_at = v.issued_at,
                      expires_at = v.expires_at, next_attempt_at = v.next_at, lease_until = NULL,
-                     attempts = 0, refusals = 0, updated_at = v.at
+                     attempts = 0, refusals = 0, refused_first_ms = NULL, refused_last_ms = NULL,
+                     updated_at = v.at
                  FROM (SELECT value ->> 'id' AS id, COALESCE(unhex(value ->> 'expected_hex'), CAST(value ->> 'expected' AS BLOB)) AS expected,
+                              value ->> 'new_key' AS new_key,
                               value ->> 'key_fp' AS key_fp, value ->> 'client_id' AS client_id,
                               value ->> 'user_id' AS user_id, value ->> 'issued_at' AS issued_at,
                               value ->> 'expires_at' AS expires_at, value ->> 'next_at' AS next_at,
@@ -136,6 +139,7 @@ impl ChangeKind {
                      key_fp = v.key_fp, client_id = v.client_id, user_id = v.user_id,
                      issued_at = v.issued_at, expires_at = v.expires_at,
                      next_attempt_at = v.next_at, lease_until = NULL, attempts = 0, refusals = 0,
+                     refused_first_ms = NULL, refused_last_ms = NULL,
                      renewals = renewals + 1, last_renewed_at = v.at, updated_at = v.at
                  FROM (SELECT value ->> 'id' AS id, COALESCE(unhex(value ->> 'expected_hex'), CAST(value ->> 'expected' AS BLOB)) AS expected,
                               value ->> 'new_key' AS new_key, value ->> 'key_fp' AS key_fp,
@@ -149,10 +153,12 @@ impl ChangeKind {
             }
             ChangeKind::Retry => {
                 "UPDATE store_keys SET next_attempt_at = v.next_at, lease_until = NULL,
-                     attempts = attempts + 1, refusals = refusals + v.refused, reason = v.reason,
-                     updated_at = v.at
+                     attempts = attempts + 1, refusals = refusals + (v.refused_ms IS NOT NULL),
+                     refused_first_ms = COALESCE(refused_first_ms, v.refused_ms),
+                     refused_last_ms = COALESCE(v.refused_ms, refused_last_ms),
+                     reason = v.reason, updated_at = v.at
                  FROM (SELECT value ->> 'id' AS id, COALESCE(unhex(value ->> 'expected_hex'), CAST(value ->> 'expected' AS BLOB)) AS expected,
-                              value ->> 'next_at' AS next_at, value ->> 'refused' AS refused,
+                              value ->> 'next_at' AS next_at, value ->> 'refused_ms' AS refused_ms,
                               value ->> 'reason' AS reason, value ->> 'at' AS at
                        FROM json_each(?1)) AS v
                  WHERE store_keys.id = v.id AND CAST(store_keys.key AS BLOB) = v.expected
@@ -207,7 +213,7 @@ struct RowJson<'a> {
     #[serde(skip_serializing_if = "Option::is_none")]
     next_at: Option<i64>,
     #[serde(skip_serializing_if = "Option::is_none")]
-    refused: Option<i64>,
+    refused_ms: Option<i64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     reason: Option<&'a str>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -244,9 +250,11 @@ fn row_json(write: &Write) -> Option<(ChangeKind, String)> {
         ..RowJson::default()
     };
     let (kind, row) = match change {
+        // Compared on what the backend wrote, stored as it is sent.
         Change::Activate { facts, next_at } => (
             ChangeKind::Activate,
             RowJson {
+                new_key: expected.has_padding().then(|| expected.trimmed()),
                 key_fp: Some(expected.fingerprint().to_string()),
                 next_at: Some(*next_at),
                 ..base
@@ -270,12 +278,12 @@ fn row_json(write: &Write) -> Option<(ChangeKind, String)> {
         Change::Retry {
             at,
             reason,
-            refused,
+            refused_ms,
         } => (
             ChangeKind::Retry,
             RowJson {
                 next_at: Some(*at),
-                refused: Some(i64::from(*refused)),
+                refused_ms: *refused_ms,
                 reason: Some(reason),
                 ..base
             },

@@ -1,0 +1,212 @@
+//! The false-revocation guard end to end: a flag is raised only on evidence, whatever the
+//! credential does, and the alarm tells the two apart. Each test asserts the exact number of keys
+//! flagged.
+
+use std::time::{Duration, Instant};
+
+use storekeyd::emulator::Faults;
+use storekeyd::policy::claims::Kind;
+
+use crate::harness::{APP, DAY, KEY_LIFETIME, Row, TestEnv};
+
+fn tickets_refused() -> Faults {
+    Faults {
+        reject_tickets_for: vec![APP.to_owned()],
+        ..Faults::default()
+    }
+}
+
+fn named<'a>(rows: &'a [Row], env_rows: &'a [(String, i64)], prefix: &str) -> Vec<&'a Row> {
+    let ids: Vec<i64> = env_rows
+        .iter()
+        .filter(|(user, _)| user.starts_with(prefix))
+        .map(|(_, id)| *id)
+        .collect();
+    rows.iter().filter(|r| ids.contains(&r.id)).collect()
+}
+
+async fn users(env: &TestEnv) -> Vec<(String, i64)> {
+    sqlx::query_as("SELECT user_ref, id FROM store_keys")
+        .fetch_all(env.db.pool())
+        .await
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_a_genuine_revocation_a_broken_credential_flags_no_healthy_key() {
+    let mut env = TestEnv::new().await;
+    let revoked = env.add_due_user("revoked").await;
+    env.emu.revoke_key(&revoked);
+    for i in 0..20 {
+        env.add_due_user(&format!("early-{i}")).await;
+    }
+    env.spawn_daemon().await;
+    env.wait_until("the revoked key flagged and the others renewed", || async {
+        let rows = env.rows().await;
+        rows.iter().filter(|r| r.state == "revoked").count() == 1
+            && rows.iter().filter(|r| r.renewals >= 1).count() == 20
+    })
+    .await;
+    assert_eq!(env.row("revoked", Kind::Collections).await.state, "revoked");
+
+    // The application's tickets are refused from now on (an Entra app removed from the Store
+    // product), and twenty more keys come due.
+    env.set_faults(tickets_refused());
+    for i in 0..20 {
+        env.add_due_user(&format!("late-{i}")).await;
+    }
+    env.wait_until(
+        "every late key refused twice and the alarm raised",
+        || async {
+            let (rows, names) = (env.rows().await, users(&env).await);
+            let late = named(&rows, &names, "late-");
+            late.len() == 20
+                && late.iter().all(|r| r.state == "active" && r.attempts >= 2)
+                && env.credential_alarm(APP).await == Some(1.0)
+        },
+    )
+    .await;
+    assert_eq!(env.count("revoked").await, 1, "a healthy key was flagged");
+
+    // The credential works again: the alarm clears and every late key renews.
+    env.set_faults(Faults::default());
+    env.wait_until("the late keys renewed and the alarm cleared", || async {
+        let (rows, names) = (env.rows().await, users(&env).await);
+        named(&rows, &names, "late-")
+            .iter()
+            .all(|r| r.renewals >= 1)
+            && env.credential_alarm(APP).await == Some(0.0)
+    })
+    .await;
+    assert_eq!(env.count("revoked").await, 1);
+    env.stop_daemon().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_small_application_with_a_broken_credential_loses_no_key_across_a_restart() {
+    let mut env = TestEnv::new().await;
+    for i in 0..4 {
+        env.add_due_user(&format!("user-{i}")).await;
+    }
+    env.set_faults(tickets_refused());
+    env.spawn_daemon().await;
+    env.wait_until("every key refused twice and the alarm raised", || async {
+        let rows = env.rows().await;
+        rows.iter().all(|r| r.attempts >= 2) && env.credential_alarm(APP).await == Some(1.0)
+    })
+    .await;
+    // Hours of refusals, past guard.lone_key_after: still nothing flagged.
+    let start = env.clock.now();
+    env.run_until(
+        Duration::from_secs(600),
+        "eight hours of refusals",
+        || async { env.clock.now() >= start + 8 * 3600 },
+    )
+    .await;
+    env.stop_daemon().await;
+    let flagged = env
+        .rows()
+        .await
+        .iter()
+        .filter(|r| r.state != "active")
+        .count();
+    assert_eq!(flagged, 0, "a key was flagged under a broken credential");
+
+    // The alarm outlives the process: `status` shows it while no daemon runs, and the next
+    // start takes it up.
+    let out = env.cli(&["status"], "").await;
+    assert!(
+        out.stdout.contains(&format!("credential:{APP}")),
+        "{}",
+        out.stdout
+    );
+    env.spawn_daemon().await;
+    env.wait_until("the alarm taken up at start", || async {
+        env.credential_alarm(APP).await == Some(1.0)
+    })
+    .await;
+    env.set_faults(Faults::default());
+    env.wait_until("every key renewed and the alarm cleared", || async {
+        env.rows().await.iter().all(|r| r.renewals >= 1)
+            && env.credential_alarm(APP).await == Some(0.0)
+    })
+    .await;
+    env.stop_daemon().await;
+    assert_eq!(env.count("active").await, 4);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_wave_of_genuine_revocations_is_told_apart_by_a_canary() {
+    let mut env = TestEnv::new().await;
+    // Healthy keys, none due for weeks: only a canary can show the credential works.
+    for i in 0..30 {
+        let issued = env.clock.now() - 2 * DAY as i64;
+        let key = env.emu.mint_at(
+            Kind::Collections,
+            APP,
+            &format!("healthy-{i}"),
+            KEY_LIFETIME,
+            issued,
+        );
+        env.store(&format!("healthy-{i}"), Kind::Collections, &key)
+            .await;
+    }
+    // Five genuine revocations come due at once: as many as guard.threshold, so they look like a
+    // broken credential at first.
+    for i in 0..5 {
+        let key = env.add_due_user(&format!("revoked-{i}")).await;
+        env.emu.revoke_key(&key);
+    }
+    let started = Instant::now();
+    env.spawn_daemon().await;
+    env.wait_until("the five revoked keys flagged", || async {
+        env.count("revoked").await == 5
+    })
+    .await;
+    let took = started.elapsed();
+    let rows = env.rows().await;
+    let (rows, names) = (rows, users(&env).await);
+    let healthy = named(&rows, &names, "healthy-");
+    assert!(healthy.iter().all(|r| r.state == "active"));
+    let canaries = healthy.iter().filter(|r| r.renewals > 0).count();
+    assert!(canaries >= 1, "no canary renewed");
+    assert_eq!(env.credential_alarm(APP).await, Some(0.0));
+    eprintln!(
+        "guard: 5 genuine revocations among 30 healthy keys not due: all 5 flagged in {:.1} s, {canaries} canaries renewed early, 0 healthy keys flagged",
+        took.as_secs_f64()
+    );
+    env.stop_daemon().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_key_with_no_other_to_ask_is_flagged_only_after_hours_of_refusals() {
+    let mut env = TestEnv::new().await;
+    env.config.guard.lone_key_after = Duration::from_secs(3600);
+    env.config.renew.backoff_cap = Duration::from_secs(600);
+    let key = env.add_due_user("alone").await;
+    env.emu.revoke_key(&key);
+    let start = env.clock.now();
+    env.spawn_daemon().await;
+    env.run_until(Duration::from_secs(300), "the lone key flagged", || async {
+        let state = env.row("alone", Kind::Collections).await.state;
+        state != "active" && state != "pending"
+    })
+    .await;
+    let flagged_at = env.clock.now();
+    env.stop_daemon().await;
+    let row = env.row("alone", Kind::Collections).await;
+    assert_eq!(row.state, "revoked");
+    assert!(
+        row.reason
+            .as_deref()
+            .unwrap_or("")
+            .contains("lone_key_after"),
+        "{:?}",
+        row.reason
+    );
+    assert!(
+        flagged_at - start >= 3600,
+        "flagged after {} s of refusals",
+        flagged_at - start
+    );
+}
