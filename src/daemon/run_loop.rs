@@ -23,6 +23,8 @@ use crate::storage::{ClaimedRow, Storage};
 
 /// Events older than the retention are pruned this often.
 const PRUNE_EVERY_SECS: i64 = 3600;
+/// Retired keys are remembered this long (three key lifetimes), so a re-stored one is refused.
+const LINEAGE_SECS: i64 = 90 * 86_400;
 /// At most this many thousand events are pruned per pass of the loop.
 const PRUNE_BATCHES_PER_PASS: u32 = 10;
 /// How often a failing application's credential is tried again outside renewals.
@@ -400,6 +402,7 @@ impl Loop {
         // A large backlog of old events is worked off over several passes.
         if !more {
             self.last_prune = now;
+            self.storage.prune_lineage(now - LINEAGE_SECS).await?;
         }
         if pruned > 0 {
             tracing::debug!(events = pruned, more, "pruned old events");

@@ -81,10 +81,13 @@ pub enum EventKind {
     Misconfigured,
     /// Not attempted: the endpoint's outage breaker holds calls back.
     Deferred,
+    /// The backend stored a key the row was already renewed past; the newer key was kept
+    /// (recorded by the database's trigger).
+    StaleKeyKept,
 }
 
 impl EventKind {
-    pub const ALL: [EventKind; 14] = [
+    pub const ALL: [EventKind; 15] = [
         EventKind::Accepted,
         EventKind::Renewed,
         EventKind::AuthInvalid,
@@ -99,6 +102,7 @@ impl EventKind {
         EventKind::Invalid,
         EventKind::Misconfigured,
         EventKind::Deferred,
+        EventKind::StaleKeyKept,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -117,6 +121,7 @@ impl EventKind {
             EventKind::Invalid => "invalid",
             EventKind::Misconfigured => "misconfigured",
             EventKind::Deferred => "deferred",
+            EventKind::StaleKeyKept => "stale_key_kept",
         }
     }
 

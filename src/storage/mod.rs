@@ -87,6 +87,8 @@ pub trait Storage: Send + Sync + std::fmt::Debug {
     /// Deletes events older than `before` in at most `max_batches` bounded batches; returns how
     /// many and whether more remain.
     async fn prune_events(&self, before: i64, max_batches: u32) -> Result<(u64, bool)>;
+    /// Forgets the keys retired before `before` (they expired long ago).
+    async fn prune_lineage(&self, before: i64) -> Result<u64>;
 
     /// Adds or replaces keys exactly as the backend contract's upsert does, in one transaction.
     async fn store_keys(&self, keys: &[NewKey]) -> Result<()>;

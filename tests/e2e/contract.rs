@@ -12,3 +12,57 @@ fn readme_documents_the_exact_backend_statements() {
         );
     }
 }
+
+/// A replayed login writes back a key the row was already renewed past: the newer key stays, and
+/// the event log says so. (Before, the row went `pending` with the old key and the newer one was
+/// gone.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn re_storing_an_older_key_keeps_the_newer_one() {
+    use std::time::Duration;
+
+    use storekeyd::policy::claims::Kind;
+
+    use crate::harness::{DAY, TestEnv};
+
+    let mut env = TestEnv::new().await;
+    let first = env.add_due_user("alice").await;
+    env.add_user("bob").await;
+    env.spawn_daemon().await;
+    env.run_until(Duration::from_secs(DAY), "alice renewed twice", || async {
+        env.row("alice", Kind::Collections).await.renewals >= 2
+    })
+    .await;
+    env.stop_daemon().await;
+    let newest = env.row("alice", Kind::Collections).await.key;
+    // The key renewed once, then again: both ancestors are refused, with the upsert as it is.
+    let events: Vec<(String,)> = sqlx::query_as(
+        "SELECT outcome FROM store_key_events WHERE key_id = 1 AND outcome = 'renewed'",
+    )
+    .fetch_all(env.db.pool())
+    .await
+    .unwrap();
+    assert!(events.len() >= 2);
+    env.store("alice", Kind::Collections, &first).await;
+    env.store("alice", Kind::Collections, &format!("{first}\n"))
+        .await;
+    let row = env.row("alice", Kind::Collections).await;
+    assert!(row.key == newest, "the newer key was replaced");
+    assert_eq!(row.state, "active");
+    let (kept,): (i64,) = sqlx::query_as(
+        "SELECT COUNT(*) FROM store_key_events WHERE key_id = ? AND outcome = 'stale_key_kept'",
+    )
+    .bind(row.id)
+    .fetch_one(env.db.pool())
+    .await
+    .unwrap();
+    assert_eq!(kept, 2);
+
+    // A genuinely new key (a new login) still replaces it.
+    let fresh = env.mint(Kind::Collections, crate::harness::APP, "alice");
+    env.store("alice", Kind::Collections, &fresh).await;
+    let row = env.row("alice", Kind::Collections).await;
+    assert!(row.key == fresh, "a new login's key was refused");
+    assert_eq!(row.state, "pending");
+    // And bob, never renewed, is untouched by alice's lineage.
+    assert_eq!(env.row("bob", Kind::Collections).await.state, "active");
+}

@@ -329,6 +329,16 @@ impl Storage for SqliteStore {
         .rows_affected())
     }
 
+    async fn prune_lineage(&self, before: i64) -> Result<u64> {
+        Ok(
+            sqlx::query("DELETE FROM store_key_lineage WHERE retired_at < ?")
+                .bind(before)
+                .execute(&self.pool)
+                .await?
+                .rows_affected(),
+        )
+    }
+
     async fn prune_events(&self, before: i64, max_batches: u32) -> Result<(u64, bool)> {
         let mut total = 0;
         for _ in 0..max_batches {

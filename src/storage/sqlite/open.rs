@@ -92,7 +92,7 @@ pub(super) async fn check_schema(pool: &SqlitePool) -> Result<()> {
 
 /// The schema, embedded in the binary from `migrations/sqlite`.
 pub fn migrator() -> Migrator {
-    let migrations: [(i64, &'static str, &'static str); 5] = [
+    let migrations: [(i64, &'static str, &'static str); 6] = [
         (
             1,
             "init",
@@ -117,6 +117,11 @@ pub fn migrator() -> Migrator {
             5,
             "refusal times",
             include_str!("../../../migrations/sqlite/0005_refusal_times.sql"),
+        ),
+        (
+            6,
+            "lineage",
+            include_str!("../../../migrations/sqlite/0006_lineage.sql"),
         ),
     ];
     Migrator::with_migrations(

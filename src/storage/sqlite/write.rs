@@ -80,6 +80,7 @@ async fn apply_in(conn: &mut SqliteConnection, writes: &[Write]) -> Result<Vec<b
         }
     }
     insert_events(conn, writes, &applied).await?;
+    insert_lineage(conn, writes, &applied).await?;
     sqlx::query("COMMIT").execute(&mut *conn).await?;
     Ok(applied)
 }
@@ -310,6 +311,40 @@ fn row_json(write: &Write) -> Option<(ChangeKind, String)> {
 
 /// Every event of the batch, in order; a row change that did not apply records `superseded`
 /// (the backend replaced the key meanwhile: its write stands, ours was dropped).
+/// The keys the applied renewals retired, by the tail the lineage trigger compares.
+async fn insert_lineage(
+    conn: &mut SqliteConnection,
+    writes: &[Write],
+    applied: &[bool],
+) -> Result<()> {
+    let retired: Vec<(i64, &str, i64)> = writes
+        .iter()
+        .zip(applied)
+        .filter_map(|(write, done)| match write {
+            Write::Row {
+                id,
+                expected,
+                at,
+                change: Change::Renew { .. },
+                ..
+            } if *done && expected.is_utf8() => Some((*id, expected.trimmed(), *at)),
+            _ => None,
+        })
+        .collect();
+    if retired.is_empty() {
+        return Ok(());
+    }
+    let json = serde_json::to_string(&retired).unwrap_or_else(|_| "[]".to_owned());
+    sqlx::query(
+        "INSERT OR IGNORE INTO store_key_lineage (key_id, tail, retired_at)
+         SELECT value ->> 0, substr(value ->> 1, -22), value ->> 2 FROM json_each(?)",
+    )
+    .bind(json)
+    .execute(&mut *conn)
+    .await?;
+    Ok(())
+}
+
 async fn insert_events(
     conn: &mut SqliteConnection,
     writes: &[Write],
