@@ -5,10 +5,19 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-/// Unix seconds, shareable. The system clock plus an offset that only tests change.
+/// Unix seconds, shareable. The system clock plus offsets that only tests change: time that
+/// passes faster ([`Clock::advance`], seen by the elapsed-time reading too) and steps of the wall
+/// clock alone ([`Clock::rewind`], [`Clock::step_forward`]), as a bad RTC or NTP makes them.
 #[derive(Debug, Clone, Default)]
 pub struct Clock {
     offset_secs: Arc<AtomicI64>,
+    advanced_secs: Arc<AtomicI64>,
+}
+
+/// The origin of [`Clock::elapsed`].
+fn origin() -> std::time::Instant {
+    static ORIGIN: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
+    *ORIGIN.get_or_init(std::time::Instant::now)
 }
 
 impl Clock {
@@ -42,16 +51,33 @@ impl Clock {
         UNIX_EPOCH + Duration::from_secs(secs)
     }
 
-    /// Moves this clock (and every clone of it) back, as an NTP step backwards would.
+    /// Time elapsed since an arbitrary origin, by a clock that never steps (monotonic), plus
+    /// what tests advanced: what the Store's time is extrapolated with.
+    pub fn elapsed(&self) -> Duration {
+        let advanced = u64::try_from(self.advanced_secs.load(Ordering::Relaxed)).unwrap_or(0);
+        origin().elapsed() + Duration::from_secs(advanced)
+    }
+
+    /// Steps the wall clock of this clock (and every clone of it) back, as an NTP step would;
+    /// elapsed time is not affected.
     pub fn rewind(&self, by: Duration) {
         let secs = i64::try_from(by.as_secs()).unwrap_or(i64::MAX);
         self.offset_secs.fetch_sub(secs, Ordering::Relaxed);
     }
 
-    /// Moves this clock (and every clone of it) forward.
-    pub fn advance(&self, by: Duration) {
+    /// Steps the wall clock forward, as a bad RTC would; elapsed time is not affected.
+    pub fn step_forward(&self, by: Duration) {
         let secs = i64::try_from(by.as_secs()).unwrap_or(i64::MAX);
         self.offset_secs.fetch_add(secs, Ordering::Relaxed);
+    }
+
+    /// Moves this clock (and every clone of it) forward: time passes, for the wall clock and the
+    /// elapsed time alike.
+    pub fn advance(&self, by: Duration) {
+        let secs = i64::try_from(by.as_secs()).unwrap_or(i64::MAX);
+        origin();
+        self.offset_secs.fetch_add(secs, Ordering::Relaxed);
+        self.advanced_secs.fetch_add(secs, Ordering::Relaxed);
     }
 }
 

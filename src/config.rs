@@ -224,6 +224,10 @@ pub struct Http {
     #[serde(with = "human")]
     pub request_timeout: Duration,
     pub max_body_bytes: usize,
+    /// How far the host clock may be from the `Date` of the Store's and Entra's answers before
+    /// the clock alarm is raised (expiry is judged on their time either way).
+    #[serde(with = "human")]
+    pub max_clock_offset: Duration,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -298,6 +302,7 @@ impl Default for Http {
             connect_timeout: Duration::from_secs(5),
             request_timeout: Duration::from_secs(20),
             max_body_bytes: 64 * 1024,
+            max_clock_offset: Duration::from_secs(120),
         }
     }
 }
@@ -487,6 +492,9 @@ impl Config {
                 "breaker.probe_max",
                 "must be at least `breaker.probe_initial`, which must be above zero",
             ));
+        }
+        if self.http.max_clock_offset < Duration::from_secs(1) {
+            return Err(field_error("http.max_clock_offset", "must be at least 1s"));
         }
         if self.http.max_body_bytes < 1024 {
             return Err(field_error("http.max_body_bytes", "must be at least 1024"));

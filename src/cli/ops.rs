@@ -13,6 +13,7 @@ use storekeyd::ops::observe::Health;
 use storekeyd::policy::checks;
 use storekeyd::policy::claims::Kind;
 use storekeyd::remote::entra::{self, TokenClient};
+use storekeyd::remote::server_time::ServerTime;
 use storekeyd::storage::{self, ClaimedRow, Storage};
 use storekeyd::{daemon, emulator};
 
@@ -100,6 +101,10 @@ pub(super) async fn check(config: &Config) -> anyhow::Result<Exit> {
             http.clone(),
             Clock::system(),
             Arc::new(Metrics::default()),
+            Arc::new(ServerTime::new(
+                config.http.max_clock_offset,
+                Clock::system(),
+            )),
         );
         match tokens.token(&app.client_id).await {
             Ok(t) => report(

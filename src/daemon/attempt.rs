@@ -20,6 +20,7 @@ use crate::policy::state::{EventKind, State};
 use crate::remote::entra::{AccessToken, TokenClient, TokenStatus};
 use crate::remote::ratelimit::RateLimiter;
 use crate::remote::renew_api::{RenewClient, RenewResponse};
+use crate::remote::server_time::ServerTime;
 use crate::storage::{Change, ClaimedRow, Event, Write};
 
 /// What became of one claimed key; the loop, the CLI and the demo report these.
@@ -54,6 +55,7 @@ pub struct Engine {
     writer: WriterHandle,
     endpoints: HashMap<Kind, reqwest::Url>,
     calls: Arc<Calls>,
+    server_time: Arc<ServerTime>,
 }
 
 /// Attempts waiting for Entra ID or the Store. An attempt leaves this count once it has its
@@ -89,6 +91,7 @@ pub struct Parts {
     pub clock: Clock,
     pub metrics: Arc<Metrics>,
     pub safety: Safety,
+    pub server_time: Arc<ServerTime>,
 }
 
 /// What a renew call answered, for the event row, and when it began (Unix milliseconds: the
@@ -121,6 +124,7 @@ impl Engine {
             safety: parts.safety,
             writer,
             endpoints,
+            server_time: parts.server_time,
             calls: Arc::new(Calls {
                 n: std::sync::atomic::AtomicUsize::new(0),
                 answered: tokio::sync::Notify::new(),
@@ -159,6 +163,16 @@ impl Engine {
         &self.writer
     }
 
+    /// The host clock against the Store's and Entra's.
+    pub fn server_time(&self) -> &ServerTime {
+        &self.server_time
+    }
+
+    /// Now as the Store sees it (see [`ServerTime`]): what expiry is judged on.
+    pub fn store_now(&self) -> i64 {
+        self.server_time.now()
+    }
+
     /// Each application's last token request: the label and how it went.
     pub fn credential_status(&self) -> Vec<TokenStatus> {
         self.tokens.status()
@@ -177,7 +191,7 @@ impl Engine {
     /// where, or why the key would not be sent.
     pub async fn dry_run(&self, row: &ClaimedRow) -> Result<String, String> {
         let facts = &row.facts;
-        if self.clock.now() >= facts.expires_at {
+        if self.store_now() >= facts.expires_at {
             return Err(format!("the key expired at {}", utc(facts.expires_at)));
         }
         if !self.tokens.has_application(&facts.client_id) {
@@ -229,7 +243,7 @@ impl Engine {
             facts: &row.facts,
             attempts: row.attempts,
             answer,
-            now: self.clock.now(),
+            now: self.store_now(),
             policy: &self.config.policy(),
             draw: fastrand::f64(),
         });
@@ -239,7 +253,9 @@ impl Engine {
     /// Everything up to the decision: what the breaker, Entra ID, the Store and the guard said.
     async fn ask(&self, row: &ClaimedRow) -> Result<(Answer, Option<Call>), WriterGone> {
         let facts = &row.facts;
-        if self.clock.now() >= facts.expires_at {
+        // Judged on the Store's time; before any answer told it, only after the token request.
+        let expired = || self.store_now() >= facts.expires_at;
+        if self.server_time.offset().is_some() && expired() {
             return Ok((Answer::ExpiredUnsent, None));
         }
         if !self.tokens.has_application(&facts.client_id) {
@@ -262,6 +278,9 @@ impl Engine {
             Ok(t) => t,
             Err(e) => return Ok((token_failed(&e), None)),
         };
+        if expired() {
+            return Ok((Answer::ExpiredUnsent, None));
+        }
         let Some(first) = self.call(row, &token).await else {
             return Ok((Answer::ExpiredUnsent, None));
         };
@@ -306,8 +325,7 @@ impl Engine {
     /// The renew call, unless the key has expired by now (waiting for the rate limiter or a
     /// token takes time): an expired key is never sent.
     async fn call(&self, row: &ClaimedRow, token: &AccessToken) -> Option<Call> {
-        let now = self.clock.now();
-        if now >= row.facts.expires_at {
+        if self.store_now() >= row.facts.expires_at {
             return None;
         }
         let started_ms = self.clock.now_ms();

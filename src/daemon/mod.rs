@@ -25,6 +25,7 @@ use crate::ops::observe::Health;
 use crate::policy::state::State;
 use crate::remote::entra::{self, CredentialError, TokenClient};
 use crate::remote::renew_api::RenewClient;
+use crate::remote::server_time::ServerTime;
 use crate::storage::{DbError, Storage};
 
 pub use run_loop::run;
@@ -73,12 +74,14 @@ impl Service {
             .collect::<Result<Vec<_>, CredentialError>>()?;
         let metrics = Arc::new(Metrics::default());
         let http = crate::remote::http::client(&config.http)?;
+        let server_time = Arc::new(ServerTime::new(config.http.max_clock_offset, clock.clone()));
         let tokens = TokenClient::new(
             &config,
             credentials,
             http.clone(),
             clock.clone(),
             metrics.clone(),
+            server_time.clone(),
         );
         let (stopping, close) = (shutdown.child_token(), CancellationToken::new());
         let settings = WriterSettings {
@@ -95,7 +98,8 @@ impl Service {
         );
         let (safety, alarms) = Safety::new(&config, storage, clock.clone());
         let parts = Parts {
-            api: RenewClient::new(http, config.http.max_body_bytes),
+            api: RenewClient::new(http, config.http.max_body_bytes, server_time.clone()),
+            server_time,
             safety,
             config,
             tokens,

@@ -93,6 +93,7 @@ pub async fn run(
         held: HashSet::new(),
         ready: VecDeque::new(),
         last_prune: 0,
+        clock_alarm: false,
         last_status: None,
         // The start applied them already.
         last_orphans: Some(Instant::now()),
@@ -150,6 +151,8 @@ struct Loop {
     /// Keys claimed and waiting for a call slot.
     ready: VecDeque<ClaimedRow>,
     last_prune: i64,
+    /// Whether the clock alarm is recorded as raised.
+    clock_alarm: bool,
 }
 
 type Joined = Result<(Id, Result<Settled, WriterGone>), JoinError>;
@@ -212,7 +215,7 @@ impl Loop {
             let Some(row) = self.ready.pop_front() else {
                 return;
             };
-            if self.clock.now().saturating_add(needed) < row.lease_until {
+            if self.engine.store_now().saturating_add(needed) < row.lease_until {
                 self.spawn(row);
             } else {
                 self.not_attempted(&row);
@@ -237,10 +240,13 @@ impl Loop {
 
     /// One pass; returns how long to sleep before the next.
     async fn pass(&mut self) -> Result<Duration, DaemonError> {
-        let now = self.clock.now();
+        // Due times, leases and expiry are judged on the Store's time: a jump of the host clock
+        // neither makes every key due nor expires any.
+        let now = self.engine.store_now();
         let config = self.config.clone();
         let renew = &config.renew;
         let (batch, poll, concurrency) = (renew.batch_size, renew.poll_interval, renew.concurrency);
+        self.sync_clock_alarm().await;
         let ingested = ingest::ingest_pending(
             &*self.storage,
             self.engine.writer(),
@@ -329,6 +335,15 @@ impl Loop {
                     safety.canary_done(&app);
                 }
             }
+        }
+    }
+
+    /// Records the clock alarm for `status` when it is raised or cleared.
+    async fn sync_clock_alarm(&mut self) {
+        let alarm = self.engine.server_time().alarm();
+        if alarm.is_some() != self.clock_alarm {
+            self.clock_alarm = alarm.is_some();
+            self.engine.safety().clock_alarm(alarm.as_deref()).await;
         }
     }
 

@@ -36,6 +36,9 @@ fn breaker_alarm(kind: Kind) -> String {
     format!("breaker:{kind}")
 }
 
+/// The host clock disagrees with the Store's and Entra's.
+const CLOCK_ALARM: &str = "clock";
+
 /// Credential alarms outlive the process (the guard takes them up again at start); the others
 /// describe the process's own state.
 pub const CREDENTIAL_PREFIX: &str = "credential:";
@@ -213,6 +216,11 @@ impl Safety {
         );
         tracing::error!(app, "credential alarm: {detail}");
         self.record(&credential_alarm(app), Some(&detail)).await;
+    }
+
+    /// The clock alarm raised (with what it says) or cleared, for `status`.
+    pub async fn clock_alarm(&self, detail: Option<&str>) {
+        self.record(CLOCK_ALARM, detail).await;
     }
 
     /// The kinds whose breaker is open.

@@ -28,7 +28,7 @@ pub(super) async fn mint(State(st): State<AppState>, Json(req): Json<MintRequest
     if lifetime <= 0 {
         return (StatusCode::BAD_REQUEST, "lifetime_secs must be positive").into_response();
     }
-    let issued_at = st.emu.clock.now() - req.issued_secs_ago.unwrap_or(0).max(0);
+    let issued_at = st.emu.now() - req.issued_secs_ago.unwrap_or(0).max(0);
     let key = st
         .emu
         .mint_at(req.kind, &req.client_id, &req.user_id, lifetime, issued_at);

@@ -38,6 +38,7 @@ pub fn for_listener(listener: &TcpListener, clock: Clock) -> std::io::Result<Arc
 }
 
 pub fn router(emu: Arc<Emulator>, shutdown: CancellationToken) -> Router {
+    let state = AppState { emu, shutdown };
     Router::new()
         .route("/{tenant}/oauth2/v2.0/token", post(token::token))
         .route("/collections/v6.0/b2b/keys/renew", post(renew::collections))
@@ -53,7 +54,26 @@ pub fn router(emu: Arc<Emulator>, shutdown: CancellationToken) -> Router {
             "/admin/stats",
             get(admin::get_stats).delete(admin::reset_stats),
         )
-        .with_state(AppState { emu, shutdown })
+        .layer(axum::middleware::map_response_with_state(
+            state.clone(),
+            date_header,
+        ))
+        .with_state(state)
+}
+
+/// Every answer carries the emulator's own time, as the Store's and Entra's answers carry
+/// theirs (hyper would put the host's there).
+async fn date_header(
+    axum::extract::State(st): axum::extract::State<AppState>,
+    mut response: axum::response::Response,
+) -> axum::response::Response {
+    let secs = u64::try_from(st.emu.now()).unwrap_or(0);
+    let date =
+        httpdate::fmt_http_date(std::time::UNIX_EPOCH + std::time::Duration::from_secs(secs));
+    if let Ok(v) = axum::http::HeaderValue::from_str(&date) {
+        response.headers_mut().insert(axum::http::header::DATE, v);
+    }
+    response
 }
 
 /// Serves until `shutdown` is cancelled.

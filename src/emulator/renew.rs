@@ -159,7 +159,7 @@ fn renew(emu: &Emulator, faults: &Faults, kind: Kind, body: &[u8]) -> Response {
     let Some(issued) = issued else {
         return unauthorized(AUTH_TOKEN_INVALID, "the key was not issued by this service");
     };
-    if issued.revoked || issued.expires_at <= emu.clock.now() || issued.kind != kind {
+    if issued.revoked || issued.expires_at <= emu.now() || issued.kind != kind {
         return unauthorized(
             AUTH_TOKEN_INVALID,
             "the key is expired, revoked, or for another service",

@@ -43,6 +43,9 @@ pub struct Faults {
     /// Renewing a key retires it: from then on the old key is refused (AuthenticationTokenInvalid),
     /// as the Store may do. A client that loses a renewed key cannot renew that user again.
     pub retire_renewed_keys: bool,
+    /// The emulator's own time runs this far from the shared clock: its `Date` header, its
+    /// expiry checks and the keys it mints. Negative plays a host whose clock jumped ahead.
+    pub clock_offset_secs: i64,
     /// Draw the faults above from a generator with this seed: the same requests in the same
     /// order meet the same faults on every run (the demo's script). Random when absent.
     pub seed: Option<u64>,
@@ -148,7 +151,7 @@ impl Emulator {
 
     /// Mints and remembers a key, as a client's Store call would.
     pub fn mint(&self, kind: Kind, client_id: &str, user_id: &str, lifetime_secs: i64) -> String {
-        self.mint_at(kind, client_id, user_id, lifetime_secs, self.clock.now())
+        self.mint_at(kind, client_id, user_id, lifetime_secs, self.now())
     }
 
     /// Mints a key as if issued at `issued_at`: a key that is already due, for tests and CI.
@@ -235,6 +238,13 @@ impl Emulator {
 
     pub fn stats(&self) -> Stats {
         lock(&self.stats).clone()
+    }
+
+    /// The emulator's time: the shared clock, shifted by the `clock_offset_secs` fault.
+    pub fn now(&self) -> i64 {
+        self.clock
+            .now()
+            .saturating_add(lock(&self.faults).clock_offset_secs)
     }
 
     /// Whether the emulator issued this key (renewed or not).

@@ -97,7 +97,7 @@ fn issue(
             "AADSTS7000215: Invalid client secret provided.".into(),
         ));
     }
-    let now = emu.clock.now();
+    let now = emu.now();
     let expires_in = 3599;
     let ticket = Ticket {
         aud: AUDIENCE.into(),
@@ -149,7 +149,7 @@ pub(super) fn verify(emu: &Emulator, ticket: &str) -> Result<Ticket, &'static st
         &validation,
     )
     .map_err(|_| "the access token is not one this service issued, or its audience is wrong")?;
-    if data.claims.exp <= emu.clock.now() {
+    if data.claims.exp <= emu.now() {
         return Err("the access token has expired");
     }
     Ok(data.claims)

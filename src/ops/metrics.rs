@@ -113,6 +113,32 @@ pub struct Gauges {
     pub breakers: Vec<(String, bool)>,
     /// (application, alarm raised) for every configured application.
     pub credential_alarms: Vec<(String, bool)>,
+    /// Server time minus host time, once an answer told it.
+    pub clock_offset: Option<i64>,
+    pub clock_alarm: bool,
+}
+
+fn render_clock(out: &mut String, gauges: &Gauges) {
+    if let Some(offset) = gauges.clock_offset {
+        header(
+            out,
+            "storekeyd_clock_offset_seconds",
+            "gauge",
+            "The Date of the Store's and Entra's last answer minus the host clock.",
+        );
+        let _ = writeln!(out, "storekeyd_clock_offset_seconds {offset}");
+    }
+    header(
+        out,
+        "storekeyd_clock_alarm",
+        "gauge",
+        "1 while the host clock is further than http.max_clock_offset from the Store's and Entra's.",
+    );
+    let _ = writeln!(
+        out,
+        "storekeyd_clock_alarm {}",
+        u8::from(gauges.clock_alarm)
+    );
 }
 
 impl Metrics {
@@ -199,6 +225,7 @@ impl Metrics {
                 u8::from(*raised)
             );
         }
+        render_clock(&mut out, gauges);
         out
     }
 
@@ -312,8 +339,12 @@ mod tests {
             ready: true,
             breakers: vec![("purchase".into(), true)],
             credential_alarms: vec![("a\"b".into(), false)],
+            clock_offset: Some(-86_400),
+            clock_alarm: true,
         };
         let text = m.render(&keys, &gauges);
+        assert!(text.contains("storekeyd_clock_offset_seconds -86400\n"));
+        assert!(text.contains("storekeyd_clock_alarm 1\n"));
         assert!(text.contains("storekeyd_renewals_total{outcome=\"renewed\"} 2\n"));
         assert!(text.contains("storekeyd_renewals_total{outcome=\"revoked\"} 0\n"));
         assert!(text.contains("storekeyd_renew_request_duration_seconds_bucket{le=\"0.025\"} 0\n"));

@@ -128,6 +128,8 @@ impl Observer {
             None => Ok(()),
         });
         checks.push(("database".to_owned(), db));
+        let clock = self.engine.server_time().alarm().map_or(Ok(()), Err);
+        checks.push(("clock".to_owned(), clock));
         let alarms = self.engine.safety().credential_alarms();
         for status in self.engine.credential_status() {
             let mut result = status
@@ -184,6 +186,8 @@ async fn metrics(State(o): State<Observer>) -> Response {
             .iter()
             .map(|a| (a.label().to_owned(), alarms.contains(&a.client_id)))
             .collect(),
+        clock_offset: o.engine.server_time().offset(),
+        clock_alarm: o.engine.server_time().alarm().is_some(),
     };
     let body = o.engine.metrics().render(&keys, &gauges);
     (

@@ -16,6 +16,7 @@ use crate::config::{Application, Config};
 use crate::ops::metrics::Metrics;
 use crate::policy::fingerprint::Fingerprint;
 use crate::remote::http::{self, BodyError};
+use crate::remote::server_time::ServerTime;
 
 /// A cached token is replaced when it has less than this left (the official library's figure),
 /// so a renewal never starts with a token that expires on the way.
@@ -197,6 +198,7 @@ pub struct TokenClient {
     clock: Clock,
     apps: HashMap<String, AppTokens>,
     metrics: Arc<Metrics>,
+    server_time: Arc<ServerTime>,
 }
 
 impl fmt::Debug for TokenClient {
@@ -214,6 +216,7 @@ impl TokenClient {
         http: reqwest::Client,
         clock: Clock,
         metrics: Arc<Metrics>,
+        server_time: Arc<ServerTime>,
     ) -> Self {
         let apps = credentials
             .into_iter()
@@ -237,6 +240,7 @@ impl TokenClient {
             clock,
             apps,
             metrics,
+            server_time,
         }
     }
 
@@ -361,6 +365,7 @@ impl TokenClient {
                     detail: http::describe(&e),
                 })?;
         let status = resp.status().as_u16();
+        self.server_time.observe(resp.headers());
         let body = http::read_body(resp, self.max_body)
             .await
             .map_err(|source| TokenError::Body {

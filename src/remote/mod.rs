@@ -4,3 +4,4 @@ pub mod entra;
 pub mod http;
 pub mod ratelimit;
 pub mod renew_api;
+pub mod server_time;

@@ -1,5 +1,6 @@
 //! The Store's renew call: one POST of `{serviceTicket, key}` to a configured endpoint.
 
+use std::sync::Arc;
 use std::time::{Instant, SystemTime};
 
 use serde::Serialize;
@@ -8,11 +9,13 @@ use crate::policy::claims::KeyText;
 use crate::policy::outcome::{self, Outcome, Response};
 use crate::remote::entra::AccessToken;
 use crate::remote::http::{self, BodyError, MsHeaders};
+use crate::remote::server_time::ServerTime;
 
 #[derive(Debug, Clone)]
 pub struct RenewClient {
     http: reqwest::Client,
     max_body: usize,
+    server_time: Arc<ServerTime>,
 }
 
 /// Everything one renew call produced, for the decision and the event row.
@@ -38,8 +41,12 @@ struct RenewBody<'a> {
 }
 
 impl RenewClient {
-    pub fn new(http: reqwest::Client, max_body: usize) -> Self {
-        RenewClient { http, max_body }
+    pub fn new(http: reqwest::Client, max_body: usize, server_time: Arc<ServerTime>) -> Self {
+        RenewClient {
+            http,
+            max_body,
+            server_time,
+        }
     }
 
     /// `endpoint` comes from the configuration, never from the key (DESIGN.md, first invariant).
@@ -68,7 +75,10 @@ impl RenewClient {
                 started_at: 0,
                 sent: started,
             },
-            Ok(resp) => self.read(resp, now).await,
+            Ok(resp) => {
+                self.server_time.observe(resp.headers());
+                self.read(resp, now).await
+            }
         };
         result.sent = started;
         result.started_at = now

@@ -88,3 +88,82 @@ async fn a_backward_jump_delays_but_duplicates_nothing() {
     assert_eq!(env.emu.stats().renewed, 2);
     assert_eq!(env.row("alice", Kind::Collections).await.state, "active");
 }
+
+/// A bad RTC or an NTP step puts the host a month ahead: by the host clock every key expired, by
+/// the Store's none did. Nothing is flagged, the keys keep renewing, and the clock alarm says
+/// why; stepping the clock back clears it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_forward_jump_of_the_host_clock_flags_nothing_expired_and_raises_the_alarm() {
+    use storekeyd::emulator::Faults;
+
+    let mut env = TestEnv::new().await;
+    for i in 0..5 {
+        let issued = env.clock.now() - 2 * DAY as i64;
+        let key = env.emu.mint_at(
+            Kind::Collections,
+            APP,
+            &format!("user-{i}"),
+            KEY_LIFETIME,
+            issued,
+        );
+        env.store(&format!("user-{i}"), Kind::Collections, &key)
+            .await;
+    }
+    env.spawn_daemon().await;
+    env.wait_until("the keys active and the Store's time known", || async {
+        let text = env.get("/metrics").await.1;
+        env.count("active").await == 5
+            && crate::harness::metric(&text, "storekeyd_clock_offset_seconds").is_some()
+    })
+    .await;
+
+    let jump = Duration::from_secs(29 * DAY);
+    env.clock.step_forward(jump);
+    env.set_faults(Faults {
+        clock_offset_secs: -(29 * DAY as i64),
+        ..Faults::default()
+    });
+    env.wait_until("the clock alarm raised", || async {
+        let text = env.get("/metrics").await.1;
+        crate::harness::metric(&text, "storekeyd_clock_alarm") == Some(1.0)
+    })
+    .await;
+    let (status, body) = env.get("/readyz").await;
+    assert_eq!(status, 503, "{body}");
+    assert!(body.contains("clock"), "{body}");
+    // A key due by the Store's time, stored after the jump: once it renewed, the loop has
+    // claimed (and would have flagged) everything the host clock makes look due and expired.
+    let issued = env.emu.now() - 20 * DAY as i64;
+    let due = env
+        .emu
+        .mint_at(Kind::Collections, APP, "due", KEY_LIFETIME, issued);
+    env.store("due", Kind::Collections, &due).await;
+    env.wait_until("the key due by the Store's time renewed", || async {
+        env.row("due", Kind::Collections).await.renewals >= 1
+    })
+    .await;
+    assert_eq!(
+        env.count("expired").await,
+        0,
+        "a key was flagged on the host clock"
+    );
+    assert_eq!(env.count("active").await, 6);
+    assert_eq!(
+        env.emu.stats().renew_requests,
+        1,
+        "a key not due by the Store's time was sent"
+    );
+    let out = env.cli(&["status"], "").await;
+    assert!(out.stdout.contains("clock"), "{}", out.stdout);
+
+    // NTP fixes the clock: the alarm clears.
+    env.clock.rewind(jump);
+    env.set_faults(Faults::default());
+    env.wait_until("the clock alarm cleared", || async {
+        let text = env.get("/metrics").await.1;
+        crate::harness::metric(&text, "storekeyd_clock_alarm") == Some(0.0)
+    })
+    .await;
+    env.stop_daemon().await;
+    assert_eq!(env.count("active").await, 6);
+}

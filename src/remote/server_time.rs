@@ -1,0 +1,140 @@
+//! Time from the Store and Entra ID, not only from the host: the offset between the host clock
+//! and the `Date` header of their answers. A host clock that jumps (a bad RTC, an NTP step) must
+//! not make keys look expired, so expiry is judged on the host clock corrected by this offset,
+//! and an offset beyond `http.max_clock_offset` raises an alarm.
+
+use std::sync::Mutex;
+use std::time::{Duration, UNIX_EPOCH};
+
+use crate::clock::Clock;
+
+#[derive(Debug)]
+pub struct ServerTime {
+    clock: Clock,
+    /// The `Date` of the latest answer and the elapsed-time reading when it came: the Store's
+    /// time now is that plus the time elapsed since, by a clock that never steps.
+    latest: Mutex<Option<(i64, Duration)>>,
+    bound: i64,
+}
+
+impl ServerTime {
+    pub fn new(bound: Duration, clock: Clock) -> Self {
+        ServerTime {
+            clock,
+            latest: Mutex::new(None),
+            bound: i64::try_from(bound.as_secs()).unwrap_or(i64::MAX),
+        }
+    }
+
+    /// Takes the `Date` header of an answer that just arrived. Answers without one (or with one
+    /// that does not parse) change nothing.
+    pub fn observe(&self, headers: &reqwest::header::HeaderMap) {
+        let Some(server) = headers
+            .get(reqwest::header::DATE)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|s| httpdate::parse_http_date(s).ok())
+            .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
+            .and_then(|d| i64::try_from(d.as_secs()).ok())
+        else {
+            return;
+        };
+        let was = self.alarm_offset();
+        *self.lock() = Some((server, self.clock.elapsed()));
+        match (was, self.alarm_offset()) {
+            (None, Some(offset)) => tracing::error!(
+                offset_secs = offset,
+                "clock alarm: {}",
+                self.describe(offset)
+            ),
+            (Some(_), None) => tracing::warn!(
+                "clock alarm cleared: the host clock agrees with the Store and Entra ID again"
+            ),
+            _ => {}
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Option<(i64, Duration)>> {
+        self.latest
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Now as the Store sees it: the last `Date` it sent plus the time elapsed since (the host
+    /// clock until an answer came).
+    pub fn now(&self) -> i64 {
+        match *self.lock() {
+            Some((server, at)) => {
+                let since = self.clock.elapsed().saturating_sub(at).as_secs();
+                server.saturating_add(i64::try_from(since).unwrap_or(i64::MAX))
+            }
+            None => self.clock.now(),
+        }
+    }
+
+    /// The Store's time minus the host's, once an answer told it. A step of the host clock shows
+    /// at once, before the next answer.
+    pub fn offset(&self) -> Option<i64> {
+        let measured = self.lock().is_some();
+        measured.then(|| self.now().saturating_sub(self.clock.now()))
+    }
+
+    /// What the alarm says, while the offset exceeds the bound.
+    pub fn alarm(&self) -> Option<String> {
+        self.alarm_offset().map(|offset| self.describe(offset))
+    }
+
+    fn alarm_offset(&self) -> Option<i64> {
+        self.offset().filter(|o| o.saturating_abs() > self.bound)
+    }
+
+    fn describe(&self, offset: i64) -> String {
+        let (dir, by) = if offset < 0 {
+            ("ahead of", -offset)
+        } else {
+            ("behind", offset)
+        };
+        format!(
+            "the host clock is {by} s {dir} the Store's and Entra ID's (their answers' Date; bound {} s): check NTP; meanwhile expiry is judged on their time, so no key is flagged expired on the host clock alone",
+            self.bound
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn headers(secs: i64) -> reqwest::header::HeaderMap {
+        let t = UNIX_EPOCH + Duration::from_secs(u64::try_from(secs).unwrap());
+        let mut h = reqwest::header::HeaderMap::new();
+        h.insert(
+            reqwest::header::DATE,
+            httpdate::fmt_http_date(t).parse().unwrap(),
+        );
+        h
+    }
+
+    #[test]
+    fn a_step_of_the_host_clock_shows_at_once_and_moves_nothing_judged_on_the_stores_time() {
+        let clock = Clock::system();
+        let t = ServerTime::new(Duration::from_secs(120), clock.clone());
+        assert_eq!(t.offset(), None);
+        let store = clock.now() - 60;
+        t.observe(&headers(store));
+        assert!((-61..=-59).contains(&t.offset().unwrap()));
+        assert!(t.alarm().is_none());
+        // Time passes (tests advance it): both clocks move together.
+        clock.advance(Duration::from_secs(86_400));
+        assert!((store + 86_400..=store + 86_401).contains(&t.now()));
+        assert!(t.alarm().is_none());
+        // The host clock jumps a month ahead: the Store's time does not move with it.
+        clock.step_forward(Duration::from_secs(30 * 86_400));
+        assert!((store + 86_400..=store + 86_401).contains(&t.now()));
+        assert!(t.alarm().unwrap().contains("ahead of"));
+        // A missing or garbled Date changes nothing; a fresh one from a fixed host clears it.
+        t.observe(&reqwest::header::HeaderMap::new());
+        assert!(t.alarm().is_some());
+        t.observe(&headers(clock.now()));
+        assert!(t.alarm().is_none());
+    }
+}
