@@ -169,8 +169,9 @@ pub async fn run(duration: Duration, stop: CancellationToken) -> Result<(), Demo
     Ok(())
 }
 
-/// Four healthy players, one whose key the Store revokes, one minted for an application this
-/// daemon has no credential for, and one row that is not a key at all.
+/// Four healthy players, one whose key the Store revokes, one whose key expired before it was
+/// stored, one minted for an application this daemon has no credential for, and one row that is
+/// not a key at all: every state a row can end in, on every run.
 async fn seed(emu: &Emulator, db: &dyn Storage) -> Result<(), DbError> {
     let mut rows = Vec::new();
     for (i, kind) in [
@@ -191,7 +192,8 @@ async fn seed(emu: &Emulator, db: &dyn Storage) -> Result<(), DbError> {
         ));
     }
     // Issued a little earlier than the others, so it comes up first: storekeyd believes the
-    // Store's refusal once other keys of the application renew (or on the third refusal).
+    // Store's refusal once a renewal of another key of the application, begun after it,
+    // succeeds (a canary, renewed early, if none is due).
     let revoked = emu.mint_at(
         Kind::Collections,
         APPS[0],
@@ -201,6 +203,14 @@ async fn seed(emu: &Emulator, db: &dyn Storage) -> Result<(), DbError> {
     );
     emu.revoke_key(&revoked);
     rows.push(("player-revoked".into(), Kind::Collections, revoked));
+    let expired = emu.mint_at(
+        Kind::Collections,
+        APPS[1],
+        "player-expired",
+        KEY_LIFETIME_SECS,
+        emu.clock.now() - 2 * KEY_LIFETIME_SECS,
+    );
+    rows.push(("player-expired".into(), Kind::Collections, expired));
     rows.push((
         "player-other-app".into(),
         Kind::Purchase,

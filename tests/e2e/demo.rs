@@ -22,6 +22,7 @@ async fn the_demo_renews_keys_and_flags_the_bad_ones() {
     assert!(stdout.contains(" renewed "), "no renewal shown:\n{stdout}");
     for flagged in [
         "player-revoked    revoked",
+        "player-expired    expired",
         "player-other-app  misconfigured",
         "player-garbage    invalid",
     ] {

@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 use storekeyd::emulator::Faults;
 use storekeyd::policy::claims::Kind;
 
-use crate::harness::{APP, DAY, KEY_LIFETIME, Row, TestEnv};
+use crate::harness::{APP, DAY, KEY_LIFETIME, Row, TestEnv, full};
 
 fn tickets_refused() -> Faults {
     Faults {
@@ -32,41 +32,55 @@ async fn users(env: &TestEnv) -> Vec<(String, i64)> {
         .unwrap()
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn after_a_genuine_revocation_a_broken_credential_flags_no_healthy_key() {
+/// An application of `1 + early + late` keys (`revoked`: the first is genuinely revoked and comes
+/// due with the early ones): the early keys renew, then the application's tickets are refused
+/// (an Entra app removed from the Store product, say) and the late keys come due. Exactly the
+/// revoked key is flagged, the alarm rises, and once the credential works again every late key
+/// renews. Returns how long the genuine revocation took to flag.
+async fn broken_credential_after(early: usize, late: usize, revoked: bool) -> Duration {
     let mut env = TestEnv::new().await;
-    let revoked = env.add_due_user("revoked").await;
-    env.emu.revoke_key(&revoked);
-    for i in 0..20 {
+    if revoked {
+        let key = env.add_due_user("revoked").await;
+        env.emu.revoke_key(&key);
+    }
+    for i in 0..early {
         env.add_due_user(&format!("early-{i}")).await;
     }
+    let started = Instant::now();
     env.spawn_daemon().await;
+    let flagged = usize::from(revoked);
     env.wait_until("the revoked key flagged and the others renewed", || async {
         let rows = env.rows().await;
-        rows.iter().filter(|r| r.state == "revoked").count() == 1
-            && rows.iter().filter(|r| r.renewals >= 1).count() == 20
+        rows.iter().filter(|r| r.state == "revoked").count() == flagged
+            && rows.iter().filter(|r| r.renewals >= 1).count() == early
     })
     .await;
-    assert_eq!(env.row("revoked", Kind::Collections).await.state, "revoked");
+    let took = started.elapsed();
 
-    // The application's tickets are refused from now on (an Entra app removed from the Store
-    // product), and twenty more keys come due.
     env.set_faults(tickets_refused());
-    for i in 0..20 {
+    for i in 0..late {
         env.add_due_user(&format!("late-{i}")).await;
     }
     env.wait_until(
         "every late key refused twice and the alarm raised",
         || async {
             let (rows, names) = (env.rows().await, users(&env).await);
-            let late = named(&rows, &names, "late-");
-            late.len() == 20
-                && late.iter().all(|r| r.state == "active" && r.attempts >= 2)
+            let late_rows = named(&rows, &names, "late-");
+            late_rows.len() == late
+                && late_rows
+                    .iter()
+                    .all(|r| r.state == "active" && r.attempts >= 2)
                 && env.credential_alarm(APP).await == Some(1.0)
         },
     )
     .await;
-    assert_eq!(env.count("revoked").await, 1, "a healthy key was flagged");
+    let not_active = env
+        .rows()
+        .await
+        .iter()
+        .filter(|r| r.state != "active")
+        .count();
+    assert_eq!(not_active, flagged, "a healthy key was flagged");
 
     // The credential works again: the alarm clears and every late key renews.
     env.set_faults(Faults::default());
@@ -78,8 +92,40 @@ async fn after_a_genuine_revocation_a_broken_credential_flags_no_healthy_key() {
             && env.credential_alarm(APP).await == Some(0.0)
     })
     .await;
-    assert_eq!(env.count("revoked").await, 1);
     env.stop_daemon().await;
+    assert_eq!(env.count("revoked").await, flagged);
+    assert_eq!(env.count("active").await, early + late);
+    eprintln!(
+        "guard: {} keys, broken credential{}: {} flagged",
+        flagged + early + late,
+        if revoked {
+            format!(
+                " after a genuine revocation (flagged in {:.1} s)",
+                took.as_secs_f64()
+            )
+        } else {
+            String::new()
+        },
+        flagged
+    );
+    took
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_a_genuine_revocation_a_broken_credential_flags_no_healthy_key() {
+    // The case: 19 of 20 healthy keys were flagged. 200 keys in the long version.
+    let n = if full() { 99 } else { 20 };
+    broken_credential_after(n + 1, n, true).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_small_application_with_a_broken_credential_flags_only_its_revoked_key() {
+    broken_credential_after(1, 2, true).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_large_application_with_a_broken_credential_flags_nothing() {
+    broken_credential_after(0, 200, false).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
