@@ -14,10 +14,14 @@ pub struct Clock {
     advanced_secs: Arc<AtomicI64>,
 }
 
-/// The origin of [`Clock::elapsed`].
-fn origin() -> std::time::Instant {
-    static ORIGIN: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
-    *ORIGIN.get_or_init(std::time::Instant::now)
+/// Time since boot, suspend included (`CLOCK_BOOTTIME`): unlike `Instant` (`CLOCK_MONOTONIC`),
+/// it keeps counting while a VM is suspended, and neither ever steps.
+fn since_boot() -> Duration {
+    let t = rustix::time::clock_gettime(rustix::time::ClockId::Boottime);
+    Duration::new(
+        u64::try_from(t.tv_sec).unwrap_or(0),
+        u32::try_from(t.tv_nsec).unwrap_or(0),
+    )
 }
 
 impl Clock {
@@ -51,11 +55,11 @@ impl Clock {
         UNIX_EPOCH + Duration::from_secs(secs)
     }
 
-    /// Time elapsed since an arbitrary origin, by a clock that never steps (monotonic), plus
-    /// what tests advanced: what the Store's time is extrapolated with.
+    /// Time elapsed since an arbitrary origin, by a clock that never steps and counts suspend,
+    /// plus what tests advanced: what the Store's time is extrapolated with.
     pub fn elapsed(&self) -> Duration {
         let advanced = u64::try_from(self.advanced_secs.load(Ordering::Relaxed)).unwrap_or(0);
-        origin().elapsed() + Duration::from_secs(advanced)
+        since_boot() + Duration::from_secs(advanced)
     }
 
     /// Steps the wall clock of this clock (and every clone of it) back, as an NTP step would;
@@ -75,7 +79,6 @@ impl Clock {
     /// elapsed time alike.
     pub fn advance(&self, by: Duration) {
         let secs = i64::try_from(by.as_secs()).unwrap_or(i64::MAX);
-        origin();
         self.offset_secs.fetch_add(secs, Ordering::Relaxed);
         self.advanced_secs.fetch_add(secs, Ordering::Relaxed);
     }

@@ -139,7 +139,7 @@ pub(super) async fn renew(
         health,
         tokio_util::sync::CancellationToken::new(),
     )?;
-    let result = renew_with(&service.engine, &config, &*db, &clock, row, due, dry_run).await;
+    let result = renew_with(&service.engine, &config, &*db, row, due, dry_run).await;
     // Every result the Store gave is written (or spooled) before the command returns.
     service.close().await;
     result
@@ -149,27 +149,29 @@ async fn renew_with(
     engine: &Engine,
     config: &Config,
     db: &dyn Storage,
-    clock: &Clock,
     row: Option<i64>,
     due: bool,
     dry_run: bool,
 ) -> anyhow::Result<Exit> {
     // The daemon owns the alarms: this process honours its credential alarms and writes none.
     engine.safety().adopt_daemon_alarms().await;
+    // An answer from Entra tells the Store's time, which expiry is judged on (never the host
+    // clock alone).
+    engine.warm_tokens().await;
     if !dry_run {
         // Keys written since the daemon last looked are checked first, so they can be renewed.
         let batch = config.renew.batch_size;
-        while ingest::ingest_pending(db, engine.writer(), config, clock.now(), batch).await?
+        while ingest::ingest_pending(db, engine.writer(), config, engine.store_now(), batch).await?
             >= batch as usize
         {}
     }
     if let (Some(id), true) = (row, dry_run) {
-        return dry_run_row(engine, db, config, clock, id).await;
+        return dry_run_row(engine, db, config, id).await;
     }
     let mut all_ok = true;
     let mut seen = 0;
     loop {
-        let rows = next_rows(db, config, clock, row, due, dry_run).await?;
+        let rows = next_rows(db, config, engine.store_now(), row, due, dry_run).await?;
         if rows.is_empty() {
             break;
         }
@@ -198,12 +200,11 @@ async fn renew_with(
 async fn next_rows(
     db: &dyn Storage,
     config: &Config,
-    clock: &Clock,
+    now: i64,
     row: Option<i64>,
     due: bool,
     dry_run: bool,
 ) -> anyhow::Result<Vec<ClaimedRow>> {
-    let now = clock.now();
     let lease_until = now + i64::try_from(config.renew.lease.as_secs()).unwrap_or(600);
     let _ = due;
     Ok(match (row, dry_run) {
@@ -267,14 +268,13 @@ async fn dry_run_row(
     engine: &Engine,
     db: &dyn Storage,
     config: &Config,
-    clock: &Clock,
     id: i64,
 ) -> anyhow::Result<Exit> {
     let (summary, key) = db
         .key_row(id)
         .await?
         .ok_or_else(|| usage(format!("no row #{id}")))?;
-    let claims = match checks::check(summary.kind.as_str(), &key, clock.now(), config) {
+    let claims = match checks::check(summary.kind.as_str(), &key, engine.store_now(), config) {
         Ok(claims) => claims,
         Err(flag) => {
             println!("#{id}: would not renew: {}", flag.reason);

@@ -224,16 +224,12 @@ impl Engine {
         permit: CallPermit,
     ) -> Result<Settled, WriterGone> {
         let span = tracing::info_span!("renew", row = row.id, key = %row.key.fingerprint(), kind = %row.facts.kind);
-        async {
-            let canary = row.canary.then(|| row.facts.client_id.clone());
-            let settled = self.run(row, permit).await;
-            if let Some(app) = canary {
-                self.safety.canary_done(&app);
-            }
-            settled
-        }
-        .instrument(span)
-        .await
+        // However the attempt ends (a panic included), its application may ask again.
+        let _canary = row.canary.then(|| CanaryDone {
+            safety: &self.safety,
+            app: row.facts.client_id.clone(),
+        });
+        self.run(row, permit).instrument(span).await
     }
 
     async fn run(&self, row: ClaimedRow, permit: CallPermit) -> Result<Settled, WriterGone> {
@@ -264,7 +260,7 @@ impl Engine {
         let permit = self.safety.permit(facts.kind);
         if let Permit::Wait(until) = permit {
             let wait = until.saturating_duration_since(std::time::Instant::now());
-            let until = self.clock.now() + i64::try_from(wait.as_secs()).unwrap_or(i64::MAX / 2);
+            let until = self.store_now() + i64::try_from(wait.as_secs()).unwrap_or(i64::MAX / 2);
             return Ok((Answer::Paused { until }, None));
         }
         // A granted probe that is never sent must be handed back, whatever the exit.
@@ -328,8 +324,10 @@ impl Engine {
         if self.store_now() >= row.facts.expires_at {
             return None;
         }
-        let started_ms = self.clock.now_ms();
-        let sent_at = self.clock.now_system_time();
+        let started_ms = self.server_time.now_ms();
+        // Every time the daemon writes is on the Store's timeline, like the schedule.
+        let sent_at = std::time::UNIX_EPOCH
+            + std::time::Duration::from_secs(u64::try_from(self.store_now()).unwrap_or(0));
         let resp = self
             .api
             .renew(self.endpoint(row.facts.kind), token, &row.key, sent_at)
@@ -356,14 +354,14 @@ impl Engine {
         decision: Decision,
         call: Option<Call>,
     ) -> Result<Settled, WriterGone> {
-        let now = self.clock.now();
+        let now = self.store_now();
         let mut event = match &call {
             Some(c) => self.event(row, decision.event, &c.response),
             None => Event::new(row.id, now, decision.event),
         };
         event.key_fp = Some(row.key.fingerprint().to_string());
         event.detail = (!decision.detail.is_empty()).then(|| decision.detail.clone());
-        let (change, settled) = change(&decision.action, self.clock.now_ms());
+        let (change, settled) = change(&decision.action, self.server_time.now_ms());
         let event = (decision.event != EventKind::Deferred).then_some(event);
         let written = self
             .writer
@@ -492,6 +490,18 @@ fn answered(call: Call) -> (Answer, Option<Call>) {
 fn token_failed(e: &impl std::fmt::Display) -> Answer {
     Answer::TokenFailed {
         detail: e.to_string(),
+    }
+}
+
+/// A canary's attempt: reported over when dropped.
+struct CanaryDone<'a> {
+    safety: &'a Safety,
+    app: String,
+}
+
+impl Drop for CanaryDone<'_> {
+    fn drop(&mut self) {
+        self.safety.canary_done(&self.app);
     }
 }
 

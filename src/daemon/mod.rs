@@ -93,10 +93,10 @@ impl Service {
             Spool::for_process(&config.state_directory()),
             settings,
             health,
-            clock.clone(),
+            server_time.clone(),
             (stopping.clone(), close.clone()),
         );
-        let (safety, alarms) = Safety::new(&config, storage, clock.clone());
+        let (safety, alarms) = Safety::new(&config, storage, server_time.clone());
         let parts = Parts {
             api: RenewClient::new(http, config.http.max_body_bytes, server_time.clone()),
             server_time,

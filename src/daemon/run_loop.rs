@@ -85,7 +85,6 @@ pub async fn run(
         engine,
         config,
         storage: storage.clone(),
-        clock,
         health,
         notifier,
         tasks: JoinSet::new(),
@@ -138,7 +137,6 @@ struct Loop {
     engine: Arc<Engine>,
     config: Arc<Config>,
     storage: Arc<dyn Storage>,
-    clock: Clock,
     health: Arc<Health>,
     notifier: Notifier,
     last_status: Option<Instant>,
@@ -240,6 +238,11 @@ impl Loop {
 
     /// One pass; returns how long to sleep before the next.
     async fn pass(&mut self) -> Result<Duration, DaemonError> {
+        if !self.engine.server_time().known() && !self.config.applications.is_empty() {
+            // No answer from Entra or the Store yet (the start asks Entra for tokens): the
+            // host's clock alone must neither expire nor schedule anything.
+            return Ok(self.config.renew.poll_interval);
+        }
         // Due times, leases and expiry are judged on the Store's time: a jump of the host clock
         // neither makes every key due nor expires any.
         let now = self.engine.store_now();
@@ -356,12 +359,14 @@ impl Loop {
 
     /// A one-line STATUS for `systemctl status`, refreshed at most once a minute (it counts keys).
     async fn update_status(&mut self) {
-        if !self.notifier.enabled() || self.last_status.is_some_and(|t| t.elapsed() < STATUS_EVERY)
+        if !self.notifier.enabled()
+            || !self.engine.server_time().known()
+            || self.last_status.is_some_and(|t| t.elapsed() < STATUS_EVERY)
         {
             return;
         }
         self.last_status = Some(Instant::now());
-        match self.storage.key_stats(self.clock.now()).await {
+        match self.storage.key_stats(self.engine.store_now()).await {
             Ok(stats) => self.notifier.status(&status_line(&stats)),
             Err(e) => self.notifier.status(&format!("database error: {e}")),
         }
@@ -449,7 +454,11 @@ impl Loop {
     async fn drain(&mut self) {
         // Claimed but never started: due again at once, not after their lease.
         let unstarted: Vec<i64> = self.ready.drain(..).map(|r| r.id).collect();
-        if let Err(e) = self.storage.release(&unstarted, self.clock.now()).await {
+        if let Err(e) = self
+            .storage
+            .release(&unstarted, self.engine.store_now())
+            .await
+        {
             tracing::warn!(error = %e, "could not release claimed keys; they are retried after their lease");
         }
         let in_flight = self.tasks.len();
@@ -478,7 +487,7 @@ impl Loop {
                 }
             }
             let ids: Vec<i64> = self.in_flight.values().copied().collect();
-            if let Err(e) = self.storage.release(&ids, self.clock.now()).await {
+            if let Err(e) = self.storage.release(&ids, self.engine.store_now()).await {
                 tracing::warn!(error = %e, "could not release abandoned keys; they are retried after their lease");
             }
         }

@@ -9,12 +9,12 @@ use std::sync::{Arc, Mutex};
 use std::time::Instant;
 use tokio::sync::mpsc;
 
-use crate::clock::Clock;
 use crate::config::Config;
 use crate::policy::breaker::{Breaker, Permit, Transition};
 use crate::policy::claims::Kind;
 use crate::policy::guard::{AlarmChange, Refusals, RevocationGuard, Verdict};
 use crate::policy::outcome::Outcome;
+use crate::remote::server_time::ServerTime;
 use crate::storage::Storage;
 
 pub struct Safety {
@@ -22,7 +22,9 @@ pub struct Safety {
     guard: Mutex<RevocationGuard>,
     storage: Arc<dyn Storage>,
     alarm_tx: mpsc::UnboundedSender<AlarmRecord>,
-    clock: Clock,
+    /// The guard orders refusals and renewals on the Store's time, which a step of the host clock
+    /// does not move.
+    time: Arc<ServerTime>,
     /// Whether state changes are written to `storekeyd_alarms`: the daemon's are; a one-shot CLI
     /// process's are not (they would outlive it, or clear the daemon's).
     record: AtomicBool,
@@ -53,7 +55,7 @@ impl Safety {
     pub fn new(
         config: &Config,
         storage: Arc<dyn Storage>,
-        clock: Clock,
+        time: Arc<ServerTime>,
     ) -> (Self, tokio::task::JoinHandle<()>) {
         let breakers = Kind::ALL
             .into_iter()
@@ -66,7 +68,7 @@ impl Safety {
             guard: Mutex::new(RevocationGuard::new(config.guard_policy())),
             storage,
             alarm_tx,
-            clock,
+            time,
             record: AtomicBool::new(true),
         };
         (safety, recorder)
@@ -178,7 +180,7 @@ impl Safety {
     /// The applications to renew a canary key of now; each must be answered with
     /// [`Self::canary_found`].
     pub fn canaries_due(&self) -> Vec<String> {
-        lock(&self.guard).canaries_due(self.clock.now_ms())
+        lock(&self.guard).canaries_due(self.time.now_ms())
     }
 
     pub async fn canary_found(&self, app: &str, found: bool) {
@@ -188,7 +190,7 @@ impl Safety {
                 "no other healthy key of this application to renew as a canary"
             );
         }
-        let change = lock(&self.guard).canary_found(app, found, self.clock.now_ms());
+        let change = lock(&self.guard).canary_found(app, found, self.time.now_ms());
         if change == Some(AlarmChange::Raised) {
             self.credential_alarm_raised(app).await;
         }
@@ -196,14 +198,14 @@ impl Safety {
 
     /// A canary's attempt is over, whatever it answered.
     pub fn canary_done(&self, app: &str) {
-        lock(&self.guard).canary_done(app, self.clock.now_ms());
+        lock(&self.guard).canary_done(app, self.time.now_ms());
     }
 
     /// A key of `app` refused twice with AuthenticationTokenInvalid: revoked, or is it us?
     /// `prior`: its earlier refusals; `canary`: it was renewed early to test the credential.
     pub async fn refused(&self, app: &str, key_id: i64, prior: Refusals, canary: bool) -> Verdict {
         let (verdict, change) =
-            lock(&self.guard).refused(app, key_id, prior, canary, self.clock.now_ms());
+            lock(&self.guard).refused(app, key_id, prior, canary, self.time.now_ms());
         if change == Some(AlarmChange::Raised) {
             self.credential_alarm_raised(app).await;
         }
@@ -251,7 +253,7 @@ impl Safety {
         let change = AlarmRecord {
             name: name.to_owned(),
             detail: detail.map(str::to_owned),
-            at: self.clock.now(),
+            at: self.time.now(),
         };
         if self.alarm_tx.send(change).is_err() {
             tracing::warn!(

@@ -13,6 +13,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::daemon::spool::Spool;
 use crate::ops::observe::Health;
+use crate::remote::server_time::ServerTime;
 use crate::storage::{Change, Storage, Write};
 
 /// At most this many writes go into one transaction.
@@ -114,7 +115,7 @@ pub fn spawn(
     spool: Spool,
     settings: WriterSettings,
     health: Arc<Health>,
-    clock: crate::clock::Clock,
+    time: Arc<ServerTime>,
     (stopping, close): (CancellationToken, CancellationToken),
 ) -> (WriterHandle, tokio::task::JoinHandle<()>) {
     let (tx, rx) = mpsc::channel(MAX_BATCH * 4);
@@ -124,7 +125,7 @@ pub fn spawn(
         spool,
         settings,
         health,
-        clock,
+        time,
         stopping,
         close,
         stopping_since: None,
@@ -140,7 +141,8 @@ struct Writer {
     spool: Spool,
     settings: WriterSettings,
     health: Arc<Health>,
-    clock: crate::clock::Clock,
+    /// Leases are judged on the Store's time, like the claims that took them.
+    time: Arc<ServerTime>,
     stopping: CancellationToken,
     close: CancellationToken,
     /// When this writer first saw the stop while holding keys it could not save.
@@ -301,7 +303,7 @@ impl Writer {
 
     /// A lease that ran out would let another process claim a row whose result waits here.
     async fn keep_leases(&self, ids: &[i64]) {
-        let until = self.clock.now() + secs(self.settings.lease);
+        let until = self.time.now() + secs(self.settings.lease);
         if let Err(e) = self.storage.extend_leases(ids, until).await {
             tracing::debug!(error = %e, "could not extend the leases either");
         }

@@ -151,8 +151,12 @@ pub enum KeyError {
 }
 
 /// Decodes a key. Every way a string can fail to be a Store key has its own error.
+/// What a backend may have put around a key (a form, a file): the characters trimmed before a
+/// key is checked, stored or sent, and the ones the schema's triggers trim too.
+pub const PADDING: &[char] = &[' ', '\t', '\n', '\r'];
+
 pub fn decode(key: &str) -> Result<Claims, KeyError> {
-    let key = key.trim();
+    let key = key.trim_matches(PADDING);
     if key.is_empty() {
         return Err(KeyError::Empty);
     }
@@ -338,7 +342,7 @@ impl KeyText {
     /// The key as it is sent and stored once checked: without the whitespace a form or a file
     /// may have added around it.
     pub fn trimmed(&self) -> &str {
-        self.text.trim()
+        self.text.trim_matches(PADDING)
     }
 
     /// Whether the backend wrote whitespace around the key.

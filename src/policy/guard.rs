@@ -146,10 +146,17 @@ impl RevocationGuard {
             return (Verdict::Defer(ALARM), None);
         }
         // A canary is a key that renewed before: refused right after another key was, with
-        // nothing renewed in between, it points at us. So do many keys at once, and every key
-        // of a small application.
+        // nothing renewed since it was asked for, it points at us. So do many keys at once, and
+        // every key of a small application.
+        let renewed_since_asked = a
+            .last_success_ms
+            .zip(a.canary.last_ms)
+            .is_some_and(|(success, asked)| success > asked);
         let refused = a.distinct_refused();
-        if canary || refused >= policy.threshold || (a.canary.none_to_ask && refused >= 2) {
+        if (canary && !renewed_since_asked)
+            || refused >= policy.threshold
+            || (a.canary.none_to_ask && refused >= 2)
+        {
             a.alarm_since = Some(now);
             return (Verdict::Defer(ALARM), Some(AlarmChange::Raised));
         }

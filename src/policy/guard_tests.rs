@@ -89,6 +89,21 @@ fn a_refused_canary_raises_the_alarm_and_a_later_success_clears_it() {
 }
 
 #[test]
+fn a_revoked_canary_while_others_renew_is_no_alarm() {
+    let t = 1_000 * HOUR;
+    let mut g = guard();
+    g.refused("a", 1, Refusals::default(), false, t);
+    assert_eq!(g.canaries_due(t), ["a"]);
+    g.canary_found("a", true, t);
+    // Another key renewed after the canary was asked for: the credential works.
+    g.success("a", t + 5);
+    assert_eq!(
+        g.refused("a", 2, Refusals::default(), true, t + 10),
+        (Verdict::Defer(AWAITING), None)
+    );
+}
+
+#[test]
 fn a_wave_of_refusals_raises_the_alarm_per_application() {
     let t = 1_000 * HOUR;
     let mut g = guard();

@@ -365,7 +365,7 @@ impl TokenClient {
                     detail: http::describe(&e),
                 })?;
         let status = resp.status().as_u16();
-        self.server_time.observe(resp.headers());
+        self.server_time.observe(status, resp.headers());
         let body = http::read_body(resp, self.max_body)
             .await
             .map_err(|source| TokenError::Body {

@@ -76,7 +76,8 @@ impl RenewClient {
                 sent: started,
             },
             Ok(resp) => {
-                self.server_time.observe(resp.headers());
+                self.server_time
+                    .observe(resp.status().as_u16(), resp.headers());
                 self.read(resp, now).await
             }
         };

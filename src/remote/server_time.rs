@@ -8,6 +8,10 @@ use std::time::{Duration, UNIX_EPOCH};
 
 use crate::clock::Clock;
 
+/// How far a `Date` may be from the running estimate and still agree with it: its whole seconds,
+/// and the round trip.
+const RESOLUTION_SECS: i64 = 2;
+
 #[derive(Debug)]
 pub struct ServerTime {
     clock: Clock,
@@ -26,9 +30,13 @@ impl ServerTime {
         }
     }
 
-    /// Takes the `Date` header of an answer that just arrived. Answers without one (or with one
-    /// that does not parse) change nothing.
-    pub fn observe(&self, headers: &reqwest::header::HeaderMap) {
+    /// Takes the `Date` header of an answer that just arrived with `status`. Answers without one
+    /// (or with one that does not parse) change nothing, and so do 5xx and 429 answers: those
+    /// may come from a proxy or a gateway with a clock of its own.
+    pub fn observe(&self, status: u16, headers: &reqwest::header::HeaderMap) {
+        if status >= 500 || status == 429 {
+            return;
+        }
         let Some(server) = headers
             .get(reqwest::header::DATE)
             .and_then(|v| v.to_str().ok())
@@ -39,7 +47,20 @@ impl ServerTime {
             return;
         };
         let was = self.alarm_offset();
-        *self.lock() = Some((server, self.clock.elapsed()));
+        {
+            let mut latest = self.lock();
+            // A Date has whole seconds and comes after a round trip: one that agrees with the
+            // running estimate within that leaves it alone, so the Store's time never steps back
+            // by a fraction of a second (the guard orders renewals and refusals on it).
+            let agrees = latest.is_some_and(|(base, at)| {
+                let since = self.clock.elapsed().saturating_sub(at).as_secs();
+                let estimate = base.saturating_add(i64::try_from(since).unwrap_or(i64::MAX));
+                (server - estimate).abs() <= RESOLUTION_SECS
+            });
+            if !agrees {
+                *latest = Some((server, self.clock.elapsed()));
+            }
+        }
         match (was, self.alarm_offset()) {
             (None, Some(offset)) => tracing::error!(
                 offset_secs = offset,
@@ -50,6 +71,25 @@ impl ServerTime {
                 "clock alarm cleared: the host clock agrees with the Store and Entra ID again"
             ),
             _ => {}
+        }
+    }
+
+    /// Whether an answer told the Store's time yet.
+    pub fn known(&self) -> bool {
+        self.lock().is_some()
+    }
+
+    /// [`Self::now`] in milliseconds: what the guard orders refusals and renewals on (a step of
+    /// the host clock must not reorder them).
+    pub fn now_ms(&self) -> i64 {
+        match *self.lock() {
+            Some((server, at)) => {
+                let since = self.clock.elapsed().saturating_sub(at).as_millis();
+                server
+                    .saturating_mul(1000)
+                    .saturating_add(i64::try_from(since).unwrap_or(i64::MAX))
+            }
+            None => self.clock.now_ms(),
         }
     }
 
@@ -74,8 +114,8 @@ impl ServerTime {
     /// The Store's time minus the host's, once an answer told it. A step of the host clock shows
     /// at once, before the next answer.
     pub fn offset(&self) -> Option<i64> {
-        let measured = self.lock().is_some();
-        measured.then(|| self.now().saturating_sub(self.clock.now()))
+        self.known()
+            .then(|| self.now().saturating_sub(self.clock.now()))
     }
 
     /// What the alarm says, while the offset exceeds the bound.
@@ -115,26 +155,47 @@ mod tests {
     }
 
     #[test]
+    fn dates_that_agree_with_the_estimate_never_move_it_back() {
+        let clock = Clock::system();
+        let t = ServerTime::new(Duration::from_secs(120), clock.clone());
+        let now = clock.now();
+        t.observe(200, &headers(now));
+        let before = t.now_ms();
+        // The same second again (a later answer within it), or one behind: no step back.
+        t.observe(200, &headers(now));
+        t.observe(200, &headers(now - 1));
+        assert!(t.now_ms() >= before);
+        // A real correction moves it.
+        t.observe(200, &headers(now - 600));
+        assert!(t.now() <= now - 590);
+    }
+
+    #[test]
     fn a_step_of_the_host_clock_shows_at_once_and_moves_nothing_judged_on_the_stores_time() {
         let clock = Clock::system();
         let t = ServerTime::new(Duration::from_secs(120), clock.clone());
         assert_eq!(t.offset(), None);
         let store = clock.now() - 60;
-        t.observe(&headers(store));
-        assert!((-61..=-59).contains(&t.offset().unwrap()));
+        // A gateway's 503 says nothing about the Store's time.
+        t.observe(503, &headers(store - 86_400));
+        assert!(!t.known());
+        t.observe(200, &headers(store));
+        // Slack for a loaded machine: the Date has whole seconds, and time passes.
+        assert!((-70..=-55).contains(&t.offset().unwrap()));
         assert!(t.alarm().is_none());
         // Time passes (tests advance it): both clocks move together.
         clock.advance(Duration::from_secs(86_400));
-        assert!((store + 86_400..=store + 86_401).contains(&t.now()));
+        assert!((store + 86_400..=store + 86_410).contains(&t.now()));
         assert!(t.alarm().is_none());
         // The host clock jumps a month ahead: the Store's time does not move with it.
         clock.step_forward(Duration::from_secs(30 * 86_400));
-        assert!((store + 86_400..=store + 86_401).contains(&t.now()));
+        assert!((store + 86_400..=store + 86_410).contains(&t.now()));
+        assert!((t.now_ms() / 1000 - t.now()).abs() <= 1);
         assert!(t.alarm().unwrap().contains("ahead of"));
         // A missing or garbled Date changes nothing; a fresh one from a fixed host clears it.
-        t.observe(&reqwest::header::HeaderMap::new());
+        t.observe(200, &reqwest::header::HeaderMap::new());
         assert!(t.alarm().is_some());
-        t.observe(&headers(clock.now()));
+        t.observe(401, &headers(clock.now()));
         assert!(t.alarm().is_none());
     }
 }

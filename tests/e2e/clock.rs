@@ -156,6 +156,22 @@ async fn a_forward_jump_of_the_host_clock_flags_nothing_expired_and_raises_the_a
     let out = env.cli(&["status"], "").await;
     assert!(out.stdout.contains("clock"), "{}", out.stdout);
 
+    // Restarted while the host is still ahead: a key stored meanwhile, expired by the host's
+    // clock and not by the Store's, is checked on the Store's time (the start waits for it).
+    env.stop_daemon().await;
+    let issued = env.emu.now() - 2 * DAY as i64;
+    let stored = env
+        .emu
+        .mint_at(Kind::Collections, APP, "stored", KEY_LIFETIME, issued);
+    env.store("stored", Kind::Collections, &stored).await;
+    env.spawn_daemon().await;
+    env.wait_until("the key stored meanwhile checked", || async {
+        env.row("stored", Kind::Collections).await.state != "pending"
+    })
+    .await;
+    assert_eq!(env.row("stored", Kind::Collections).await.state, "active");
+    assert_eq!(env.count("expired").await, 0);
+
     // NTP fixes the clock: the alarm clears.
     env.clock.rewind(jump);
     env.set_faults(Faults::default());
@@ -165,5 +181,5 @@ async fn a_forward_jump_of_the_host_clock_flags_nothing_expired_and_raises_the_a
     })
     .await;
     env.stop_daemon().await;
-    assert_eq!(env.count("active").await, 6);
+    assert_eq!(env.count("active").await, 7);
 }

@@ -56,6 +56,12 @@ async fn re_storing_an_older_key_keeps_the_newer_one() {
     .await
     .unwrap();
     assert_eq!(kept, 2);
+    // The newest key itself, padded (a form, a file): the same key, nothing changes.
+    env.store("alice", Kind::Collections, &format!(" {newest}\n"))
+        .await;
+    let row = env.row("alice", Kind::Collections).await;
+    assert!(row.key == newest, "the padded copy replaced the key");
+    assert_eq!(row.state, "active");
 
     // A genuinely new key (a new login) still replaces it.
     let fresh = env.mint(Kind::Collections, crate::harness::APP, "alice");

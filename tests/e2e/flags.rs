@@ -175,6 +175,10 @@ async fn a_key_whose_refresh_uri_points_elsewhere_never_reaches_that_host() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_key_stored_with_whitespace_around_it_is_stored_and_sent_trimmed() {
     let mut env = TestEnv::new().await;
+    // Not due: checked and stored, nothing renewed yet.
+    let fresh = env.mint(Kind::Collections, APP, "fresh");
+    env.store("fresh", Kind::Collections, &format!("{fresh}\r\n"))
+        .await;
     let issued = env.clock.now() - 20 * DAY as i64;
     let key = env
         .emu
@@ -182,16 +186,24 @@ async fn a_key_stored_with_whitespace_around_it_is_stored_and_sent_trimmed() {
     env.store("padded", Kind::Collections, &format!("  {key}\n"))
         .await;
     env.spawn_daemon().await;
+    env.wait_until("the fresh key checked", || async {
+        env.row("fresh", Kind::Collections).await.state == "active"
+    })
+    .await;
+    let row = env.row("fresh", Kind::Collections).await;
+    assert!(row.key == fresh, "stored with its padding");
+    // The backend stores it again, padded, on the next login: the same key, nothing changes.
+    env.store("fresh", Kind::Collections, &format!("{fresh}\n"))
+        .await;
+    let row = env.row("fresh", Kind::Collections).await;
+    assert!(row.key == fresh && row.state == "active", "{}", row.state);
     // The emulator refuses a padded key outright: only a trimmed one renews.
     env.wait_until("the padded key renewed", || async {
         env.row("padded", Kind::Collections).await.renewals >= 1
     })
     .await;
     env.stop_daemon().await;
-    let row = env.row("padded", Kind::Collections).await;
-    assert_eq!(row.state, "active");
-    assert_eq!(row.key.trim(), row.key, "stored with its padding");
-    assert_eq!(env.count("active").await, 1);
+    assert_eq!(env.count("active").await, 2);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

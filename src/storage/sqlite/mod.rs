@@ -265,7 +265,7 @@ impl Storage for SqliteStore {
         // the key that expires meanwhile.
         let sql = format!(
             "UPDATE store_keys SET next_attempt_at = ?1, lease_until = ?1
-             WHERE id = (SELECT id FROM store_keys INDEXED BY store_keys_due
+             WHERE id = (SELECT id FROM store_keys INDEXED BY store_keys_due_client
                          WHERE state = 'active' AND client_id = ?2 AND refusals = 0
                            AND attempts = 0 AND expires_at > ?3 + 3600
                            AND issued_at <= ?4

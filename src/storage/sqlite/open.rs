@@ -92,7 +92,7 @@ pub(super) async fn check_schema(pool: &SqlitePool) -> Result<()> {
 
 /// The schema, embedded in the binary from `migrations/sqlite`.
 pub fn migrator() -> Migrator {
-    let migrations: [(i64, &'static str, &'static str); 6] = [
+    let migrations: [(i64, &'static str, &'static str); 7] = [
         (
             1,
             "init",
@@ -122,6 +122,11 @@ pub fn migrator() -> Migrator {
             6,
             "lineage",
             include_str!("../../../migrations/sqlite/0006_lineage.sql"),
+        ),
+        (
+            7,
+            "guard repairs",
+            include_str!("../../../migrations/sqlite/0007_guard_repairs.sql"),
         ),
     ];
     Migrator::with_migrations(
