@@ -63,7 +63,7 @@ pub trait Storage: Send + Sync + std::fmt::Debug {
     async fn claim_row(&self, id: i64, now: i64, lease_until: i64) -> Result<Option<ClaimedRow>>;
     /// Reserves the healthy key of application `client_id` that is due soonest (active, never
     /// refused or failed since it last renewed, not held, issued at `issued_before` or earlier,
-    /// an hour or more from expiry), to renew it early as a canary.
+    /// valid past `lease_until`), to renew it early as a canary.
     async fn claim_canary(
         &self,
         client_id: &str,

@@ -261,13 +261,14 @@ impl Storage for SqliteStore {
         now: i64,
         lease_until: i64,
     ) -> Result<Option<ClaimedRow>> {
-        // Soonest due: renewing it early costs the least. With an hour of validity left: never
-        // the key that expires meanwhile.
+        // Soonest due: renewing it early costs the least. Valid past the claim's lease: never the
+        // key that expires meanwhile (an hour of validity would leave short-lived keys, like
+        // the demo's, without canaries).
         let sql = format!(
             "UPDATE store_keys SET next_attempt_at = ?1, lease_until = ?1
              WHERE id = (SELECT id FROM store_keys INDEXED BY store_keys_due_client
                          WHERE state = 'active' AND client_id = ?2 AND refusals = 0
-                           AND attempts = 0 AND expires_at > ?3 + 3600
+                           AND attempts = 0 AND expires_at > ?1
                            AND issued_at <= ?4
                            AND (lease_until IS NULL OR lease_until <= ?3)
                          ORDER BY next_attempt_at LIMIT 1)
