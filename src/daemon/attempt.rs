@@ -251,7 +251,7 @@ impl Engine {
         let facts = &row.facts;
         // Judged on the Store's time; before any answer told it, only after the token request.
         let expired = || self.store_now() >= facts.expires_at;
-        if self.server_time.offset().is_some() && expired() {
+        if self.server_time.known() && expired() {
             return Ok((Answer::ExpiredUnsent, None));
         }
         if !self.tokens.has_application(&facts.client_id) {
@@ -324,10 +324,10 @@ impl Engine {
         if self.store_now() >= row.facts.expires_at {
             return None;
         }
-        let started_ms = self.server_time.now_ms();
         // Every time the daemon writes is on the Store's timeline, like the schedule.
+        let started_ms = self.server_time.now_ms();
         let sent_at = std::time::UNIX_EPOCH
-            + std::time::Duration::from_secs(u64::try_from(self.store_now()).unwrap_or(0));
+            + std::time::Duration::from_millis(u64::try_from(started_ms).unwrap_or(0));
         let resp = self
             .api
             .renew(self.endpoint(row.facts.kind), token, &row.key, sent_at)

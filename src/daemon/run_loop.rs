@@ -265,7 +265,8 @@ impl Loop {
             .into_iter()
             .filter(|k| !paused.contains(k))
             .collect();
-        self.claim_canaries(now, now + secs(renew.lease)).await;
+        let lease_until = now + secs(renew.lease);
+        self.claim_canaries(now, lease_until).await;
         self.spawn_ready();
         let mut full_claim = false;
         // Claimed keys wait in `ready` for a free slot, so a slot is refilled the moment an
@@ -275,7 +276,6 @@ impl Loop {
             let limit = u32::try_from(want.saturating_sub(self.ready.len()).max(1))
                 .unwrap_or(u32::MAX)
                 .min(batch);
-            let lease_until = now + secs(renew.lease);
             let rows = self
                 .storage
                 .claim_due(now, lease_until, limit, &kinds)

@@ -28,8 +28,6 @@ pub struct RenewResponse {
     pub duration_ms: i64,
     /// Unix seconds when the request was sent.
     pub started_at: i64,
-    /// When the request was sent, on the monotonic clock.
-    pub sent: Instant,
 }
 
 #[derive(Serialize)]
@@ -73,7 +71,6 @@ impl RenewClient {
                 ms: MsHeaders::default(),
                 duration_ms: 0,
                 started_at: 0,
-                sent: started,
             },
             Ok(resp) => {
                 self.server_time
@@ -81,7 +78,6 @@ impl RenewClient {
                 self.read(resp, now).await
             }
         };
-        result.sent = started;
         result.started_at = now
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX));
@@ -127,7 +123,6 @@ impl RenewClient {
             ms,
             duration_ms: 0,
             started_at: 0,
-            sent: Instant::now(),
         }
     }
 }
