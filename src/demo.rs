@@ -86,7 +86,7 @@ pub fn add_emulated_application(
         tenant_id: tenant.to_owned(),
         client_id: client_id.to_owned(),
         client_secret_file: Some(path),
-        client_secret_env: None,
+        ..Application::default()
     });
     Ok(())
 }

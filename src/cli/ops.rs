@@ -8,11 +8,12 @@ use storekeyd::clock::Clock;
 use storekeyd::config::Config;
 use storekeyd::daemon::attempt::{Engine, Settled};
 use storekeyd::daemon::{Service, ingest};
+use storekeyd::ops::credentials;
 use storekeyd::ops::metrics::Metrics;
 use storekeyd::ops::observe::Health;
 use storekeyd::policy::checks;
 use storekeyd::policy::claims::Kind;
-use storekeyd::remote::entra::{self, TokenClient};
+use storekeyd::remote::entra::TokenClient;
 use storekeyd::remote::server_time::ServerTime;
 use storekeyd::storage::{self, ClaimedRow, Storage};
 use storekeyd::{daemon, emulator};
@@ -87,37 +88,46 @@ pub(super) async fn check(config: &Config) -> anyhow::Result<Exit> {
         );
     }
     let http = storekeyd::remote::http::client(&config.http)?;
-    for app in &config.applications {
-        let credential = match entra::load_credential(app) {
-            Ok(c) => c,
-            Err(e) => {
-                report(false, e.to_string());
-                continue;
-            }
-        };
-        let tokens = TokenClient::new(
-            config,
-            vec![(app.clone(), credential)],
-            http.clone(),
+    let tokens = TokenClient::new(
+        config,
+        http,
+        Clock::system(),
+        Arc::new(Metrics::default()),
+        Arc::new(ServerTime::new(
+            config.http.max_clock_offset,
             Clock::system(),
-            Arc::new(Metrics::default()),
-            Arc::new(ServerTime::new(
-                config.http.max_clock_offset,
-                Clock::system(),
-            )),
+        )),
+    )?;
+    for app in &config.applications {
+        let result = tokens.token(&app.client_id).await;
+        let Some(status) = tokens
+            .status()
+            .into_iter()
+            .find(|s| s.client_id == app.client_id)
+        else {
+            continue;
+        };
+        let what = format!(
+            "application {} ({}), {}",
+            app.label(),
+            app.client_id,
+            credentials::describe(&status)
         );
-        match tokens.token(&app.client_id).await {
+        match result {
             Ok(t) => report(
                 true,
                 format!(
-                    "application {} ({}): access token {} from {}",
-                    app.label(),
-                    app.client_id,
-                    t.fingerprint,
-                    config.entra.authority
+                    "{what}: access token {} from {}",
+                    t.fingerprint, config.entra.authority
                 ),
             ),
-            Err(e) => report(false, e.to_string()),
+            Err(e) => report(false, format!("{what}: {e}")),
+        }
+        let now = Clock::system().now();
+        if let Some(warning) =
+            credentials::expiry_warning(&status, now, config.entra.certificate_expiry_warning)
+        {
+            report(false, warning);
         }
     }
     Ok(if healthy { Exit::Ok } else { Exit::Unhealthy })

@@ -23,7 +23,7 @@ use crate::daemon::writer::{WriterGone, WriterSettings};
 use crate::ops::metrics::{KeyStats, Metrics};
 use crate::ops::observe::Health;
 use crate::policy::state::State;
-use crate::remote::entra::{self, CredentialError, TokenClient};
+use crate::remote::entra::{CredentialError, TokenClient};
 use crate::remote::renew_api::RenewClient;
 use crate::remote::server_time::ServerTime;
 use crate::storage::{DbError, Storage};
@@ -56,8 +56,8 @@ pub struct Service {
 }
 
 impl Service {
-    /// Reads every secret (a missing one stops the start instead of failing renewals one by one
-    /// later) and starts the writer.
+    /// Reads every credential (a broken one is logged and its keys wait, retried, while the
+    /// other applications renew) and starts the writer.
     /// `shutdown` is the stop signal: once it fires, renewed keys the database refuses are
     /// spooled at once instead of waited for.
     pub fn start(
@@ -67,22 +67,16 @@ impl Service {
         health: Arc<Health>,
         shutdown: CancellationToken,
     ) -> Result<Service, DaemonError> {
-        let credentials = config
-            .applications
-            .iter()
-            .map(|app| Ok((app.clone(), entra::load_credential(app)?)))
-            .collect::<Result<Vec<_>, CredentialError>>()?;
         let metrics = Arc::new(Metrics::default());
         let http = crate::remote::http::client(&config.http)?;
         let server_time = Arc::new(ServerTime::new(config.http.max_clock_offset, clock.clone()));
         let tokens = TokenClient::new(
             &config,
-            credentials,
             http.clone(),
             clock.clone(),
             metrics.clone(),
             server_time.clone(),
-        );
+        )?;
         let (stopping, close) = (shutdown.child_token(), CancellationToken::new());
         let settings = WriterSettings {
             spool_after: config.renew.spool_after,

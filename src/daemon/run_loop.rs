@@ -16,6 +16,7 @@ use super::{DaemonError, Service, ingest, refill_at, secs, status_line};
 use crate::clock::Clock;
 use crate::config::Config;
 use crate::daemon::safety::CREDENTIAL_PREFIX;
+use crate::ops::credentials;
 use crate::ops::notify::Notifier;
 use crate::ops::observe::{self, Health, Observer};
 use crate::policy::claims::Kind;
@@ -74,7 +75,11 @@ pub async fn run(
         helpers.spawn(observe_task(listener, observer, background.clone()));
         tracing::info!(?addr, "serving /metrics, /healthz and /readyz");
     }
-    helpers.spawn(warm_tokens(engine.clone(), background.clone()));
+    helpers.spawn(warm_tokens(
+        engine.clone(),
+        config.entra.certificate_expiry_warning,
+        background.clone(),
+    ));
     let notifier = Notifier::from_env();
     notifier.ready();
     tracing::info!(
@@ -122,10 +127,19 @@ async fn observe_task(listener: TcpListener, observer: Observer, stop: Cancellat
 }
 
 /// Fetches a token for every application at start, so that a broken credential shows in the
-/// logs and `/readyz` at once rather than at the first renewal; re-tries the failing ones.
-async fn warm_tokens(engine: Arc<Engine>, stop: CancellationToken) {
+/// logs and `/readyz` at once rather than at the first renewal; re-tries the failing ones, and
+/// warns of certificates that expire within `warn_within`.
+async fn warm_tokens(engine: Arc<Engine>, warn_within: Duration, stop: CancellationToken) {
     loop {
         engine.warm_tokens().await;
+        let now = engine.store_now();
+        for status in engine.credential_status() {
+            let warning = credentials::expiry_warning(&status, now, warn_within);
+            engine
+                .safety()
+                .certificate_expiry(&status.label, warning.as_deref())
+                .await;
+        }
         tokio::select! {
             () = stop.cancelled() => return,
             () = tokio::time::sleep(TOKEN_RECHECK) => {}

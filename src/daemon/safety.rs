@@ -28,6 +28,8 @@ pub struct Safety {
     /// Whether state changes are written to `storekeyd_alarms`: the daemon's are; a one-shot CLI
     /// process's are not (they would outlive it, or clear the daemon's).
     record: AtomicBool,
+    /// The certificate warnings raised, by application label.
+    certificates: Mutex<HashMap<String, String>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -70,6 +72,7 @@ impl Safety {
             alarm_tx,
             time,
             record: AtomicBool::new(true),
+            certificates: Mutex::default(),
         };
         (safety, recorder)
     }
@@ -218,6 +221,26 @@ impl Safety {
         );
         tracing::error!(app, "credential alarm: {detail}");
         self.record(&credential_alarm(app), Some(&detail)).await;
+    }
+
+    /// An application's certificate expires soon (`warning`) or no longer does: logged once
+    /// per change and shown by `status`.
+    pub async fn certificate_expiry(&self, app: &str, warning: Option<&str>) {
+        let changed = {
+            let mut raised = lock(&self.certificates);
+            match warning {
+                Some(w) => raised.insert(app.to_owned(), w.to_owned()).as_deref() != Some(w),
+                None => raised.remove(app).is_some(),
+            }
+        };
+        if !changed {
+            return;
+        }
+        match warning {
+            Some(w) => tracing::warn!(app, "{w}"),
+            None => tracing::info!(app, "the certificate no longer expires soon"),
+        }
+        self.record(&format!("certificate:{app}"), warning).await;
     }
 
     /// The clock alarm raised (with what it says) or cleared, for `status`.

@@ -2,12 +2,17 @@
 //! reference/store-api.md, with an admin API to mint and revoke keys and to inject faults.
 //!
 //! Routes:
-//! - `POST /{tenant}/oauth2/v2.0/token`: client-credentials grant (form).
+//! - `POST /{tenant}/oauth2/v2.0/token`: client-credentials grant (form), with a secret, a
+//!   certificate's client assertion or a federated token.
+//! - `GET /metadata/identity/oauth2/token`: the instance metadata service's managed identity
+//!   tokens.
 //! - `POST /collections/v6.0/b2b/keys/renew`, `POST /purchase/v6.0/b2b/keys/renew`.
 //! - `POST /admin/keys`, `POST /admin/revoke`, `POST /admin/applications`,
+//!   `POST /admin/managed-identities`, `POST /admin/federated-tokens`,
 //!   `GET|PUT /admin/faults`, `GET|DELETE /admin/stats`.
 
 mod admin;
+mod identity;
 pub mod keymint;
 mod renew;
 mod state;
@@ -45,7 +50,16 @@ pub fn router(emu: Arc<Emulator>, shutdown: CancellationToken) -> Router {
         .route("/purchase/v6.0/b2b/keys/renew", post(renew::purchase))
         .route("/admin/keys", post(admin::mint))
         .route("/admin/revoke", post(admin::revoke))
+        .route(
+            "/metadata/identity/oauth2/token",
+            get(identity::metadata_token),
+        )
         .route("/admin/applications", post(admin::register))
+        .route(
+            "/admin/managed-identities",
+            post(admin::register_managed_identity),
+        )
+        .route("/admin/federated-tokens", post(admin::federated_token))
         .route(
             "/admin/faults",
             get(admin::get_faults).put(admin::put_faults),

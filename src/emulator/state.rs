@@ -7,8 +7,10 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 use crate::clock::Clock;
+use crate::emulator::identity::Identities;
 use crate::emulator::keymint::{self, KeySpec};
 use crate::policy::claims::Kind;
+use crate::remote::entra::certificate::CertificateInfo;
 
 /// Faults injected into renew calls. Rates are probabilities in `[0, 1]`, drawn in the order
 /// listed (timeout, 429, 500, 503, garbage); the rest are answered normally.
@@ -66,6 +68,8 @@ pub struct Stats {
     pub tokens_issued: u64,
     pub renew_requests: u64,
     pub renewed: u64,
+    /// Managed identity tokens the metadata endpoint issued.
+    pub identity_tokens_issued: u64,
     /// Renew answers by HTTP status (timeouts are not answered and not counted here).
     pub renew_by_status: BTreeMap<u16, u64>,
     pub timeouts: u64,
@@ -82,10 +86,14 @@ pub struct Issued {
     pub revoked: bool,
 }
 
-#[derive(Debug, Clone)]
+/// An application registered in the emulated Entra ID, with every credential it accepts.
+#[derive(Debug, Clone, Default)]
 pub struct App {
     pub tenant_id: String,
-    pub secret: String,
+    pub secret: Option<String>,
+    pub certificates: Vec<CertificateInfo>,
+    /// Federated identity credentials: (issuer, subject) pairs whose tokens it accepts.
+    pub federated: Vec<(String, String)>,
 }
 
 pub struct Emulator {
@@ -100,6 +108,8 @@ pub struct Emulator {
     pub tokens: Mutex<Vec<String>>,
     pub faults: Mutex<Faults>,
     pub stats: Mutex<Stats>,
+    /// Managed identities, federated token issuers and the client assertions seen.
+    pub identities: Identities,
     /// Where fault draws come from (seeded by `Faults::seed`).
     draws: Mutex<fastrand::Rng>,
 }
@@ -127,6 +137,7 @@ impl Emulator {
             tokens: Mutex::default(),
             faults: Mutex::default(),
             stats: Mutex::default(),
+            identities: Identities::default(),
             draws: Mutex::new(fastrand::Rng::new()),
         }
     }
@@ -141,12 +152,22 @@ impl Emulator {
         self.base_url.clone()
     }
 
+    /// Registers an application with a client secret (its other credentials stay).
     pub fn register_app(&self, tenant_id: &str, client_id: &str, secret: &str) {
-        let app = App {
+        self.update_app(tenant_id, client_id, |app| {
+            app.secret = Some(secret.to_owned());
+        });
+    }
+
+    /// Registers the application if new (in `tenant_id`) and changes it.
+    pub fn update_app(&self, tenant_id: &str, client_id: &str, change: impl FnOnce(&mut App)) {
+        let mut apps = lock(&self.apps);
+        let app = apps.entry(client_id.to_owned()).or_insert_with(|| App {
             tenant_id: tenant_id.to_owned(),
-            secret: secret.to_owned(),
-        };
-        lock(&self.apps).insert(client_id.to_owned(), app);
+            ..App::default()
+        });
+        app.tenant_id = tenant_id.to_owned();
+        change(app);
     }
 
     /// Mints and remembers a key, as a client's Store call would.

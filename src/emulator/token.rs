@@ -1,4 +1,5 @@
-//! Entra ID's v2 token endpoint, client-credentials grant with a client secret.
+//! Entra ID's v2 token endpoint, client-credentials grant with a client secret or a client
+//! assertion (checked in [`super::identity`]).
 
 use std::collections::HashMap;
 
@@ -12,6 +13,7 @@ use serde_json::json;
 
 use super::AppState;
 use super::state::{Emulator, lock};
+use crate::remote::entra::assertion::JWT_BEARER;
 
 pub(super) const AUDIENCE: &str = "https://onestore.microsoft.com";
 const SCOPE: &str = "https://onestore.microsoft.com/.default";
@@ -53,7 +55,7 @@ pub(super) async fn token(
     }
 }
 
-type Refusal = (StatusCode, &'static str, String);
+pub(super) type Refusal = (StatusCode, &'static str, String);
 
 fn issue(
     emu: &Emulator,
@@ -90,12 +92,32 @@ fn issue(
             format!("AADSTS90002: Tenant '{tenant}' not found for this application"),
         ));
     }
-    if field("client_secret") != app.secret {
-        return Err((
-            StatusCode::UNAUTHORIZED,
-            "invalid_client",
-            "AADSTS7000215: Invalid client secret provided.".into(),
-        ));
+    match (
+        form.get("client_secret"),
+        form.get("client_assertion_type").map(String::as_str),
+        form.get("client_assertion"),
+    ) {
+        (Some(secret), None, None) => {
+            if app.secret.as_ref() != Some(secret) {
+                return Err((
+                    StatusCode::UNAUTHORIZED,
+                    "invalid_client",
+                    "AADSTS7000215: Invalid client secret provided.".into(),
+                ));
+            }
+        }
+        (None, Some(JWT_BEARER), Some(assertion)) => {
+            emu.verify_assertion(&app, client_id, tenant, assertion)?;
+        }
+        _ => {
+            return Err((
+                StatusCode::BAD_REQUEST,
+                "invalid_request",
+                format!(
+                    "AADSTS7000218: the request must contain exactly one of client_secret and a client_assertion of type {JWT_BEARER}"
+                ),
+            ));
+        }
     }
     let now = emu.now();
     let expires_in = 3599;

@@ -113,9 +113,42 @@ pub struct Gauges {
     pub breakers: Vec<(String, bool)>,
     /// (application, alarm raised) for every configured application.
     pub credential_alarms: Vec<(String, bool)>,
+    /// (application, kind, end of a certificate's validity) for every configured application.
+    pub credentials: Vec<(String, &'static str, Option<i64>)>,
     /// Server time minus host time, once an answer told it.
     pub clock_offset: Option<i64>,
     pub clock_alarm: bool,
+}
+
+fn render_credentials(out: &mut String, gauges: &Gauges) {
+    header(
+        out,
+        "storekeyd_credential_info",
+        "gauge",
+        "1 for each application, labelled with the kind of credential it proves itself with.",
+    );
+    for (app, kind, _) in &gauges.credentials {
+        let _ = writeln!(
+            out,
+            "storekeyd_credential_info{{application=\"{}\",kind=\"{kind}\"}} 1",
+            escape(app)
+        );
+    }
+    header(
+        out,
+        "storekeyd_credential_expiry_timestamp_seconds",
+        "gauge",
+        "When an application's certificate credential stops being valid (Unix time).",
+    );
+    for (app, _, expiry) in &gauges.credentials {
+        if let Some(t) = expiry {
+            let _ = writeln!(
+                out,
+                "storekeyd_credential_expiry_timestamp_seconds{{application=\"{}\"}} {t}",
+                escape(app)
+            );
+        }
+    }
 }
 
 fn render_clock(out: &mut String, gauges: &Gauges) {
@@ -225,6 +258,7 @@ impl Metrics {
                 u8::from(*raised)
             );
         }
+        render_credentials(&mut out, gauges);
         render_clock(&mut out, gauges);
         out
     }
@@ -339,12 +373,25 @@ mod tests {
             ready: true,
             breakers: vec![("purchase".into(), true)],
             credential_alarms: vec![("a\"b".into(), false)],
+            credentials: vec![
+                ("cert".into(), "certificate", Some(1_900_000_000)),
+                ("main".into(), "secret", None),
+            ],
             clock_offset: Some(-86_400),
             clock_alarm: true,
         };
         let text = m.render(&keys, &gauges);
         assert!(text.contains("storekeyd_clock_offset_seconds -86400\n"));
         assert!(text.contains("storekeyd_clock_alarm 1\n"));
+        assert!(text.contains(
+            "storekeyd_credential_expiry_timestamp_seconds{application=\"cert\"} 1900000000\n"
+        ));
+        assert!(
+            !text.contains("storekeyd_credential_expiry_timestamp_seconds{application=\"main\"}")
+        );
+        assert!(
+            text.contains("storekeyd_credential_info{application=\"main\",kind=\"secret\"} 1\n")
+        );
         assert!(text.contains("storekeyd_renewals_total{outcome=\"renewed\"} 2\n"));
         assert!(text.contains("storekeyd_renewals_total{outcome=\"revoked\"} 0\n"));
         assert!(text.contains("storekeyd_renew_request_duration_seconds_bucket{le=\"0.025\"} 0\n"));

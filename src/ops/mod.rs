@@ -1,5 +1,6 @@
 //! What operators see and touch: metrics, health, systemd notify, logs, status reports, import.
 
+pub mod credentials;
 pub mod import;
 pub mod metrics;
 pub mod notify;

@@ -186,6 +186,15 @@ async fn metrics(State(o): State<Observer>) -> Response {
             .iter()
             .map(|a| (a.label().to_owned(), alarms.contains(&a.client_id)))
             .collect(),
+        credentials: o
+            .engine
+            .credential_status()
+            .into_iter()
+            .map(|s| {
+                let expiry = s.certificate.as_ref().map(|c| c.not_after);
+                (s.label, s.kind.as_str(), expiry)
+            })
+            .collect(),
         clock_offset: o.engine.server_time().offset(),
         clock_alarm: o.engine.server_time().alarm().is_some(),
     };

@@ -196,7 +196,7 @@ async fn check_and_migrate_and_bad_config() {
     assert_eq!(out.code, 0, "{out:?}");
     assert!(
         out.stdout
-            .contains("ok    application app-main (app-main): access token"),
+            .contains("ok    application app-main (app-main), secret credential: access token"),
         "{}",
         out.stdout
     );
@@ -218,7 +218,7 @@ async fn check_and_migrate_and_bad_config() {
     assert_eq!(out.code, 3, "{out:?}");
     assert!(
         out.stdout
-            .contains("FAIL  Entra ID refused the token request for `app-main`"),
+            .contains("FAIL  application app-main (app-main), secret credential: Entra ID refused the token request for `app-main`"),
         "{}",
         out.stdout
     );

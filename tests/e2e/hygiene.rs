@@ -42,9 +42,20 @@ async fn no_key_token_or_secret_appears_in_any_output() {
         tenant_id: TENANT.into(),
         client_id: "app-stale".into(),
         client_secret_file: Some(stale),
-        client_secret_env: None,
+        ..Application::default()
     });
+    // Credentials without secrets: their keys, assertions and tokens must not leak either, nor
+    // through the errors of a federated token Entra refuses.
+    let year = env.clock.now() + 365 * 86_400;
+    let private_key = env.add_certificate_app("app-cert", year);
+    let audience = storekeyd::remote::entra::TOKEN_EXCHANGE_AUDIENCE;
+    let federated = env.add_federated_app("app-fed", audience, 3600);
+    let refused = env.add_federated_app("app-fed-wrong", "api://Other", 3600);
+    env.add_managed_identity_app("app-mi");
     let config = env.write_config();
+    for app in ["app-cert", "app-fed", "app-fed-wrong", "app-mi"] {
+        env.add_due_key(&format!("user-of-{app}"), app).await;
+    }
     env.add_due_user("alice").await;
     env.add_due_user("bob").await;
     let revoked = env.add_due_user("mallory").await;
@@ -71,9 +82,9 @@ async fn no_key_token_or_secret_appears_in_any_output() {
         .kill_on_drop(true)
         .spawn()
         .unwrap();
-    env.wait_until("alice and bob renewed, mallory flagged", || async {
+    env.wait_until("five renewed, mallory flagged", || async {
         let rows = env.rows().await;
-        rows.iter().filter(|r| r.renewals >= 1).count() == 2
+        rows.iter().filter(|r| r.renewals >= 1).count() == 5
             && rows.iter().any(|r| r.state == "revoked")
     })
     .await;
@@ -137,6 +148,28 @@ async fn no_key_token_or_secret_appears_in_any_output() {
                 .map(|f| ("an access token".to_owned(), f)),
         );
     }
+    for assertion in env
+        .emu
+        .seen_assertions()
+        .iter()
+        .chain([&federated, &refused])
+    {
+        needles.extend(
+            fragments(assertion)
+                .into_iter()
+                .map(|f| ("a client assertion or federated token".to_owned(), f)),
+        );
+    }
+    for line in private_key.lines().filter(|l| !l.starts_with("-----")) {
+        needles.push((
+            "a private key".to_owned(),
+            line[..line.len().min(40)].to_owned(),
+        ));
+    }
+    assert!(
+        env.emu.seen_assertions().len() >= 4,
+        "the new credentials were not used"
+    );
     for secret in [
         "secret-of-app-main",
         "secret-of-app-other",
@@ -162,11 +195,12 @@ async fn no_key_token_or_secret_appears_in_any_output() {
         }
     }
     eprintln!(
-        "hygiene: {} outputs ({trace_lines} trace log lines) searched for {} fragments of {} keys, {} tokens and 4 secrets: none found",
+        "hygiene: {} outputs ({trace_lines} trace log lines) searched for {} fragments of {} keys, {} tokens, {} assertions, a private key and 4 secrets: none found",
         outputs.len(),
         needles.len(),
         env.emu.issued_keys().len(),
-        env.emu.issued_tokens().len()
+        env.emu.issued_tokens().len(),
+        env.emu.seen_assertions().len()
     );
 
     let db = env.dir.path().join("keys.db");

@@ -8,6 +8,7 @@ mod clock;
 mod consistency;
 mod contract;
 mod crash;
+mod credentials;
 mod dbfaults;
 mod demo;
 mod flags;

@@ -102,7 +102,7 @@ async fn health_and_readiness_report_each_check() {
         tenant_id: TENANT.into(),
         client_id: "app-broken".into(),
         client_secret_file: Some(path),
-        client_secret_env: None,
+        ..Application::default()
     });
     env.spawn_daemon().await;
     env.wait_until("not ready", || async {

@@ -12,6 +12,12 @@ use serde::{Deserialize, Serialize};
 use crate::policy::claims::Kind;
 use crate::policy::schedule::Policy;
 
+mod application;
+
+pub use application::{
+    Application, AssertionAlgorithm, CredentialKind, CredentialSource, FieldProblem,
+};
+
 pub const ENV_PREFIX: &str = "STOREKEYD_";
 /// The top-level settings, which an override's name must start with.
 const SETTINGS: [&str; 13] = [
@@ -99,27 +105,12 @@ pub struct Endpoints {
 pub struct Entra {
     pub authority: String,
     pub scope: String,
-}
-
-/// One Entra ID application (client) whose keys storekeyd renews.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct Application {
-    /// A label for logs and `status`; defaults to the client ID.
-    pub name: Option<String>,
-    pub tenant_id: String,
-    pub client_id: String,
-    /// A file holding the client secret; relative paths are looked up in
-    /// `$CREDENTIALS_DIRECTORY` (systemd's `LoadCredential=`).
-    pub client_secret_file: Option<PathBuf>,
-    /// The name of an environment variable holding the client secret.
-    pub client_secret_env: Option<String>,
-}
-
-impl Application {
-    pub fn label(&self) -> &str {
-        self.name.as_deref().unwrap_or(&self.client_id)
-    }
+    /// Where a managed identity's token comes from: Azure's instance metadata service.
+    pub managed_identity_endpoint: String,
+    /// A certificate credential that expires sooner than this raises a warning, an alarm for
+    /// `status`, and fails `check`.
+    #[serde(with = "human")]
+    pub certificate_expiry_warning: Duration,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -238,6 +229,8 @@ pub struct Events {
 }
 
 const DAY: u64 = 86_400;
+/// Azure's instance metadata service: plain http on a link-local address, by design.
+pub const IMDS_TOKEN_URL: &str = "http://169.254.169.254/metadata/identity/oauth2/token";
 
 impl Default for Config {
     fn default() -> Self {
@@ -273,6 +266,8 @@ impl Default for Entra {
         Entra {
             authority: "https://login.microsoftonline.com".into(),
             scope: "https://onestore.microsoft.com/.default".into(),
+            managed_identity_endpoint: IMDS_TOKEN_URL.into(),
+            certificate_expiry_warning: Duration::from_secs(30 * DAY),
         }
     }
 }
@@ -360,9 +355,18 @@ impl Config {
             path: name.to_owned(),
             message: e.to_string().trim().replace('\n', " "),
         })?;
-        apply_env(&mut table, env)?;
-        let config: Config = serde_path_to_error::deserialize(toml::Value::Table(table))
+        let env: Vec<(String, String)> = env.into_iter().collect();
+        apply_env(&mut table, env.iter().cloned())?;
+        let mut config: Config = serde_path_to_error::deserialize(toml::Value::Table(table))
             .map_err(|e| field_error(e.path().to_string(), e.inner().to_string()))?;
+        let var = |name: &str| {
+            env.iter()
+                .find(|(k, v)| k == name && !v.is_empty())
+                .map(|(_, v)| v.clone())
+        };
+        for app in &mut config.applications {
+            app.apply_azure_env(var);
+        }
         config.validate()?;
         Ok(config)
     }
@@ -371,6 +375,12 @@ impl Config {
         check_url("endpoints.collections", &self.endpoints.collections)?;
         check_url("endpoints.purchase", &self.endpoints.purchase)?;
         check_url("entra.authority", &self.entra.authority)?;
+        if self.entra.managed_identity_endpoint != IMDS_TOKEN_URL {
+            check_url(
+                "entra.managed_identity_endpoint",
+                &self.entra.managed_identity_endpoint,
+            )?;
+        }
         if let Some(url) = &self.database_url
             && !url.starts_with("sqlite:")
         {
@@ -388,25 +398,22 @@ impl Config {
         for (i, app) in self.applications.iter().enumerate() {
             let field = |f: &str| format!("applications[{i}].{f}");
             if app.client_id.trim().is_empty() {
-                return Err(field_error(field("client_id"), "must not be empty"));
+                return Err(field_error(
+                    field("client_id"),
+                    "must not be empty (a federated credential may take it from AZURE_CLIENT_ID)",
+                ));
             }
             if app.tenant_id.trim().is_empty() || app.tenant_id.contains(['/', '?', '#']) {
                 return Err(field_error(
                     field("tenant_id"),
-                    "expected a tenant ID or domain",
+                    "expected a tenant ID or domain (a federated credential may take it from AZURE_TENANT_ID)",
                 ));
             }
             if !seen.insert(app.client_id.as_str()) {
                 return Err(field_error(field("client_id"), "is configured twice"));
             }
-            match (&app.client_secret_file, &app.client_secret_env) {
-                (Some(_), None) | (None, Some(_)) => {}
-                _ => {
-                    return Err(field_error(
-                        field("client_secret_file"),
-                        "set exactly one of `client_secret_file` and `client_secret_env`",
-                    ));
-                }
+            if let Err(p) = app.source() {
+                return Err(field_error(field(p.field), p.message));
             }
         }
         Ok(())
@@ -695,7 +702,7 @@ mod tests {
 
     #[test]
     fn the_example_config_parses() {
-        let text = include_str!("../config/storekeyd.example.toml");
+        let text = include_str!("../../config/storekeyd.example.toml");
         let c = parse(text).unwrap();
         assert_eq!(c.applications.len(), 2);
     }
@@ -757,20 +764,150 @@ mod tests {
         assert!(err("[entra]\nauthority = \"ftp://x\"").contains("`entra.authority`"));
     }
 
+    fn app(extra: &str) -> String {
+        format!("[[applications]]\ntenant_id = \"t\"\nclient_id = \"c\"\n{extra}")
+    }
+
     #[test]
-    fn applications_need_exactly_one_secret_source() {
-        let app = |extra: &str| {
-            format!("[[applications]]\ntenant_id = \"t\"\nclient_id = \"c\"\n{extra}")
-        };
+    fn applications_need_exactly_one_credential() {
         assert!(parse(&app("client_secret_env = \"S\"")).is_ok());
-        assert!(err(&app("")).contains("`applications[0].client_secret_file`: set exactly one"));
+        assert!(err(&app("")).contains("`applications[0].credential`: set one of"));
         assert!(
             err(&app(
                 "client_secret_env = \"S\"\nclient_secret_file = \"f\""
             ))
-            .contains("exactly one")
+            .contains("set only one credential per application")
+        );
+        assert!(
+            err(&app(
+                "client_secret_env = \"S\"\ncertificate_file = \"c.pem\""
+            ))
+            .contains("`applications[0].certificate_file`: set only one credential")
         );
         assert!(err(&app("client_secret = \"inline\"")).contains("unknown field `client_secret`"));
+        assert!(
+            err(&app("client_secret_env = \"S\"\nprivate_key_file = \"k\""))
+                .contains("`applications[0].private_key_file`: only with `certificate_file`")
+        );
+        assert!(
+            err(&app(
+                "credential = \"certificate\"\nclient_secret_env = \"S\""
+            ))
+            .contains("does not go with `credential = \"certificate\"`")
+        );
+        assert!(err(&app("managed_identity_client_id = \" \"")).contains("must not be empty"));
+    }
+
+    #[test]
+    fn each_credential_kind_resolves_to_its_source() {
+        let source = |extra: &str| {
+            parse(&app(extra)).unwrap().applications[0]
+                .source()
+                .unwrap()
+        };
+        assert_eq!(
+            source("certificate_file = \"c.pem\""),
+            CredentialSource::Certificate {
+                certificate: "c.pem".into(),
+                private_key: "c.pem".into(),
+                algorithm: AssertionAlgorithm::PS256,
+            }
+        );
+        assert_eq!(
+            source(
+                "certificate_file = \"c.pem\"\nprivate_key_file = \"k.pem\"\ncertificate_algorithm = \"RS256\""
+            ),
+            CredentialSource::Certificate {
+                certificate: "c.pem".into(),
+                private_key: "k.pem".into(),
+                algorithm: AssertionAlgorithm::RS256,
+            }
+        );
+        assert_eq!(
+            source("federated_token_file = \"/t\"").kind(),
+            CredentialKind::Federated
+        );
+        assert_eq!(
+            source("managed_identity_client_id = \"mi\""),
+            CredentialSource::ManagedIdentity {
+                client_id: "mi".into()
+            }
+        );
+        assert!(
+            err(&app(
+                "certificate_algorithm = \"HS256\"\ncertificate_file = \"c\""
+            ))
+            .contains("certificate_algorithm")
+        );
+    }
+
+    #[test]
+    fn a_federated_credential_takes_the_azure_variables() {
+        let env = |pairs: &[(&str, &str)]| -> Vec<(String, String)> {
+            pairs
+                .iter()
+                .map(|(k, v)| ((*k).into(), (*v).into()))
+                .collect()
+        };
+        let all = env(&[
+            ("AZURE_CLIENT_ID", "from-env"),
+            ("AZURE_TENANT_ID", "tenant-env"),
+            ("AZURE_FEDERATED_TOKEN_FILE", "/var/run/token"),
+        ]);
+        let c = Config::from_toml(
+            "[[applications]]\ncredential = \"federated\"",
+            "t",
+            all.clone(),
+        )
+        .unwrap();
+        let a = &c.applications[0];
+        assert_eq!(
+            (a.client_id.as_str(), a.tenant_id.as_str()),
+            ("from-env", "tenant-env")
+        );
+        assert_eq!(
+            a.source().unwrap(),
+            CredentialSource::FederatedFile("/var/run/token".into())
+        );
+        // The file's own values win; other kinds never read the variables.
+        let c =
+            Config::from_toml(&app("federated_token_file = \"/mine\""), "t", all.clone()).unwrap();
+        assert_eq!(c.applications[0].client_id, "c");
+        assert_eq!(
+            c.applications[0].source().unwrap(),
+            CredentialSource::FederatedFile("/mine".into())
+        );
+        let e = Config::from_toml("[[applications]]\nclient_secret_env = \"S\"", "t", all)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("`applications[0].client_id`: must not be empty"),
+            "{e}"
+        );
+        let e = Config::from_toml(
+            "[[applications]]\ncredential = \"federated\"\nclient_id = \"c\"\ntenant_id = \"t\"",
+            "t",
+            Vec::new(),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.contains("`applications[0].federated_token_file`: a federated credential needs"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn the_metadata_endpoint_is_plain_http_only_at_its_azure_address() {
+        assert_eq!(
+            parse("").unwrap().entra.managed_identity_endpoint,
+            IMDS_TOKEN_URL
+        );
+        assert!(parse("[entra]\nmanaged_identity_endpoint = \"http://127.0.0.1:9/m\"").is_ok());
+        assert!(
+            err("[entra]\nmanaged_identity_endpoint = \"http://169.254.169.253/m\"")
+                .contains("`entra.managed_identity_endpoint`: plain http is allowed only")
+        );
     }
 
     #[test]

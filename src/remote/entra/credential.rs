@@ -1,0 +1,323 @@
+//! Reading an application's credential from where the configuration says it is: a secret (file
+//! or environment variable), a certificate and its key, a federated token file, or the client ID
+//! of a managed identity. Read afresh for every token request, so a rotated file is picked up and
+//! a fixed one recovers without a restart.
+
+use std::fmt;
+use std::path::{Path, PathBuf};
+
+use secrecy::SecretString;
+
+use super::certificate::{CertificateError, SigningCertificate};
+use crate::config::{Application, CredentialKind, CredentialSource};
+
+/// How an application proves itself to Entra ID, ready for one token request.
+pub enum Credential {
+    Secret(SecretString),
+    Certificate(SigningCertificate),
+    /// The token the platform wrote, sent as the client assertion.
+    Federated(SecretString),
+    /// A token from the instance metadata service, exchanged as a federated assertion.
+    ManagedIdentity {
+        client_id: String,
+    },
+}
+
+impl fmt::Debug for Credential {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Credential::Secret(_) => f.write_str("Credential::Secret(<redacted>)"),
+            Credential::Certificate(c) => {
+                write!(f, "Credential::Certificate(x5t#S256 {})", c.info.thumbprint)
+            }
+            Credential::Federated(_) => f.write_str("Credential::Federated(<redacted>)"),
+            Credential::ManagedIdentity { client_id } => {
+                write!(f, "Credential::ManagedIdentity({client_id})")
+            }
+        }
+    }
+}
+
+impl Credential {
+    pub fn kind(&self) -> CredentialKind {
+        match self {
+            Credential::Secret(_) => CredentialKind::Secret,
+            Credential::Certificate(_) => CredentialKind::Certificate,
+            Credential::Federated(_) => CredentialKind::Federated,
+            Credential::ManagedIdentity { .. } => CredentialKind::ManagedIdentity,
+        }
+    }
+}
+
+/// Which file an error is about.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FileRole {
+    ClientSecret,
+    Certificate,
+    PrivateKey,
+    FederatedToken,
+}
+
+impl fmt::Display for FileRole {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            FileRole::ClientSecret => "client secret file",
+            FileRole::Certificate => "certificate file",
+            FileRole::PrivateKey => "private key file",
+            FileRole::FederatedToken => "federated token file",
+        })
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum CredentialError {
+    #[error("application `{app}`: cannot read {role} {path}: {source}")]
+    Read {
+        app: String,
+        role: FileRole,
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error(
+        "application `{app}`: {role} {path} is readable by group or others (mode {mode:o}); run `chmod 600 {path}`"
+    )]
+    Permissions {
+        app: String,
+        role: FileRole,
+        path: PathBuf,
+        mode: u32,
+    },
+    #[error("application `{app}`: environment variable `{var}` is not set")]
+    MissingEnv { app: String, var: String },
+    #[error("application `{app}`: the {what} is empty")]
+    Empty { app: String, what: &'static str },
+    #[error("application `{app}`: {source}")]
+    Certificate {
+        app: String,
+        source: CertificateError,
+    },
+    #[error("application `{app}`: {message}")]
+    Config { app: String, message: String },
+}
+
+/// Reads the application's credential.
+pub fn load(app: &Application) -> Result<Credential, CredentialError> {
+    let label = app.label().to_owned();
+    let source = app.source().map_err(|p| CredentialError::Config {
+        app: label.clone(),
+        message: format!("`{}`: {}", p.field, p.message),
+    })?;
+    match source {
+        CredentialSource::SecretFile(file) => {
+            let text = read_private(&label, FileRole::ClientSecret, &resolve(&file))?;
+            Ok(Credential::Secret(non_empty(
+                &label,
+                "client secret",
+                text,
+            )?))
+        }
+        CredentialSource::SecretEnv(var) => {
+            let text = std::env::var(&var).map_err(|_| CredentialError::MissingEnv {
+                app: label.clone(),
+                var,
+            })?;
+            Ok(Credential::Secret(non_empty(
+                &label,
+                "client secret",
+                text,
+            )?))
+        }
+        CredentialSource::Certificate {
+            certificate,
+            private_key,
+            algorithm,
+        } => {
+            let (cert_path, key_path) = (resolve(&certificate), resolve(&private_key));
+            let key = read_private(&label, FileRole::PrivateKey, &key_path)?;
+            let cert = if cert_path == key_path {
+                key.clone()
+            } else {
+                read(&label, FileRole::Certificate, &cert_path)?
+            };
+            let (cert_name, key_name) = (
+                cert_path.display().to_string(),
+                key_path.display().to_string(),
+            );
+            SigningCertificate::from_pem(&cert, &cert_name, &key, &key_name, algorithm)
+                .map(Credential::Certificate)
+                .map_err(|source| CredentialError::Certificate { app: label, source })
+        }
+        CredentialSource::FederatedFile(file) => {
+            // The platform owns this file and its mode (Kubernetes projects it 0644); the token
+            // in it lives an hour or so.
+            let text = read(&label, FileRole::FederatedToken, &resolve(&file))?;
+            Ok(Credential::Federated(non_empty(
+                &label,
+                "federated token file",
+                text,
+            )?))
+        }
+        CredentialSource::ManagedIdentity { client_id } => {
+            Ok(Credential::ManagedIdentity { client_id })
+        }
+    }
+}
+
+fn non_empty(app: &str, what: &'static str, text: String) -> Result<SecretString, CredentialError> {
+    let trimmed = text.trim();
+    if trimmed.is_empty() {
+        return Err(CredentialError::Empty {
+            app: app.to_owned(),
+            what,
+        });
+    }
+    Ok(SecretString::from(trimmed.to_owned()))
+}
+
+/// Relative paths are systemd credentials (`LoadCredential=`) when the service has them.
+fn resolve(file: &Path) -> PathBuf {
+    match std::env::var_os("CREDENTIALS_DIRECTORY") {
+        Some(dir) if file.is_relative() => Path::new(&dir).join(file),
+        _ => file.to_owned(),
+    }
+}
+
+fn read(app: &str, role: FileRole, path: &Path) -> Result<String, CredentialError> {
+    std::fs::read_to_string(path).map_err(|source| CredentialError::Read {
+        app: app.to_owned(),
+        role,
+        path: path.to_owned(),
+        source,
+    })
+}
+
+/// A file with a secret in it must be its owner's alone.
+fn read_private(app: &str, role: FileRole, path: &Path) -> Result<String, CredentialError> {
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(path)
+        .map_err(|source| CredentialError::Read {
+            app: app.to_owned(),
+            role,
+            path: path.to_owned(),
+            source,
+        })?
+        .permissions()
+        .mode();
+    if mode & 0o077 != 0 {
+        return Err(CredentialError::Permissions {
+            app: app.to_owned(),
+            role,
+            path: path.to_owned(),
+            mode: mode & 0o777,
+        });
+    }
+    read(app, role, path)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use secrecy::ExposeSecret;
+    use std::os::unix::fs::PermissionsExt;
+
+    fn app(edit: impl FnOnce(&mut Application)) -> Application {
+        let mut app = Application {
+            name: Some("main".into()),
+            tenant_id: "t".into(),
+            client_id: "c".into(),
+            ..Application::default()
+        };
+        edit(&mut app);
+        app
+    }
+
+    fn write(path: &Path, text: &str, mode: u32) {
+        std::fs::write(path, text).unwrap();
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).unwrap();
+    }
+
+    #[test]
+    fn group_readable_secret_files_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("secret");
+        write(&path, "s3cret\n", 0o644);
+        let app = app(|a| a.client_secret_file = Some(path.clone()));
+        let e = load(&app).unwrap_err().to_string();
+        assert!(
+            e.starts_with("application `main`: client secret file")
+                && e.contains("readable by group or others (mode 644)")
+                && e.contains("chmod 600"),
+            "{e}"
+        );
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
+        let Ok(Credential::Secret(s)) = load(&app) else {
+            panic!("not a secret")
+        };
+        assert_eq!(s.expose_secret(), "s3cret");
+    }
+
+    #[test]
+    fn a_world_readable_private_key_is_refused_but_a_public_certificate_is_not() {
+        let dir = tempfile::tempdir().unwrap();
+        let key =
+            rcgen::KeyPair::generate_rsa_for(&rcgen::PKCS_RSA_SHA256, rcgen::RsaKeySize::_2048)
+                .unwrap();
+        let cert = rcgen::CertificateParams::new(vec!["a".into()])
+            .unwrap()
+            .self_signed(&key)
+            .unwrap();
+        let (cert_path, key_path) = (dir.path().join("c.pem"), dir.path().join("k.pem"));
+        write(&cert_path, &cert.pem(), 0o644);
+        write(&key_path, &key.serialize_pem(), 0o644);
+        let app = app(|a| {
+            a.certificate_file = Some(cert_path.clone());
+            a.private_key_file = Some(key_path.clone());
+        });
+        let e = load(&app).unwrap_err().to_string();
+        assert!(
+            e.contains("private key file") && e.contains("mode 644"),
+            "{e}"
+        );
+        std::fs::set_permissions(&key_path, std::fs::Permissions::from_mode(0o600)).unwrap();
+        assert_eq!(load(&app).unwrap().kind(), CredentialKind::Certificate);
+        let missing = app.clone();
+        std::fs::remove_file(&cert_path).unwrap();
+        let e = load(&missing).unwrap_err().to_string();
+        assert!(
+            e.starts_with("application `main`: cannot read certificate file"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn a_federated_token_file_is_read_trimmed_and_must_hold_a_token() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("token");
+        let app = app(|a| a.federated_token_file = Some(path.clone()));
+        let e = load(&app).unwrap_err().to_string();
+        assert!(
+            e.starts_with("application `main`: cannot read federated token file"),
+            "{e}"
+        );
+        write(&path, "\n", 0o644);
+        assert!(
+            load(&app)
+                .unwrap_err()
+                .to_string()
+                .contains("federated token file is empty")
+        );
+        write(&path, "eyJ.token.sig\n", 0o644);
+        let Ok(Credential::Federated(t)) = load(&app) else {
+            panic!("not federated")
+        };
+        assert_eq!(t.expose_secret(), "eyJ.token.sig");
+    }
+
+    #[test]
+    fn debug_never_shows_the_secret() {
+        let c = Credential::Secret(SecretString::from("hunter2".to_owned()));
+        assert!(!format!("{c:?}").contains("hunter2"));
+        let c = Credential::Federated(SecretString::from("eyJhunter".to_owned()));
+        assert!(!format!("{c:?}").contains("hunter"));
+    }
+}

@@ -1,0 +1,252 @@
+//! Entra ID access tokens (service tickets) by the client-credentials grant, one cache per
+//! application with at most one token request in flight for it. Each application proves itself
+//! with its own kind of credential ([`credential`]): a secret, a certificate's signed client
+//! assertion, a federated token file, or a managed identity's token exchanged as a federated
+//! assertion.
+
+pub mod assertion;
+pub mod certificate;
+pub mod credential;
+mod request;
+mod response;
+
+use std::collections::HashMap;
+use std::fmt;
+use std::sync::Arc;
+use std::time::Instant;
+
+use tokio::sync::Mutex;
+
+use crate::clock::Clock;
+use crate::config::{Application, Config, CredentialKind};
+use crate::ops::metrics::Metrics;
+use crate::policy::fingerprint::Fingerprint;
+use crate::remote::server_time::ServerTime;
+
+pub use credential::{Credential, CredentialError};
+pub use request::TOKEN_EXCHANGE_AUDIENCE;
+pub use response::{AccessToken, Issuer, TokenError, parse_token_response};
+
+/// A cached token is replaced when it has less than this left (the official library's figure),
+/// so a renewal never starts with a token that expires on the way.
+const REFRESH_AHEAD_SECS: i64 = 300;
+
+/// How long a failed token request answers for its application.
+const FAILURE_COOLDOWN: std::time::Duration = std::time::Duration::from_secs(5);
+
+#[derive(Default)]
+struct Cached {
+    token: Option<Arc<AccessToken>>,
+    /// A managed identity's token, exchanged for the application's token; it lives for hours.
+    identity_token: Option<Arc<AccessToken>>,
+    failed: Option<(Instant, String)>,
+}
+
+/// A certificate credential as last read: what `check`, `status` and the metrics show.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CertificateSummary {
+    /// `x5t#S256`: how Entra ID and the portal name the certificate.
+    pub thumbprint: String,
+    pub not_after: i64,
+}
+
+struct AppTokens {
+    app: Application,
+    kind: CredentialKind,
+    // Held across the token request: one request in flight per application, however many
+    // renewals are waiting for it.
+    cached: Mutex<Cached>,
+    /// The result of the last token request, for readiness and `check`.
+    last: std::sync::Mutex<Option<Result<(), String>>>,
+    certificate: std::sync::Mutex<Option<CertificateSummary>>,
+}
+
+/// How an application's credential is and how its last token request went.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TokenStatus {
+    pub label: String,
+    pub client_id: String,
+    pub kind: CredentialKind,
+    /// A certificate credential's, once it was read.
+    pub certificate: Option<CertificateSummary>,
+    /// `None`: not tried yet.
+    pub last: Option<Result<(), String>>,
+}
+
+pub struct TokenClient {
+    http: reqwest::Client,
+    authority: String,
+    scope: String,
+    identity_endpoint: String,
+    max_body: usize,
+    clock: Clock,
+    apps: HashMap<String, AppTokens>,
+    metrics: Arc<Metrics>,
+    server_time: Arc<ServerTime>,
+}
+
+impl fmt::Debug for TokenClient {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("TokenClient")
+            .field("applications", &self.apps.len())
+            .finish()
+    }
+}
+
+fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+impl TokenClient {
+    /// Reads every application's credential once, so a broken one is logged at start; it is read
+    /// again at each token request (a broken one does not stop the others). Fails only on an
+    /// application the configuration gives no credential.
+    pub fn new(
+        config: &Config,
+        http: reqwest::Client,
+        clock: Clock,
+        metrics: Arc<Metrics>,
+        server_time: Arc<ServerTime>,
+    ) -> Result<Self, CredentialError> {
+        let mut apps = HashMap::new();
+        for app in &config.applications {
+            let kind = app
+                .source()
+                .map_err(|p| CredentialError::Config {
+                    app: app.label().to_owned(),
+                    message: format!("`{}`: {}", p.field, p.message),
+                })?
+                .kind();
+            let entry = AppTokens {
+                app: app.clone(),
+                kind,
+                cached: Mutex::new(Cached::default()),
+                last: std::sync::Mutex::new(None),
+                certificate: std::sync::Mutex::new(None),
+            };
+            if let Err(e) = entry.load() {
+                tracing::error!(app = app.label(), error = %e, "credential unusable; its keys wait (never flagged) until it is fixed");
+            }
+            apps.insert(app.client_id.clone(), entry);
+        }
+        Ok(TokenClient {
+            http,
+            authority: config.entra.authority.trim_end_matches('/').to_owned(),
+            scope: config.entra.scope.clone(),
+            identity_endpoint: config.entra.managed_identity_endpoint.clone(),
+            max_body: config.http.max_body_bytes,
+            clock,
+            apps,
+            metrics,
+            server_time,
+        })
+    }
+
+    /// Each application's credential and last token request, by label.
+    pub fn status(&self) -> Vec<TokenStatus> {
+        let mut all: Vec<_> = self
+            .apps
+            .values()
+            .map(|e| TokenStatus {
+                label: e.app.label().to_owned(),
+                client_id: e.app.client_id.clone(),
+                kind: e.kind,
+                certificate: lock(&e.certificate).clone(),
+                last: lock(&e.last).clone(),
+            })
+            .collect();
+        all.sort_by(|a, b| a.label.cmp(&b.label));
+        all
+    }
+
+    /// Every configured application's client ID.
+    pub fn client_ids(&self) -> Vec<String> {
+        let mut ids: Vec<String> = self.apps.keys().cloned().collect();
+        ids.sort();
+        ids
+    }
+
+    pub fn has_application(&self, client_id: &str) -> bool {
+        self.apps.contains_key(client_id)
+    }
+
+    /// A token for `client_id`: the cached one while it has time left, else a new one.
+    pub async fn token(&self, client_id: &str) -> Result<Arc<AccessToken>, TokenError> {
+        self.token_replacing(client_id, None).await
+    }
+
+    /// A token other than `stale` (one the Store just refused). Waiters that saw the same
+    /// refusal share the one new token instead of each minting their own.
+    pub async fn fresh_token(
+        &self,
+        client_id: &str,
+        stale: &AccessToken,
+    ) -> Result<Arc<AccessToken>, TokenError> {
+        self.token_replacing(client_id, Some(stale.fingerprint))
+            .await
+    }
+
+    async fn token_replacing(
+        &self,
+        client_id: &str,
+        stale: Option<Fingerprint>,
+    ) -> Result<Arc<AccessToken>, TokenError> {
+        let entry = self
+            .apps
+            .get(client_id)
+            .ok_or_else(|| TokenError::UnknownApplication(client_id.to_owned()))?;
+        let mut cached = entry.cached.lock().await;
+        if let Some(token) = cached.token.as_ref()
+            && token.expires_at - self.clock.now() > REFRESH_AHEAD_SECS
+            && Some(token.fingerprint) != stale
+        {
+            return Ok(token.clone());
+        }
+        // Those who queued behind a failed request share its failure for a moment instead of
+        // each waiting out a request of their own (and keeping other applications waiting).
+        if let Some((at, error)) = &cached.failed
+            && at.elapsed() < FAILURE_COOLDOWN
+        {
+            return Err(TokenError::Recent {
+                app: entry.app.label().to_owned(),
+                detail: error.clone(),
+            });
+        }
+        let started = Instant::now();
+        let result = self.request(entry, &mut cached).await;
+        self.metrics.token_latency.observe(started.elapsed());
+        self.metrics
+            .token_requests
+            .inc(if result.is_ok() { "ok" } else { "error" });
+        let summary = result.as_ref().map(|_| ()).map_err(ToString::to_string);
+        if let Err(e) = &summary {
+            tracing::warn!(app = entry.app.label(), error = %e, "token request failed");
+        }
+        *lock(&entry.last) = Some(summary);
+        let token = match result {
+            Ok(t) => Arc::new(t),
+            Err(e) => {
+                cached.failed = Some((Instant::now(), e.to_string()));
+                return Err(e);
+            }
+        };
+        cached.failed = None;
+        cached.token = Some(token.clone());
+        Ok(token)
+    }
+}
+
+impl AppTokens {
+    /// Reads the credential afresh (a rotated file is picked up) and notes what a certificate
+    /// says about itself.
+    fn load(&self) -> Result<Credential, CredentialError> {
+        let credential = credential::load(&self.app)?;
+        if let Credential::Certificate(c) = &credential {
+            *lock(&self.certificate) = Some(CertificateSummary {
+                thumbprint: c.info.thumbprint.clone(),
+                not_after: c.info.not_after,
+            });
+        }
+        Ok(credential)
+    }
+}
