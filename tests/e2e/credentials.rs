@@ -5,12 +5,9 @@
 use std::os::unix::fs::PermissionsExt as _;
 use std::path::PathBuf;
 
-use secrecy::ExposeSecret as _;
-use storekeyd::config::{Application, AssertionAlgorithm};
+use storekeyd::config::Application;
 use storekeyd::policy::claims::Kind;
 use storekeyd::remote::entra::TOKEN_EXCHANGE_AUDIENCE;
-use storekeyd::remote::entra::assertion::{self, AssertionClaims, JWT_BEARER, new_jti};
-use storekeyd::remote::entra::certificate::SigningCertificate;
 
 use crate::harness::{APP, DAY, TENANT, TestEnv, metric, write_private};
 
@@ -306,79 +303,86 @@ async fn a_certificate_that_expires_soon_is_reported_everywhere() {
     );
 }
 
-async fn post_assertion(url: &str, client_id: &str, assertion: &str) -> (u16, String) {
-    let resp = reqwest::Client::new()
-        .post(url)
-        .form(&[
-            ("grant_type", "client_credentials"),
-            ("client_id", client_id),
-            ("scope", "https://onestore.microsoft.com/.default"),
-            ("client_assertion_type", JWT_BEARER),
-            ("client_assertion", assertion),
-        ])
-        .send()
-        .await
-        .unwrap();
-    (resp.status().as_u16(), resp.text().await.unwrap())
+/// Credentials are read at each token request: fixing a file is enough, no restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fixed_credential_renews_without_a_restart() {
+    let mut env = TestEnv::new().await;
+    let year = env.clock.now() + 365 * DAY as i64;
+    env.add_certificate_app("app-cert", year);
+    let (_, key) = env.credential_paths("app-cert");
+    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o644)).unwrap();
+    env.add_federated_app("app-fed", TOKEN_EXCHANGE_AUDIENCE, -60);
+    env.add_due_key("cert-user", "app-cert").await;
+    env.add_due_key("fed-user", "app-fed").await;
+    env.spawn_daemon().await;
+    env.wait_until("both tried and failing", || async {
+        let ready = env.get("/readyz").await.1;
+        ready.contains("fail  application app-cert: application `app-cert`: private key file")
+            && ready.contains("fail  application app-fed:")
+    })
+    .await;
+    // The operator fixes the mode; the platform writes a fresh token.
+    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let fresh = env.emu.federated_token(
+        CLUSTER_ISSUER,
+        SERVICE_ACCOUNT,
+        TOKEN_EXCHANGE_AUDIENCE,
+        3600,
+    );
+    write(&env.dir.path().join("app-fed.token"), &fresh, 0o644);
+    let step = std::time::Duration::from_secs(1);
+    env.run_until(step, "both renewed", || async {
+        env.renewed_once("cert-user").await && env.renewed_once("fed-user").await
+    })
+    .await;
+    for row in env.rows().await {
+        assert_eq!(row.state, "active", "{row:?}");
+    }
+    env.stop_daemon().await;
 }
 
-/// The emulator checks what Entra ID checks, so the tests above could fail.
+/// Relative paths are systemd credentials: `LoadCredential=` puts them in
+/// `$CREDENTIALS_DIRECTORY`, with the same mode checks.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_emulator_refuses_bad_assertions_as_entra_does() {
-    let env = TestEnv::new().await;
+async fn certificate_files_come_from_the_credentials_directory() {
+    let mut env = TestEnv::new().await;
     let year = env.clock.now() + 365 * DAY as i64;
-    let (cert, key) = certificate(year);
-    env.emu
-        .register_certificate(TENANT, "app-c", &cert)
-        .unwrap();
-    let signing = |cert: &str, key: &str| {
-        SigningCertificate::from_pem(cert, "c", key, "k", AssertionAlgorithm::PS256).unwrap()
-    };
-    let ours = signing(&cert, &key);
-    let url = format!("{}/{TENANT}/oauth2/v2.0/token", env.emu.authority());
-    let now = env.emu.now();
-    let assertion = |cert: &SigningCertificate, iss: &str, aud: &str, at: i64| {
-        let claims = AssertionClaims::new(iss, aud, at, new_jti().unwrap());
-        assertion::sign(cert, &claims)
+    let creds = env.dir.path().join("credentials");
+    std::fs::create_dir(&creds).unwrap();
+    env.add_certificate_app("app-cert", year);
+    let (cert, key) = env.credential_paths("app-cert");
+    std::fs::rename(&cert, creds.join("entra-cert.pem")).unwrap();
+    std::fs::rename(&key, creds.join("entra-cert.key")).unwrap();
+    let app = env.config.applications.last_mut().unwrap();
+    app.certificate_file = Some("entra-cert.pem".into());
+    app.private_key_file = Some("entra-cert.key".into());
+    let config = env.write_config();
+    let check = || async {
+        tokio::process::Command::new(env!("CARGO_BIN_EXE_storekeyd"))
+            .args(["--config", config.to_str().unwrap(), "check"])
+            .env("CREDENTIALS_DIRECTORY", &creds)
+            .env("STOREKEYD_LOG", "off")
+            .output()
+            .await
             .unwrap()
-            .expose_secret()
-            .to_owned()
     };
-    let good = assertion(&ours, "app-c", &url, now);
-    assert_eq!(post_assertion(&url, "app-c", &good).await.0, 200);
-    let refused = |(status, body): (u16, String), code: &str| {
-        assert_eq!(status, 401, "{body}");
-        assert!(body.contains(code), "expected {code}: {body}");
-    };
-    refused(
-        post_assertion(&url, "app-c", &good).await,
-        "jti has been used before",
+    let out = check().await;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(0), "{stdout}");
+    assert!(
+        stdout.contains("ok    application app-cert (app-cert), certificate credential"),
+        "{stdout}"
     );
-    let elsewhere = "https://login.microsoftonline.com/t/oauth2/v2.0/token";
-    refused(
-        post_assertion(&url, "app-c", &assertion(&ours, "app-c", elsewhere, now)).await,
-        "AADSTS700212",
-    );
-    refused(
-        post_assertion(&url, "app-c", &assertion(&ours, "app-c", &url, now - 600)).await,
-        "AADSTS700024",
-    );
-    refused(
-        post_assertion(&url, "app-c", &assertion(&ours, "app-x", &url, now)).await,
-        "AADSTS700023",
-    );
-    let (other_cert, other_key) = certificate(year);
-    let theirs = signing(&other_cert, &other_key);
-    refused(
-        post_assertion(&url, "app-c", &assertion(&theirs, "app-c", &url, now)).await,
-        "AADSTS700027",
-    );
-    // A registered thumbprint with another key's signature.
-    let mut forged: Vec<String> = good.split('.').map(str::to_owned).collect();
-    let fresh = assertion(&theirs, "app-c", &url, now);
-    forged[1] = fresh.split('.').nth(1).unwrap().to_owned();
-    refused(
-        post_assertion(&url, "app-c", &forged.join(".")).await,
-        "AADSTS7000274",
+    std::fs::set_permissions(
+        creds.join("entra-cert.key"),
+        std::fs::Permissions::from_mode(0o640),
+    )
+    .unwrap();
+    let out = check().await;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(3), "{stdout}");
+    assert!(
+        stdout.contains("credentials/entra-cert.key is readable by group or others (mode 640)"),
+        "{stdout}"
     );
 }

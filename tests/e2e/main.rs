@@ -11,6 +11,7 @@ mod crash;
 mod credentials;
 mod dbfaults;
 mod demo;
+mod emulator_identity;
 mod flags;
 mod guard;
 mod hostile;
