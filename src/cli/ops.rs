@@ -63,31 +63,47 @@ pub(super) async fn migrate(config: &Config) -> anyhow::Result<Exit> {
     Ok(Exit::Ok)
 }
 
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Mark {
+    Ok,
+    Warn,
+    Fail,
+}
+
 pub(super) async fn check(config: &Config) -> anyhow::Result<Exit> {
     let mut healthy = true;
-    let mut report = |ok: bool, what: String| {
-        healthy &= ok;
-        println!("{}  {what}", if ok { "ok  " } else { "FAIL" });
+    // A warning (a certificate about to end) works today but needs a person: unhealthy too.
+    let mut report = |mark: Mark, what: String| {
+        healthy &= mark == Mark::Ok;
+        let mark = match mark {
+            Mark::Ok => "ok  ",
+            Mark::Warn => "warn",
+            Mark::Fail => "FAIL",
+        };
+        println!("{mark}  {what}");
     };
     report(
-        true,
+        Mark::Ok,
         format!("configuration ({} applications)", config.applications.len()),
     );
     let url = config.database_url();
     match storage::connect(&url).await {
         Ok(db) => match db.check_schema().await {
-            Ok(()) => report(true, format!("database {url}")),
-            Err(e) => report(false, format!("database {url}: {e}")),
+            Ok(()) => report(Mark::Ok, format!("database {url}")),
+            Err(e) => report(Mark::Fail, format!("database {url}: {e}")),
         },
-        Err(e) => report(false, e.to_string()),
+        Err(e) => report(Mark::Fail, e.to_string()),
     }
     if config.applications.is_empty() {
         report(
-            false,
+            Mark::Fail,
             "no [[applications]] configured: no key can be renewed".to_owned(),
         );
     }
-    let http = storekeyd::remote::http::client(&config.http)?;
+    let http = (
+        storekeyd::remote::http::client(&config.http)?,
+        storekeyd::remote::http::metadata_client(&config.http)?,
+    );
     let tokens = TokenClient::new(
         config,
         http,
@@ -115,19 +131,19 @@ pub(super) async fn check(config: &Config) -> anyhow::Result<Exit> {
         );
         match result {
             Ok(t) => report(
-                true,
+                Mark::Ok,
                 format!(
                     "{what}: access token {} from {}",
                     t.fingerprint, config.entra.authority
                 ),
             ),
-            Err(e) => report(false, format!("{what}: {e}")),
+            Err(e) => report(Mark::Fail, format!("{what}: {e}")),
         }
         let now = Clock::system().now();
         if let Some(warning) =
             credentials::expiry_warning(&status, now, config.entra.certificate_expiry_warning)
         {
-            report(false, warning);
+            report(Mark::Warn, warning);
         }
     }
     Ok(if healthy { Exit::Ok } else { Exit::Unhealthy })

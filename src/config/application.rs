@@ -190,6 +190,19 @@ impl Application {
                 ));
             }
         }
+        for (name, path) in [
+            ("client_secret_file", &self.client_secret_file),
+            ("certificate_file", &self.certificate_file),
+            ("private_key_file", &self.private_key_file),
+            ("federated_token_file", &self.federated_token_file),
+        ] {
+            if path
+                .as_ref()
+                .is_some_and(|p| p.as_os_str().to_string_lossy().trim().is_empty())
+            {
+                return Err(problem(name, "must not be empty"));
+            }
+        }
         let path = |p: &Option<PathBuf>| p.clone().unwrap_or_default();
         Ok(match field {
             "client_secret_file" => CredentialSource::SecretFile(path(&self.client_secret_file)),
@@ -305,6 +318,20 @@ mod tests {
             .contains("does not go with `credential = \"certificate\"`")
         );
         assert!(err(&app("managed_identity_client_id = \" \"")).contains("must not be empty"));
+    }
+
+    #[test]
+    fn labels_and_paths_must_name_something() {
+        let two = "[[applications]]\nname = \"a\"\ntenant_id = \"t\"\nclient_id = \"c1\"\nclient_secret_env = \"S\"\n[[applications]]\nname = \"a\"\ntenant_id = \"t\"\nclient_id = \"c2\"\nclient_secret_env = \"S\"";
+        assert!(err(two).contains("`applications[1].name`: `a` names another application too"));
+        assert!(
+            err(&app("certificate_file = \"\""))
+                .contains("`applications[0].certificate_file`: must not be empty")
+        );
+        assert!(
+            err(&app("federated_token_file = \" \""))
+                .contains("`applications[0].federated_token_file`: must not be empty")
+        );
     }
 
     #[test]

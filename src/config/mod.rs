@@ -107,6 +107,9 @@ pub struct Entra {
     pub scope: String,
     /// Where a managed identity's token comes from: Azure's instance metadata service.
     pub managed_identity_endpoint: String,
+    /// The audience of a managed identity's token that is exchanged as a federated assertion;
+    /// by default the one of `authority`'s cloud.
+    pub token_exchange_audience: Option<String>,
     /// A certificate credential that expires sooner than this raises a warning, an alarm for
     /// `status`, and fails `check`.
     #[serde(with = "human")]
@@ -267,7 +270,29 @@ impl Default for Entra {
             authority: "https://login.microsoftonline.com".into(),
             scope: "https://onestore.microsoft.com/.default".into(),
             managed_identity_endpoint: IMDS_TOKEN_URL.into(),
+            token_exchange_audience: None,
             certificate_expiry_warning: Duration::from_secs(30 * DAY),
+        }
+    }
+}
+
+impl Entra {
+    /// The exchange audience: configured, or the one Microsoft documents for the authority's
+    /// cloud (global, US Government, China).
+    pub fn token_exchange_audience(&self) -> String {
+        if let Some(audience) = &self.token_exchange_audience {
+            return audience.clone();
+        }
+        let host = reqwest::Url::parse(&self.authority)
+            .ok()
+            .and_then(|u| u.host_str().map(str::to_ascii_lowercase))
+            .unwrap_or_default();
+        if host.ends_with("microsoftonline.us") {
+            "api://AzureADTokenExchangeUSGov".into()
+        } else if host.ends_with("microsoftonline.cn") {
+            "api://AzureADTokenExchangeChina".into()
+        } else {
+            "api://AzureADTokenExchange".into()
         }
     }
 }
@@ -395,6 +420,7 @@ impl Config {
 
     fn validate_applications(&self) -> Result<(), ConfigError> {
         let mut seen = HashSet::new();
+        let mut labels = HashSet::new();
         for (i, app) in self.applications.iter().enumerate() {
             let field = |f: &str| format!("applications[{i}].{f}");
             if app.client_id.trim().is_empty() {
@@ -411,6 +437,13 @@ impl Config {
             }
             if !seen.insert(app.client_id.as_str()) {
                 return Err(field_error(field("client_id"), "is configured twice"));
+            }
+            // Logs, metrics and alarms name an application by its label.
+            if !labels.insert(app.label()) {
+                return Err(field_error(
+                    field("name"),
+                    format!("`{}` names another application too", app.label()),
+                ));
             }
             if let Err(p) = app.source() {
                 return Err(field_error(field(p.field), p.message));
@@ -762,6 +795,24 @@ mod tests {
                 .contains("`endpoints.collections`: plain http is allowed only for loopback")
         );
         assert!(err("[entra]\nauthority = \"ftp://x\"").contains("`entra.authority`"));
+    }
+
+    #[test]
+    fn the_exchange_audience_follows_the_cloud() {
+        let audience = |toml: &str| parse(toml).unwrap().entra.token_exchange_audience();
+        assert_eq!(audience(""), "api://AzureADTokenExchange");
+        assert_eq!(
+            audience("[entra]\nauthority = \"https://login.microsoftonline.us\""),
+            "api://AzureADTokenExchangeUSGov"
+        );
+        assert_eq!(
+            audience("[entra]\nauthority = \"https://login.partner.microsoftonline.cn\""),
+            "api://AzureADTokenExchangeChina"
+        );
+        assert_eq!(
+            audience("[entra]\ntoken_exchange_audience = \"api://Custom\""),
+            "api://Custom"
+        );
     }
 
     #[test]

@@ -178,8 +178,10 @@ impl Engine {
         self.tokens.status()
     }
 
-    /// Requests a token for every application whose last request failed (or that has none).
+    /// Requests a token for every application whose last request failed (or that has none),
+    /// and re-reads every certificate.
     pub async fn warm_tokens(&self) {
+        self.tokens.refresh_certificates();
         for status in self.tokens.status() {
             if !matches!(status.last, Some(Ok(()))) {
                 let _ = self.tokens.token(&status.client_id).await;

@@ -70,9 +70,10 @@ impl Service {
         let metrics = Arc::new(Metrics::default());
         let http = crate::remote::http::client(&config.http)?;
         let server_time = Arc::new(ServerTime::new(config.http.max_clock_offset, clock.clone()));
+        let metadata_http = crate::remote::http::metadata_client(&config.http)?;
         let tokens = TokenClient::new(
             &config,
-            http.clone(),
+            (http.clone(), metadata_http),
             clock.clone(),
             metrics.clone(),
             server_time.clone(),

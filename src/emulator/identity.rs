@@ -18,8 +18,6 @@ use super::AppState;
 use super::state::{App, Emulator, lock};
 use super::token::Refusal;
 use crate::remote::entra::TOKEN_EXCHANGE_AUDIENCE;
-use crate::remote::entra::assertion::AssertionClaims;
-use crate::remote::entra::certificate::CertificateInfo;
 
 /// How far in the future an assertion's `nbf` may be (clock skew).
 const SKEW_SECS: i64 = 300;
@@ -52,6 +50,41 @@ impl Default for Identities {
     }
 }
 
+/// A certificate registered on an application, read by the emulator itself (not with the
+/// daemon's parser, so a mistake there cannot agree with itself).
+#[derive(Debug, Clone)]
+pub struct RegisteredCertificate {
+    /// base64url of the SHA-256 of the DER.
+    pub thumbprint: String,
+    /// The RSA public key (PKCS#1).
+    pub public_key: Vec<u8>,
+    pub not_after: i64,
+}
+
+impl RegisteredCertificate {
+    fn from_pem(pem: &str) -> Result<Self, String> {
+        use base64::Engine as _;
+        use sha2::Digest as _;
+        use x509_cert::der::Encode as _;
+        let chain = x509_cert::Certificate::load_pem_chain(pem.as_bytes())
+            .map_err(|e| format!("not a PEM certificate: {e}"))?;
+        let cert = chain.first().ok_or("no certificate")?;
+        let der = cert.to_der().map_err(|e| e.to_string())?;
+        let tbs = cert.tbs_certificate();
+        let not_after = tbs.validity().not_after.to_unix_duration().as_secs();
+        Ok(RegisteredCertificate {
+            thumbprint: base64::engine::general_purpose::URL_SAFE_NO_PAD
+                .encode(sha2::Sha256::digest(&der)),
+            public_key: tbs
+                .subject_public_key_info()
+                .subject_public_key
+                .raw_bytes()
+                .to_vec(),
+            not_after: i64::try_from(not_after).unwrap_or(i64::MAX),
+        })
+    }
+}
+
 /// The claims of a federated token the emulator issues.
 #[derive(Debug, Serialize, Deserialize)]
 struct FederatedClaims {
@@ -71,8 +104,7 @@ impl Emulator {
         client_id: &str,
         certificate_pem: &str,
     ) -> Result<(), String> {
-        let info =
-            CertificateInfo::from_pem(certificate_pem, "certificate").map_err(|e| e.to_string())?;
+        let info = RegisteredCertificate::from_pem(certificate_pem)?;
         self.update_app(tenant_id, client_id, |app| app.certificates.push(info));
         Ok(())
     }
@@ -123,7 +155,7 @@ impl Emulator {
             aud: audience.to_owned(),
             iat: now,
             nbf: now,
-            exp: now + lifetime_secs,
+            exp: now.saturating_add(lifetime_secs),
         };
         let key = EncodingKey::from_secret(&self.identities.secret);
         let token =
@@ -181,11 +213,16 @@ impl Emulator {
                 "AADSTS5002730: the client assertion must be signed with PS256 or RS256.",
             ));
         }
+        if cert.not_after <= self.now() {
+            return Err(invalid(format!(
+                "AADSTS7000222: The provided client certificate keys of application {client_id} are expired."
+            )));
+        }
         let mut validation = Validation::new(alg);
         validation.validate_exp = false;
         validation.validate_aud = false;
         validation.required_spec_claims.clear();
-        let claims = jsonwebtoken::decode::<AssertionClaims>(
+        let claims = jsonwebtoken::decode::<serde_json::Value>(
             assertion,
             &DecodingKey::from_rsa_der(&cert.public_key),
             &validation,
@@ -199,22 +236,31 @@ impl Emulator {
             )),
         })?
         .claims;
+        // Each claim by its name, as Entra reads them.
+        let text = |name: &str| claims.get(name).and_then(serde_json::Value::as_str);
+        let time = |name: &str| claims.get(name).and_then(serde_json::Value::as_i64);
         let token_url = format!("{}/{tenant}/oauth2/v2.0/token", self.base_url);
-        if claims.aud != token_url {
+        if text("aud") != Some(token_url.as_str()) {
             return Err(invalid(format!(
                 "AADSTS700212: The audience of the client assertion must be the token endpoint, {token_url}."
             )));
         }
-        if claims.iss != client_id || claims.sub != client_id {
+        if text("iss") != Some(client_id) || text("sub") != Some(client_id) {
             return Err(invalid(
                 "AADSTS700023: The client assertion's issuer and subject must be the client ID.",
             ));
         }
-        self.check_lifetime(claims.nbf, claims.exp)?;
+        let (Some(nbf), Some(iat), Some(exp)) = (time("nbf"), time("iat"), time("exp")) else {
+            return Err(invalid(
+                "AADSTS50027: the client assertion needs numeric nbf, iat and exp claims.",
+            ));
+        };
+        self.check_lifetime(nbf.max(iat), exp)?;
+        let jti = text("jti").unwrap_or_default().to_owned();
         let now = self.now();
         let mut seen = lock(&self.identities.seen_jtis);
-        seen.retain(|_, exp| *exp > now);
-        if claims.jti.is_empty() || seen.insert(claims.jti, claims.exp).is_some() {
+        seen.retain(|_, until| *until > now);
+        if jti.is_empty() || seen.insert(jti, exp).is_some() {
             return Err(invalid(
                 "AADSTS7000215: The client assertion's jti has been used before (a replayed assertion).",
             ));

@@ -7,10 +7,9 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 use crate::clock::Clock;
-use crate::emulator::identity::Identities;
+use crate::emulator::identity::{Identities, RegisteredCertificate};
 use crate::emulator::keymint::{self, KeySpec};
 use crate::policy::claims::Kind;
-use crate::remote::entra::certificate::CertificateInfo;
 
 /// Faults injected into renew calls. Rates are probabilities in `[0, 1]`, drawn in the order
 /// listed (timeout, 429, 500, 503, garbage); the rest are answered normally.
@@ -91,7 +90,7 @@ pub struct Issued {
 pub struct App {
     pub tenant_id: String,
     pub secret: Option<String>,
-    pub certificates: Vec<CertificateInfo>,
+    pub certificates: Vec<RegisteredCertificate>,
     /// Federated identity credentials: (issuer, subject) pairs whose tokens it accepts.
     pub federated: Vec<(String, String)>,
 }

@@ -13,12 +13,21 @@ pub enum BodyError {
 /// Redirects are never followed: a 3xx could otherwise carry a service ticket to a host we did
 /// not choose.
 pub fn client(cfg: &Http) -> Result<reqwest::Client, reqwest::Error> {
+    builder(cfg).build()
+}
+
+/// For the instance metadata service, which is on the host's own link: never through a proxy
+/// (`HTTPS_PROXY` and friends), which it would refuse and its token would cross in the clear.
+pub fn metadata_client(cfg: &Http) -> Result<reqwest::Client, reqwest::Error> {
+    builder(cfg).no_proxy().build()
+}
+
+fn builder(cfg: &Http) -> reqwest::ClientBuilder {
     reqwest::Client::builder()
         .connect_timeout(cfg.connect_timeout)
         .timeout(cfg.request_timeout)
         .redirect(reqwest::redirect::Policy::none())
         .user_agent(concat!("storekeyd/", env!("CARGO_PKG_VERSION")))
-        .build()
 }
 
 /// Reads at most `max` bytes; a body that is larger is an error, not a truncation we would parse.

@@ -5,7 +5,8 @@
 use std::os::unix::fs::PermissionsExt as _;
 use std::path::PathBuf;
 
-use storekeyd::config::Application;
+use jsonwebtoken::Algorithm;
+use storekeyd::config::{Application, AssertionAlgorithm};
 use storekeyd::policy::claims::Kind;
 use storekeyd::remote::entra::TOKEN_EXCHANGE_AUDIENCE;
 
@@ -120,9 +121,15 @@ async fn every_kind_of_credential_renews_side_by_side() {
     let mut env = TestEnv::new().await;
     let year = env.clock.now() + 365 * DAY as i64;
     env.add_certificate_app("app-cert", year);
+    env.add_certificate_app("app-cert-rs", year);
+    env.config
+        .applications
+        .last_mut()
+        .unwrap()
+        .certificate_algorithm = Some(AssertionAlgorithm::RS256);
     env.add_federated_app("app-fed", TOKEN_EXCHANGE_AUDIENCE, 3600);
     env.add_managed_identity_app("app-mi");
-    let apps = [APP, "app-cert", "app-fed", "app-mi"];
+    let apps = [APP, "app-cert", "app-cert-rs", "app-fed", "app-mi"];
     for app in apps {
         env.add_due_key(&format!("user-of-{app}"), app).await;
     }
@@ -136,7 +143,27 @@ async fn every_kind_of_credential_renews_side_by_side() {
     // its own access token from Entra (the emulator checks each appid against the key).
     let stats = env.emu.stats();
     assert_eq!(stats.identity_tokens_issued, 1, "{stats:?}");
-    assert!(stats.tokens_issued >= 4, "{stats:?}");
+    assert!(stats.tokens_issued >= 5, "{stats:?}");
+    // Each certificate application signs with the algorithm it is configured with.
+    for (app, alg) in [
+        ("app-cert", Algorithm::PS256),
+        ("app-cert-rs", Algorithm::RS256),
+    ] {
+        let signed: Vec<_> = env
+            .emu
+            .seen_assertions()
+            .iter()
+            .filter_map(|a| {
+                let claims =
+                    jsonwebtoken::dangerous::insecure_decode_claims::<serde_json::Value>(a).ok()?;
+                (claims["iss"] == app).then(|| jsonwebtoken::decode_header(a).unwrap().alg)
+            })
+            .collect();
+        assert!(
+            !signed.is_empty() && signed.iter().all(|a| *a == alg),
+            "{app}: {signed:?}"
+        );
+    }
     let metrics = env.get("/metrics").await.1;
     assert!(
         metrics.contains(&format!(
@@ -193,6 +220,8 @@ async fn a_broken_credential_names_its_application_and_stops_no_other() {
     env.add_certificate_app("app-mismatch", year);
     let (_, key) = env.credential_paths("app-mismatch");
     write(&key, &certificate(year).1, 0o600);
+    // A certificate past its end: Entra refuses it.
+    env.add_certificate_app("app-old-cert", now - 60);
     let broken = [
         (
             "app-expired",
@@ -297,7 +326,7 @@ async fn a_certificate_that_expires_soon_is_reported_everywhere() {
         out.stdout.contains("ok    application app-cert")
             && out
                 .stdout
-                .contains("FAIL  the certificate of application app-cert (x5t#S256 "),
+                .contains("warn  the certificate of application app-cert (x5t#S256 "),
         "{}",
         out.stdout
     );
@@ -373,16 +402,25 @@ async fn certificate_files_come_from_the_credentials_directory() {
         stdout.contains("ok    application app-cert (app-cert), certificate credential"),
         "{stdout}"
     );
+    // systemd's credential files show the ACL mask in their group bits (0440): the directory
+    // is the service's alone, so that is no exposure.
     std::fs::set_permissions(
         creds.join("entra-cert.key"),
-        std::fs::Permissions::from_mode(0o640),
+        std::fs::Permissions::from_mode(0o440),
     )
     .unwrap();
+    assert_eq!(check().await.status.code(), Some(0));
+    // The same mode outside it is refused.
+    let outside = env.dir.path().join("entra-cert.key");
+    std::fs::rename(creds.join("entra-cert.key"), &outside).unwrap();
+    let app = env.config.applications.last_mut().unwrap();
+    app.private_key_file = Some(outside);
+    env.write_config();
     let out = check().await;
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert_eq!(out.status.code(), Some(3), "{stdout}");
     assert!(
-        stdout.contains("credentials/entra-cert.key is readable by group or others (mode 640)"),
+        stdout.contains("entra-cert.key is readable by group or others (mode 440)"),
         "{stdout}"
     );
 }

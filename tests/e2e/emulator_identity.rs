@@ -74,12 +74,29 @@ async fn the_emulator_refuses_bad_assertions_as_entra_does() {
         post_assertion(&url, "app-c", &assertion(&theirs, "app-c", &url, now)).await,
         "AADSTS700027",
     );
-    // A registered thumbprint with another key's signature.
-    let mut forged: Vec<String> = good.split('.').map(str::to_owned).collect();
-    let fresh = assertion(&theirs, "app-c", &url, now);
-    forged[1] = fresh.split('.').nth(1).unwrap().to_owned();
+    // Another key's signature under the registered certificate's thumbprint.
+    let mut impostor = signing(&other_cert, &other_key);
+    impostor.info.thumbprint = ours.info.thumbprint.clone();
     refused(
-        post_assertion(&url, "app-c", &forged.join(".")).await,
+        post_assertion(&url, "app-c", &assertion(&impostor, "app-c", &url, now)).await,
         "AADSTS7000274",
+    );
+    // A payload swapped under a good signature.
+    let mut tampered: Vec<String> = good.split('.').map(str::to_owned).collect();
+    let other = assertion(&ours, "app-c", &url, now + 1);
+    tampered[1] = other.split('.').nth(1).unwrap().to_owned();
+    refused(
+        post_assertion(&url, "app-c", &tampered.join(".")).await,
+        "AADSTS7000274",
+    );
+    // A registered certificate past its end.
+    let (old_cert, old_key) = certificate(now - 60);
+    env.emu
+        .register_certificate(TENANT, "app-old", &old_cert)
+        .unwrap();
+    let old = signing(&old_cert, &old_key);
+    refused(
+        post_assertion(&url, "app-old", &assertion(&old, "app-old", &url, now)).await,
+        "AADSTS7000222",
     );
 }

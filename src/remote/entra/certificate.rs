@@ -24,7 +24,9 @@ pub enum CertificateError {
         "{0}: the certificate's key is not RSA (Entra ID signs and checks client assertions with RSA only)"
     )]
     NotRsa(String),
-    #[error("{0}: no private key block (`PRIVATE KEY` or `RSA PRIVATE KEY`)")]
+    #[error(
+        "{0}: no private key block (`PRIVATE KEY` or `RSA PRIVATE KEY`); if the key is in a file of its own, set `private_key_file`"
+    )]
     NoKey(String),
     #[error(
         "{0}: the private key is encrypted; give it unencrypted and protect it by its file mode (0600) or a systemd credential"
@@ -64,14 +66,15 @@ impl SigningCertificate {
         key_name: &str,
         algorithm: AssertionAlgorithm,
     ) -> Result<Self, CertificateError> {
-        let info = CertificateInfo::from_pem(cert_pem, cert_name)?;
+        // The certificate is the one the key belongs to, wherever it stands in a chain.
         let key = private_key(key_pem, key_name)?;
-        if key.public_key().as_ref() != info.public_key.as_slice() {
-            return Err(CertificateError::Mismatch {
+        let info = CertificateInfo::all_from_pem(cert_pem, cert_name)?
+            .into_iter()
+            .find(|c| key.public_key().as_ref() == c.public_key.as_slice())
+            .ok_or_else(|| CertificateError::Mismatch {
                 key: key_name.to_owned(),
                 certificate: cert_name.to_owned(),
-            });
-        }
+            })?;
         Ok(SigningCertificate {
             info,
             key,
@@ -103,17 +106,30 @@ impl SigningCertificate {
 }
 
 impl CertificateInfo {
-    /// The first certificate in `pem` (a chain's leaf comes first).
+    /// The first certificate in `pem` (a chain's leaf usually comes first).
     pub fn from_pem(pem: &str, name: &str) -> Result<Self, CertificateError> {
+        let mut all = CertificateInfo::all_from_pem(pem, name)?;
+        Ok(all.swap_remove(0))
+    }
+
+    /// Every certificate in `pem`; at least one.
+    pub fn all_from_pem(pem: &str, name: &str) -> Result<Vec<Self>, CertificateError> {
         let blocks = pem_blocks(pem).map_err(|e| CertificateError::Pem(name.to_owned(), e))?;
-        let der = blocks
+        let certs = blocks
             .into_iter()
-            .find(|(label, _)| label == "CERTIFICATE")
-            .map(|(_, der)| der)
-            .ok_or_else(|| CertificateError::NoCertificate(name.to_owned()))?;
+            .filter(|(label, _)| label == "CERTIFICATE")
+            .map(|(_, der)| CertificateInfo::from_der(&der, name))
+            .collect::<Result<Vec<_>, _>>()?;
+        if certs.is_empty() {
+            return Err(CertificateError::NoCertificate(name.to_owned()));
+        }
+        Ok(certs)
+    }
+
+    fn from_der(der: &[u8], name: &str) -> Result<Self, CertificateError> {
         let invalid =
             |e: x509_cert::der::Error| CertificateError::Invalid(name.to_owned(), e.to_string());
-        let cert = Certificate::from_der(&der).map_err(invalid)?;
+        let cert = Certificate::from_der(der).map_err(invalid)?;
         let tbs = cert.tbs_certificate();
         let spki = tbs.subject_public_key_info();
         if spki.algorithm.oid.to_string() != RSA_ENCRYPTION_OID {
@@ -123,7 +139,7 @@ impl CertificateInfo {
             i64::try_from(t.to_unix_duration().as_secs()).unwrap_or(i64::MAX)
         };
         Ok(CertificateInfo {
-            thumbprint: URL_SAFE_NO_PAD.encode(Sha256::digest(&der)),
+            thumbprint: URL_SAFE_NO_PAD.encode(Sha256::digest(der)),
             not_before: secs(&tbs.validity().not_before),
             not_after: secs(&tbs.validity().not_after),
             public_key: spki.subject_public_key.raw_bytes().to_vec(),
@@ -154,31 +170,57 @@ fn private_key(pem: &str, name: &str) -> Result<RsaKeyPair, CertificateError> {
 
 /// Every PEM block in `text` as (label, DER). Text around and between blocks (openssl's "Bag
 /// Attributes") is ignored; a legacy encrypted block (with `Proc-Type`) is reported as encrypted.
+/// Errors name lines, never their text: the file may be a private key.
 fn pem_blocks(text: &str) -> Result<Vec<(String, Vec<u8>)>, String> {
-    const BEGIN: &str = "-----BEGIN ";
     let mut blocks = Vec::new();
-    let mut rest = text;
-    while let Some(start) = rest.find(BEGIN) {
-        let block = &rest[start..];
-        let label_len = block[BEGIN.len()..]
-            .find("-----")
-            .ok_or("a BEGIN line without its closing dashes")?;
-        let label = &block[BEGIN.len()..BEGIN.len() + label_len];
+    let mut lines = text.lines().enumerate();
+    while let Some((n, line)) = lines.next() {
+        let line = line.trim();
+        let Some(rest) = line.strip_prefix("-----BEGIN ") else {
+            continue;
+        };
+        let label = rest
+            .strip_suffix("-----")
+            .filter(|l| is_label(l))
+            .ok_or_else(|| format!("line {}: a damaged BEGIN line", n + 1))?;
         let end_line = format!("-----END {label}-----");
-        let end = block
-            .find(&end_line)
-            .ok_or_else(|| format!("no `{end_line}` line"))?
-            + end_line.len();
-        if block[..end].contains("Proc-Type: 4,ENCRYPTED") {
-            blocks.push(("ENCRYPTED PRIVATE KEY".to_owned(), Vec::new()));
-        } else {
-            let (_, der) = x509_cert::der::pem::decode_vec(&block.as_bytes()[..end])
-                .map_err(|e| format!("the `{label}` block: {e}"))?;
-            blocks.push((label.to_owned(), der));
+        let mut body = vec![format!("-----BEGIN {label}-----")];
+        let mut ended = false;
+        for (_, line) in lines.by_ref() {
+            let line = line.trim();
+            body.push(line.to_owned());
+            if line == end_line {
+                ended = true;
+                break;
+            }
         }
-        rest = &block[end..];
+        if !ended {
+            return Err(format!(
+                "the `{label}` block of line {} has no END line",
+                n + 1
+            ));
+        }
+        if body
+            .iter()
+            .any(|l| l.starts_with("Proc-Type:") && l.contains("ENCRYPTED"))
+        {
+            blocks.push(("ENCRYPTED PRIVATE KEY".to_owned(), Vec::new()));
+            continue;
+        }
+        let pem = body.join("\n") + "\n";
+        let (_, der) = x509_cert::der::pem::decode_vec(pem.as_bytes())
+            .map_err(|_| format!("the `{label}` block of line {} is not valid base64", n + 1))?;
+        blocks.push((label.to_owned(), der));
     }
     Ok(blocks)
+}
+
+/// PEM labels are a few capital words (`CERTIFICATE`, `RSA PRIVATE KEY`).
+fn is_label(label: &str) -> bool {
+    (1..=40).contains(&label.len())
+        && label
+            .bytes()
+            .all(|b| b.is_ascii_uppercase() || b.is_ascii_digit() || b == b' ')
 }
 
 #[cfg(test)]
@@ -211,6 +253,46 @@ mod tests {
         assert_eq!(signing.info.thumbprint.len(), 43);
         assert!(signing.info.not_after > signing.info.not_before);
         assert_eq!(signing.sign(b"m").unwrap().len(), 256);
+    }
+
+    #[test]
+    fn a_damaged_file_never_shows_its_contents_in_the_error() {
+        let (cert, key) = generated();
+        let body: Vec<&str> = key.lines().filter(|l| !l.starts_with("-----")).collect();
+        let damaged = [
+            key.replacen("-----BEGIN PRIVATE KEY-----", "-----BEGIN PRIVATE KEY", 1),
+            key.replacen(
+                "-----BEGIN PRIVATE KEY-----",
+                "----BEGIN PRIVATE KEY-----",
+                1,
+            ),
+            key.replacen("-----END PRIVATE KEY-----", "-----END PRIVATE KEY", 1),
+            key.replacen(body[3], "!!!!", 1),
+        ];
+        for text in damaged {
+            let e = SigningCertificate::from_pem(&cert, "c", &text, "k", AssertionAlgorithm::PS256)
+                .err()
+                .unwrap()
+                .to_string();
+            assert!(e.starts_with("k: "), "{e}");
+            for line in &body {
+                assert!(!e.contains(&line[..20]), "the key leaked into: {e}");
+            }
+        }
+    }
+
+    #[test]
+    fn the_certificate_of_the_key_is_found_anywhere_in_a_chain() {
+        let (leaf, key) = generated();
+        let (ca, _) = generated();
+        let chain = format!("{ca}{leaf}");
+        let signing =
+            SigningCertificate::from_pem(&chain, "c", &key, "k", AssertionAlgorithm::PS256)
+                .unwrap();
+        assert_eq!(
+            signing.info,
+            CertificateInfo::from_pem(&leaf, "leaf").unwrap()
+        );
     }
 
     #[test]
@@ -250,7 +332,7 @@ mod tests {
         assert!(err(&cert, legacy).contains("encrypted"));
         assert!(
             err("-----BEGIN CERTIFICATE-----\nAAAA", &key)
-                .contains("c: not PEM: no `-----END CERTIFICATE-----` line")
+                .contains("c: not PEM: the `CERTIFICATE` block of line 1 has no END line")
         );
         let ec = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
         let ec_cert = rcgen::CertificateParams::new(vec!["x".into()])

@@ -6,7 +6,7 @@
 use std::fmt;
 use std::path::{Path, PathBuf};
 
-use secrecy::SecretString;
+use secrecy::{ExposeSecret as _, SecretString};
 
 use super::certificate::{CertificateError, SigningCertificate};
 use crate::config::{Application, CredentialKind, CredentialSource};
@@ -87,6 +87,12 @@ pub enum CredentialError {
         path: PathBuf,
         mode: u32,
     },
+    #[error("application `{app}`: {role} {path} is not text{}", not_text_hint(*role))]
+    NotText {
+        app: String,
+        role: FileRole,
+        path: PathBuf,
+    },
     #[error("application `{app}`: environment variable `{var}` is not set")]
     MissingEnv { app: String, var: String },
     #[error("application `{app}`: the {what} is empty")]
@@ -98,6 +104,40 @@ pub enum CredentialError {
     },
     #[error("application `{app}`: {message}")]
     Config { app: String, message: String },
+}
+
+/// What the application's certificate file says now, for a certificate credential (no key is
+/// read): a rotated certificate shows at once in `status` and the metrics.
+pub fn certificate_info(
+    app: &Application,
+) -> Option<Result<super::certificate::CertificateInfo, CredentialError>> {
+    let Ok(CredentialSource::Certificate { certificate, .. }) = app.source() else {
+        return None;
+    };
+    let label = app.label();
+    let path = resolve(&certificate);
+    Some(
+        read_file(label, FileRole::Certificate, &path).and_then(|(text, _)| {
+            super::certificate::CertificateInfo::all_from_pem(
+                text.expose_secret(),
+                &path.display().to_string(),
+            )
+            .map(|mut all| all.swap_remove(0))
+            .map_err(|source| CredentialError::Certificate {
+                app: label.to_owned(),
+                source,
+            })
+        }),
+    )
+}
+
+fn not_text_hint(role: FileRole) -> &'static str {
+    match role {
+        FileRole::Certificate | FileRole::PrivateKey => {
+            "; PEM is expected: convert a .pfx with `openssl pkcs12 -in app.pfx -nodes -out app.pem`, a DER certificate with `openssl x509 -inform der -in app.cer -out app.pem`"
+        }
+        FileRole::ClientSecret | FileRole::FederatedToken => "",
+    }
 }
 
 /// Reads the application's credential.
@@ -113,7 +153,7 @@ pub fn load(app: &Application) -> Result<Credential, CredentialError> {
             Ok(Credential::Secret(non_empty(
                 &label,
                 "client secret",
-                text,
+                text.expose_secret(),
             )?))
         }
         CredentialSource::SecretEnv(var) => {
@@ -124,7 +164,7 @@ pub fn load(app: &Application) -> Result<Credential, CredentialError> {
             Ok(Credential::Secret(non_empty(
                 &label,
                 "client secret",
-                text,
+                &text,
             )?))
         }
         CredentialSource::Certificate {
@@ -133,28 +173,43 @@ pub fn load(app: &Application) -> Result<Credential, CredentialError> {
             algorithm,
         } => {
             let (cert_path, key_path) = (resolve(&certificate), resolve(&private_key));
-            let key = read_private(&label, FileRole::PrivateKey, &key_path)?;
-            let cert = if cert_path == key_path {
-                key.clone()
-            } else {
-                read(&label, FileRole::Certificate, &cert_path)?
-            };
             let (cert_name, key_name) = (
                 cert_path.display().to_string(),
                 key_path.display().to_string(),
             );
-            SigningCertificate::from_pem(&cert, &cert_name, &key, &key_name, algorithm)
-                .map(Credential::Certificate)
-                .map_err(|source| CredentialError::Certificate { app: label, source })
+            let (cert, key) = if cert_path == key_path {
+                // A certificate alone is no secret: say the key is missing before its mode.
+                let (text, mode) = read_file(&label, FileRole::Certificate, &cert_path)?;
+                if !text.expose_secret().contains("PRIVATE KEY-----") {
+                    return Err(CredentialError::Certificate {
+                        app: label,
+                        source: CertificateError::NoKey(key_name),
+                    });
+                }
+                check_private(&label, FileRole::PrivateKey, &key_path, mode)?;
+                (text.clone(), text)
+            } else {
+                let key = read_private(&label, FileRole::PrivateKey, &key_path)?;
+                (read_file(&label, FileRole::Certificate, &cert_path)?.0, key)
+            };
+            SigningCertificate::from_pem(
+                cert.expose_secret(),
+                &cert_name,
+                key.expose_secret(),
+                &key_name,
+                algorithm,
+            )
+            .map(Credential::Certificate)
+            .map_err(|source| CredentialError::Certificate { app: label, source })
         }
         CredentialSource::FederatedFile(file) => {
             // The platform owns this file and its mode (Kubernetes projects it 0644); the token
             // in it lives an hour or so.
-            let text = read(&label, FileRole::FederatedToken, &resolve(&file))?;
+            let (text, _) = read_file(&label, FileRole::FederatedToken, &resolve(&file))?;
             Ok(Credential::Federated(non_empty(
                 &label,
                 "federated token file",
-                text,
+                text.expose_secret(),
             )?))
         }
         CredentialSource::ManagedIdentity { client_id } => {
@@ -163,7 +218,7 @@ pub fn load(app: &Application) -> Result<Credential, CredentialError> {
     }
 }
 
-fn non_empty(app: &str, what: &'static str, text: String) -> Result<SecretString, CredentialError> {
+fn non_empty(app: &str, what: &'static str, text: &str) -> Result<SecretString, CredentialError> {
     let trimmed = text.trim();
     if trimmed.is_empty() {
         return Err(CredentialError::Empty {
@@ -182,28 +237,43 @@ fn resolve(file: &Path) -> PathBuf {
     }
 }
 
-fn read(app: &str, role: FileRole, path: &Path) -> Result<String, CredentialError> {
-    std::fs::read_to_string(path).map_err(|source| CredentialError::Read {
+/// The file's text and mode, from one open file (the mode is the file's that was read).
+fn read_file(
+    app: &str,
+    role: FileRole,
+    path: &Path,
+) -> Result<(SecretString, u32), CredentialError> {
+    use std::io::Read as _;
+    use std::os::unix::fs::PermissionsExt as _;
+    let failed = |source| CredentialError::Read {
         app: app.to_owned(),
         role,
         path: path.to_owned(),
         source,
-    })
+    };
+    let mut file = std::fs::File::open(path).map_err(failed)?;
+    let mode = file.metadata().map_err(failed)?.permissions().mode();
+    let mut bytes = Vec::new();
+    file.read_to_end(&mut bytes).map_err(failed)?;
+    let text = String::from_utf8(bytes).map_err(|_| CredentialError::NotText {
+        app: app.to_owned(),
+        role,
+        path: path.to_owned(),
+    })?;
+    Ok((SecretString::from(text), mode))
 }
 
-/// A file with a secret in it must be its owner's alone.
-fn read_private(app: &str, role: FileRole, path: &Path) -> Result<String, CredentialError> {
-    use std::os::unix::fs::PermissionsExt;
-    let mode = std::fs::metadata(path)
-        .map_err(|source| CredentialError::Read {
-            app: app.to_owned(),
-            role,
-            path: path.to_owned(),
-            source,
-        })?
-        .permissions()
-        .mode();
-    if mode & 0o077 != 0 {
+/// A file with a secret in it must be its owner's alone, unless systemd handed it over: its
+/// credentials directory is the service's alone, and its files show an ACL mask (0440).
+fn read_private(app: &str, role: FileRole, path: &Path) -> Result<SecretString, CredentialError> {
+    let (text, mode) = read_file(app, role, path)?;
+    check_private(app, role, path, mode)?;
+    Ok(text)
+}
+
+fn check_private(app: &str, role: FileRole, path: &Path, mode: u32) -> Result<(), CredentialError> {
+    let systemd = std::env::var_os("CREDENTIALS_DIRECTORY").is_some_and(|d| path.starts_with(d));
+    if mode & 0o077 != 0 && !systemd {
         return Err(CredentialError::Permissions {
             app: app.to_owned(),
             role,
@@ -211,7 +281,7 @@ fn read_private(app: &str, role: FileRole, path: &Path) -> Result<String, Creden
             mode: mode & 0o777,
         });
     }
-    read(app, role, path)
+    Ok(())
 }
 
 #[cfg(test)]
@@ -219,6 +289,29 @@ mod tests {
     use super::*;
     use secrecy::ExposeSecret;
     use std::os::unix::fs::PermissionsExt;
+
+    #[test]
+    fn a_certificate_file_without_its_key_or_not_pem_says_so() {
+        let dir = tempfile::tempdir().unwrap();
+        let key =
+            rcgen::KeyPair::generate_rsa_for(&rcgen::PKCS_RSA_SHA256, rcgen::RsaKeySize::_2048)
+                .unwrap();
+        let cert = rcgen::CertificateParams::new(vec!["a".into()])
+            .unwrap()
+            .self_signed(&key)
+            .unwrap();
+        let path = dir.path().join("c.pem");
+        write(&path, &cert.pem(), 0o644);
+        let app = app(|a| a.certificate_file = Some(path.clone()));
+        let e = load(&app).unwrap_err().to_string();
+        assert!(
+            e.contains("no private key block") && e.contains("set `private_key_file`"),
+            "{e}"
+        );
+        std::fs::write(&path, [0x30, 0x82, 0xff, 0xfe]).unwrap();
+        let e = load(&app).unwrap_err().to_string();
+        assert!(e.contains("is not text; PEM is expected"), "{e}");
+    }
 
     fn app(edit: impl FnOnce(&mut Application)) -> Application {
         let mut app = Application {

@@ -24,7 +24,8 @@ use crate::policy::fingerprint::Fingerprint;
 use crate::remote::server_time::ServerTime;
 
 pub use credential::{Credential, CredentialError};
-pub use request::TOKEN_EXCHANGE_AUDIENCE;
+/// The audience of a token exchanged as a federated assertion, in Azure's global cloud.
+pub const TOKEN_EXCHANGE_AUDIENCE: &str = "api://AzureADTokenExchange";
 pub use response::{AccessToken, Issuer, TokenError, parse_token_response};
 
 /// A cached token is replaced when it has less than this left (the official library's figure),
@@ -75,9 +76,11 @@ pub struct TokenStatus {
 
 pub struct TokenClient {
     http: reqwest::Client,
+    metadata_http: reqwest::Client,
     authority: String,
     scope: String,
     identity_endpoint: String,
+    exchange_audience: String,
     max_body: usize,
     clock: Clock,
     apps: HashMap<String, AppTokens>,
@@ -101,9 +104,10 @@ impl TokenClient {
     /// Reads every application's credential once, so a broken one is logged at start; it is read
     /// again at each token request (a broken one does not stop the others). Fails only on an
     /// application the configuration gives no credential.
+    /// `metadata_http` is for the instance metadata service ([`crate::remote::http::metadata_client`]).
     pub fn new(
         config: &Config,
-        http: reqwest::Client,
+        (http, metadata_http): (reqwest::Client, reqwest::Client),
         clock: Clock,
         metrics: Arc<Metrics>,
         server_time: Arc<ServerTime>,
@@ -131,9 +135,11 @@ impl TokenClient {
         }
         Ok(TokenClient {
             http,
+            metadata_http,
             authority: config.entra.authority.trim_end_matches('/').to_owned(),
             scope: config.entra.scope.clone(),
             identity_endpoint: config.entra.managed_identity_endpoint.clone(),
+            exchange_audience: config.entra.token_exchange_audience(),
             max_body: config.http.max_body_bytes,
             clock,
             apps,
@@ -157,6 +163,26 @@ impl TokenClient {
             .collect();
         all.sort_by(|a, b| a.label.cmp(&b.label));
         all
+    }
+
+    /// Re-reads every certificate credential's certificate (not its key), so a certificate
+    /// rotated in place shows at once; one that cannot be read keeps what was last read, and
+    /// fails at its next token request.
+    pub fn refresh_certificates(&self) {
+        for entry in self.apps.values() {
+            match credential::certificate_info(&entry.app) {
+                Some(Ok(info)) => {
+                    *lock(&entry.certificate) = Some(CertificateSummary {
+                        thumbprint: info.thumbprint,
+                        not_after: info.not_after,
+                    });
+                }
+                Some(Err(e)) => {
+                    tracing::warn!(app = entry.app.label(), error = %e, "cannot re-read the certificate");
+                }
+                None => {}
+            }
+        }
     }
 
     /// Every configured application's client ID.

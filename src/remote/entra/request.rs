@@ -10,8 +10,6 @@ use super::response::{AccessToken, Issuer, TokenError, parse_token_response};
 use super::{AppTokens, Cached, Credential, REFRESH_AHEAD_SECS, TokenClient};
 use crate::remote::http;
 
-/// The audience of a token that is exchanged as a federated assertion (Azure's public cloud).
-pub const TOKEN_EXCHANGE_AUDIENCE: &str = "api://AzureADTokenExchange";
 /// The metadata service's API version for managed identity tokens.
 const IMDS_API_VERSION: &str = "2018-02-01";
 
@@ -121,7 +119,7 @@ impl TokenClient {
             &self.identity_endpoint,
             [
                 ("api-version", IMDS_API_VERSION),
-                ("resource", TOKEN_EXCHANGE_AUDIENCE),
+                ("resource", self.exchange_audience.as_str()),
                 ("client_id", identity),
             ],
         )
@@ -131,7 +129,7 @@ impl TokenClient {
             detail: format!("has no valid URL (entra.managed_identity_endpoint): {e}"),
         })?;
         let resp = self
-            .http
+            .metadata_http
             .get(url)
             .header("Metadata", "true")
             .send()

@@ -93,6 +93,8 @@ pub enum TokenError {
 struct TokenBody {
     access_token: Option<String>,
     expires_in: Option<serde_json::Value>,
+    /// A Unix time: what App Service's identity endpoint gives instead of `expires_in`.
+    expires_on: Option<serde_json::Value>,
     error: Option<String>,
     error_description: Option<String>,
 }
@@ -135,18 +137,24 @@ pub fn parse_token_response(
         .access_token
         .filter(|t| !t.is_empty())
         .ok_or_else(|| malformed("no `access_token`"))?;
-    let expires_in = match parsed.expires_in {
-        Some(serde_json::Value::Number(n)) => n.as_i64(),
-        Some(serde_json::Value::String(s)) => s.trim().parse().ok(),
-        _ => None,
-    }
-    .filter(|s| *s > 0)
-    .ok_or_else(|| malformed("no positive `expires_in`"))?;
+    let expires_in = seconds(parsed.expires_in.as_ref())
+        .or_else(|| seconds(parsed.expires_on.as_ref()).map(|on| on.saturating_sub(now)))
+        .filter(|s| *s > 0)
+        .ok_or_else(|| malformed("no positive `expires_in`"))?;
     Ok(AccessToken {
         fingerprint: Fingerprint::of(&token),
         value: SecretString::from(token),
         expires_at: now.saturating_add(expires_in),
     })
+}
+
+/// A number of seconds, as a JSON number or a string.
+fn seconds(value: Option<&serde_json::Value>) -> Option<i64> {
+    match value? {
+        serde_json::Value::Number(n) => n.as_i64(),
+        serde_json::Value::String(s) => s.trim().parse().ok(),
+        _ => None,
+    }
 }
 
 #[cfg(test)]
@@ -168,6 +176,9 @@ mod tests {
         assert_eq!((v2.expose(), v2.expires_at), ("t1", 3699));
         let v1 = parse(200, br#"{"expires_in":"3599","access_token":"t2"}"#, 100).unwrap();
         assert_eq!(v1.expires_at, 3699);
+        let on = parse(200, br#"{"expires_on":"5000","access_token":"t3"}"#, 100).unwrap();
+        assert_eq!(on.expires_at, 5000);
+        assert!(parse(200, br#"{"expires_on":"50","access_token":"t3"}"#, 100).is_err());
     }
 
     #[test]
