@@ -275,16 +275,9 @@ fn missing_field_for(kind: CredentialKind) -> FieldProblem {
 
 #[cfg(test)]
 mod tests {
-    use super::super::{Config, ConfigError, IMDS_TOKEN_URL};
+    use super::super::tests::{err, parse};
+    use super::super::{Config, IMDS_TOKEN_URL};
     use super::*;
-
-    fn parse(text: &str) -> Result<Config, ConfigError> {
-        Config::from_toml(text, "test.toml", Vec::new())
-    }
-
-    fn err(text: &str) -> String {
-        parse(text).unwrap_err().to_string()
-    }
 
     fn app(extra: &str) -> String {
         format!("[[applications]]\ntenant_id = \"t\"\nclient_id = \"c\"\n{extra}")

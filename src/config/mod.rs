@@ -713,11 +713,11 @@ mod human {
 mod tests {
     use super::*;
 
-    fn parse(text: &str) -> Result<Config, ConfigError> {
+    pub(super) fn parse(text: &str) -> Result<Config, ConfigError> {
         Config::from_toml(text, "test.toml", Vec::new())
     }
 
-    fn err(text: &str) -> String {
+    pub(super) fn err(text: &str) -> String {
         parse(text).unwrap_err().to_string()
     }
 

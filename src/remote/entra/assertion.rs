@@ -97,15 +97,8 @@ mod tests {
     use secrecy::ExposeSecret;
 
     fn certificate(algorithm: AssertionAlgorithm) -> SigningCertificate {
-        let key =
-            rcgen::KeyPair::generate_rsa_for(&rcgen::PKCS_RSA_SHA256, rcgen::RsaKeySize::_2048)
-                .unwrap();
-        let cert = rcgen::CertificateParams::new(vec!["a".into()])
-            .unwrap()
-            .self_signed(&key)
-            .unwrap();
-        let key = key.serialize_pem();
-        SigningCertificate::from_pem(&cert.pem(), "c", &key, "k", algorithm).unwrap()
+        let (cert, key) = crate::remote::entra::certificate::generated();
+        SigningCertificate::from_pem(&cert, "c", &key, "k", algorithm).unwrap()
     }
 
     #[test]

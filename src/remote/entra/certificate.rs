@@ -223,20 +223,22 @@ fn is_label(label: &str) -> bool {
             .all(|b| b.is_ascii_uppercase() || b.is_ascii_digit() || b == b' ')
 }
 
+/// A new self-signed RSA certificate and its key, PEM, for unit tests.
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+pub(crate) fn generated() -> (String, String) {
+    let key = rcgen::KeyPair::generate_rsa_for(&rcgen::PKCS_RSA_SHA256, rcgen::RsaKeySize::_2048)
+        .unwrap();
+    let cert = rcgen::CertificateParams::new(vec!["storekeyd-test".into()])
+        .unwrap()
+        .self_signed(&key)
+        .unwrap();
+    (cert.pem(), key.serialize_pem())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn generated() -> (String, String) {
-        let key =
-            rcgen::KeyPair::generate_rsa_for(&rcgen::PKCS_RSA_SHA256, rcgen::RsaKeySize::_2048)
-                .unwrap();
-        let cert = rcgen::CertificateParams::new(vec!["storekeyd-test".into()])
-            .unwrap()
-            .self_signed(&key)
-            .unwrap();
-        (cert.pem(), key.serialize_pem())
-    }
 
     #[test]
     fn a_matching_pair_loads_and_its_thumbprint_is_the_der_digest() {

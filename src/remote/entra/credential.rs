@@ -293,15 +293,9 @@ mod tests {
     #[test]
     fn a_certificate_file_without_its_key_or_not_pem_says_so() {
         let dir = tempfile::tempdir().unwrap();
-        let key =
-            rcgen::KeyPair::generate_rsa_for(&rcgen::PKCS_RSA_SHA256, rcgen::RsaKeySize::_2048)
-                .unwrap();
-        let cert = rcgen::CertificateParams::new(vec!["a".into()])
-            .unwrap()
-            .self_signed(&key)
-            .unwrap();
+        let (cert, _) = super::super::certificate::generated();
         let path = dir.path().join("c.pem");
-        write(&path, &cert.pem(), 0o644);
+        write(&path, &cert, 0o644);
         let app = app(|a| a.certificate_file = Some(path.clone()));
         let e = load(&app).unwrap_err().to_string();
         assert!(
@@ -352,16 +346,10 @@ mod tests {
     #[test]
     fn a_world_readable_private_key_is_refused_but_a_public_certificate_is_not() {
         let dir = tempfile::tempdir().unwrap();
-        let key =
-            rcgen::KeyPair::generate_rsa_for(&rcgen::PKCS_RSA_SHA256, rcgen::RsaKeySize::_2048)
-                .unwrap();
-        let cert = rcgen::CertificateParams::new(vec!["a".into()])
-            .unwrap()
-            .self_signed(&key)
-            .unwrap();
+        let (cert, key) = super::super::certificate::generated();
         let (cert_path, key_path) = (dir.path().join("c.pem"), dir.path().join("k.pem"));
-        write(&cert_path, &cert.pem(), 0o644);
-        write(&key_path, &key.serialize_pem(), 0o644);
+        write(&cert_path, &cert, 0o644);
+        write(&key_path, &key, 0o644);
         let app = app(|a| {
             a.certificate_file = Some(cert_path.clone());
             a.private_key_file = Some(key_path.clone());
