@@ -424,3 +424,54 @@ async fn certificate_files_come_from_the_credentials_directory() {
         "{stdout}"
     );
 }
+
+/// Workload identity's webhook injects `AZURE_CLIENT_ID`, `AZURE_TENANT_ID` and
+/// `AZURE_FEDERATED_TOKEN_FILE`: a block that says only `credential = "federated"` uses them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_federated_credential_can_come_from_the_azure_variables() {
+    let mut env = TestEnv::new().await;
+    let token = env.add_federated_app("app-wi", TOKEN_EXCHANGE_AUDIENCE, 3600);
+    let file = env.dir.path().join("app-wi.token");
+    let app = env.config.applications.last_mut().unwrap();
+    *app = Application {
+        name: Some("workload".into()),
+        credential: Some(storekeyd::config::CredentialKind::Federated),
+        ..Application::default()
+    };
+    let text = toml::to_string(&env.config).unwrap();
+    let config = env.dir.path().join("wi.toml");
+    std::fs::write(&config, text).unwrap();
+    let check = |vars: &[(&str, &std::ffi::OsStr)]| {
+        let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_storekeyd"));
+        cmd.args(["--config", config.to_str().unwrap(), "check"])
+            .env("STOREKEYD_LOG", "off");
+        for (k, v) in vars {
+            cmd.env(k, v);
+        }
+        cmd.output()
+    };
+    let vars = [
+        ("AZURE_CLIENT_ID", std::ffi::OsStr::new("app-wi")),
+        ("AZURE_TENANT_ID", std::ffi::OsStr::new(TENANT)),
+        ("AZURE_FEDERATED_TOKEN_FILE", file.as_os_str()),
+    ];
+    let out = check(&vars).await.unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(0), "{stdout}");
+    assert!(
+        stdout.contains("ok    application workload (app-wi), federated credential: access token"),
+        "{stdout}"
+    );
+    assert!(
+        !stdout.contains(&token[token.len() - 20..]),
+        "the token was printed"
+    );
+    // Without them the block is incomplete, and says what is missing.
+    let out = check(&vars[..2]).await.unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains("`applications[2].federated_token_file`: a federated credential needs `federated_token_file` or AZURE_FEDERATED_TOKEN_FILE"),
+        "{stderr}"
+    );
+}
