@@ -237,6 +237,8 @@ fn resolve(file: &Path) -> PathBuf {
     }
 }
 
+const MAX_CREDENTIAL_BYTES: u64 = 1 << 20;
+
 /// The file's text and mode, from one open file (the mode is the file's that was read).
 fn read_file(
     app: &str,
@@ -251,10 +253,20 @@ fn read_file(
         path: path.to_owned(),
         source,
     };
-    let mut file = std::fs::File::open(path).map_err(failed)?;
+    let file = std::fs::File::open(path).map_err(failed)?;
     let mode = file.metadata().map_err(failed)?.permissions().mode();
+    // Credentials are a few KiB: a path to something endless (/dev/zero) is an error, not all
+    // of memory.
     let mut bytes = Vec::new();
-    file.read_to_end(&mut bytes).map_err(failed)?;
+    file.take(MAX_CREDENTIAL_BYTES + 1)
+        .read_to_end(&mut bytes)
+        .map_err(failed)?;
+    if bytes.len() as u64 > MAX_CREDENTIAL_BYTES {
+        return Err(failed(std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            "larger than 1 MiB: not a credential",
+        )));
+    }
     let text = String::from_utf8(bytes).map_err(|_| CredentialError::NotText {
         app: app.to_owned(),
         role,
