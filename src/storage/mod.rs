@@ -2,8 +2,10 @@
 //! CLI, the listener and the demo ask of a database goes through [`Storage`]; each database has
 //! one implementation that owns all of its SQL (parameter syntax, time functions, index hints).
 
+mod batch;
 pub mod contract;
 mod error;
+mod rows;
 pub mod sqlite;
 
 use std::sync::Arc;

@@ -13,10 +13,10 @@ use sqlx::SqlitePool;
 use sqlx::sqlite::SqliteRow;
 
 use super::{
-    Alarm, ClaimedRow, EventRecord, KeyStats, KeySummary, NewKey, PendingRow, Refusals, Result,
-    Storage, Write,
+    Alarm, ClaimedRow, EventRecord, KeyStats, KeySummary, NewKey, PendingRow, Result, Storage,
+    Write, rows,
 };
-use crate::policy::claims::{KeyFacts, KeyText, Kind};
+use crate::policy::claims::{KeyText, Kind};
 
 pub use open::migrator;
 
@@ -70,59 +70,10 @@ impl SqliteStore {
     }
 }
 
-fn claimed(row: &SqliteRow, lease_until: i64) -> std::result::Result<ClaimedRow, sqlx::Error> {
-    use sqlx::Row as _;
-    let kind: String = row.try_get("kind")?;
-    let count = |name: &str| -> std::result::Result<u32, sqlx::Error> {
-        Ok(u32::try_from(row.try_get::<i64, _>(name)?).unwrap_or(u32::MAX))
-    };
-    let key = KeyText::from_bytes(row.try_get("key_bytes")?);
-    let user_id: Option<String> = row.try_get("user_id")?;
-    // Rows activated before the column existed: read the user from the key, once, so a
-    // successor for another user is still refused.
-    let user_id = user_id.or_else(|| {
-        crate::policy::claims::decode(key.expose())
-            .ok()
-            .and_then(|c| c.user_id)
-    });
-    Ok(ClaimedRow {
-        id: row.try_get("id")?,
-        key,
-        facts: KeyFacts {
-            kind: Kind::parse(&kind).ok_or_else(|| decode_error("kind", &kind))?,
-            client_id: row
-                .try_get::<Option<String>, _>("client_id")?
-                .unwrap_or_default(),
-            user_id,
-            issued_at: row.try_get::<Option<i64>, _>("issued_at")?.unwrap_or(0),
-            expires_at: row.try_get::<Option<i64>, _>("expires_at")?.unwrap_or(0),
-        },
-        attempts: count("attempts")?,
-        refusals: Refusals {
-            count: count("refusals")?,
-            first_ms: row.try_get("refused_first_ms")?,
-            last_ms: row.try_get("refused_last_ms")?,
-        },
-        canary: false,
-        lease_until,
-    })
-}
-
-fn decode_error(column: &str, value: &str) -> sqlx::Error {
-    sqlx::Error::ColumnDecode {
-        index: column.to_owned(),
-        source: format!(
-            "unexpected value `{}`",
-            value.chars().take(40).collect::<String>()
-        )
-        .into(),
-    }
-}
-
 fn claimed_rows(rows: &[SqliteRow], lease_until: i64) -> Result<Vec<ClaimedRow>> {
     Ok(rows
         .iter()
-        .map(|r| claimed(r, lease_until))
+        .map(|r| rows::claimed(r, lease_until))
         .collect::<std::result::Result<_, _>>()?)
 }
 
@@ -251,7 +202,10 @@ impl Storage for SqliteStore {
             .bind(now)
             .fetch_optional(&self.pool)
             .await?;
-        Ok(row.as_ref().map(|r| claimed(r, lease_until)).transpose()?)
+        Ok(row
+            .as_ref()
+            .map(|r| rows::claimed(r, lease_until))
+            .transpose()?)
     }
 
     async fn claim_canary(
@@ -281,7 +235,10 @@ impl Storage for SqliteStore {
             .bind(issued_before)
             .fetch_optional(&self.pool)
             .await?;
-        let mut row = row.as_ref().map(|r| claimed(r, lease_until)).transpose()?;
+        let mut row = row
+            .as_ref()
+            .map(|r| rows::claimed(r, lease_until))
+            .transpose()?;
         if let Some(r) = &mut row {
             r.canary = true;
         }

@@ -3,35 +3,16 @@
 use sqlx::sqlite::SqliteRow;
 use sqlx::{Row as _, SqlitePool};
 
-use super::decode_error;
-use crate::policy::claims::{KeyText, Kind};
-use crate::storage::{Alarm, EventKind, EventRecord, KeyStats, KeySummary, Result, State};
+use crate::policy::claims::KeyText;
+use crate::storage::rows::{self, SUMMARY_COLUMNS};
+use crate::storage::{Alarm, EventRecord, KeyStats, KeySummary, Result};
 
 const FLAGGED_STATES: &str = "('revoked', 'expired', 'invalid', 'misconfigured')";
-const SUMMARY_COLUMNS: &str = "id, user_ref, kind, state, reason, key_fp, client_id, expires_at, next_attempt_at, updated_at, renewals";
-
-fn summary(row: &SqliteRow) -> std::result::Result<KeySummary, sqlx::Error> {
-    let kind: String = row.try_get("kind")?;
-    let state: String = row.try_get("state")?;
-    Ok(KeySummary {
-        id: row.try_get("id")?,
-        user_ref: row.try_get("user_ref")?,
-        kind: Kind::parse(&kind).ok_or_else(|| decode_error("kind", &kind))?,
-        state: State::parse(&state).ok_or_else(|| decode_error("state", &state))?,
-        reason: row.try_get("reason")?,
-        key_fp: row.try_get("key_fp")?,
-        client_id: row.try_get("client_id")?,
-        expires_at: row.try_get("expires_at")?,
-        next_attempt_at: row.try_get("next_attempt_at")?,
-        updated_at: row.try_get("updated_at")?,
-        renewals: row.try_get("renewals")?,
-    })
-}
 
 fn summaries(rows: &[SqliteRow]) -> Result<Vec<KeySummary>> {
     Ok(rows
         .iter()
-        .map(summary)
+        .map(rows::summary)
         .collect::<std::result::Result<_, _>>()?)
 }
 
@@ -44,7 +25,7 @@ pub(super) async fn key_row(pool: &SqlitePool, id: i64) -> Result<Option<(KeySum
     .await?;
     let Some(row) = row else { return Ok(None) };
     let key: Vec<u8> = row.try_get("key_bytes")?;
-    Ok(Some((summary(&row)?, KeyText::from_bytes(key))))
+    Ok(Some((rows::summary(&row)?, KeyText::from_bytes(key))))
 }
 
 pub(super) async fn flagged(pool: &SqlitePool, limit: u32) -> Result<(Vec<KeySummary>, i64)> {
@@ -90,16 +71,7 @@ pub(super) async fn key_stats(
         sqlx::query_as("SELECT state, kind, COUNT(*) FROM store_keys GROUP BY state, kind")
             .fetch_all(pool)
             .await?;
-    let mut by_state_kind = Vec::new();
-    for state in State::ALL {
-        for kind in Kind::ALL {
-            let n = counts
-                .iter()
-                .find(|(s, k, _)| s == state.as_str() && k == kind.as_str())
-                .map_or(0, |(_, _, n)| *n);
-            by_state_kind.push((state, kind, n));
-        }
-    }
+    let by_state_kind = rows::by_state_kind(&counts);
     let (earliest_expiry,): (Option<i64>,) = sqlx::query_as(
         "SELECT MIN(expires_at) FROM store_keys INDEXED BY store_keys_active_exp WHERE state = 'active'",
     )
@@ -124,14 +96,7 @@ pub(super) async fn alarms(pool: &SqlitePool) -> Result<Vec<Alarm>> {
         sqlx::query_as("SELECT name, detail, since FROM storekeyd_alarms ORDER BY since, name")
             .fetch_all(pool)
             .await?;
-    Ok(rows
-        .into_iter()
-        .map(|(name, detail, since)| Alarm {
-            name,
-            detail,
-            since,
-        })
-        .collect())
+    Ok(rows::alarms(rows))
 }
 
 pub(super) async fn keys(pool: &SqlitePool, after_id: i64, limit: u32) -> Result<Vec<KeySummary>> {
@@ -145,22 +110,12 @@ pub(super) async fn keys(pool: &SqlitePool, after_id: i64, limit: u32) -> Result
     summaries(&rows)
 }
 
-type RawEvent = (
-    i64,
-    i64,
-    Option<String>,
-    Option<String>,
-    String,
-    Option<i64>,
-    Option<String>,
-);
-
 pub(super) async fn events(
     pool: &SqlitePool,
     after_id: i64,
     limit: u32,
 ) -> Result<Vec<EventRecord>> {
-    let rows: Vec<RawEvent> = sqlx::query_as(
+    let raw: Vec<rows::RawEvent> = sqlx::query_as(
         "SELECT e.id, e.key_id, k.user_ref, k.kind, e.outcome, e.http_status, e.detail
          FROM store_key_events e LEFT JOIN store_keys k ON k.id = e.key_id
          WHERE e.id > ? ORDER BY e.id LIMIT ?",
@@ -169,20 +124,8 @@ pub(super) async fn events(
     .bind(limit)
     .fetch_all(pool)
     .await?;
-    rows.into_iter()
-        .map(
-            |(id, key_id, user_ref, kind, outcome, http_status, detail)| {
-                Ok(EventRecord {
-                    id,
-                    key_id,
-                    user_ref,
-                    kind: kind.as_deref().and_then(Kind::parse),
-                    event: EventKind::parse(&outcome)
-                        .ok_or_else(|| decode_error("outcome", &outcome))?,
-                    http_status: http_status.and_then(|s| u16::try_from(s).ok()),
-                    detail,
-                })
-            },
-        )
-        .collect()
+    Ok(raw
+        .into_iter()
+        .map(rows::event)
+        .collect::<std::result::Result<_, _>>()?)
 }
