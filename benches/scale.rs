@@ -37,7 +37,7 @@ async fn main() {
 async fn run(n: u64) {
     let dir = tempfile::tempdir().expect("tempdir");
     let url = format!("sqlite://{}", dir.path().join("bench.db").display());
-    let db = storage::open(&url, storage::BUSY_TIMEOUT)
+    let db = storage::open(&url, &storage::DbOptions::default())
         .await
         .expect("open");
     let now = Clock::system().now();
@@ -119,7 +119,7 @@ async fn idle_cpu(url: &str) -> Duration {
             .map(std::path::Path::to_path_buf),
         ..Config::default()
     });
-    let db = storage::open(url, storage::BUSY_TIMEOUT)
+    let db = storage::open(url, &storage::DbOptions::default())
         .await
         .expect("open");
     let stop = CancellationToken::new();

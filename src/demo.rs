@@ -113,7 +113,7 @@ pub async fn run(duration: Duration, stop: CancellationToken) -> Result<(), Demo
     let server = tokio::spawn(emulator::serve(listener, emu.clone(), shutdown.clone()));
 
     let config = Arc::new(config(&emu, dir.path())?);
-    let db = storage::open(&config.database_url(), config.database_busy_timeout).await?;
+    let db = storage::open(&config.database_url(), &config.db_options()).await?;
     println!(
         "storekeyd demo: emulator at {}, database {}",
         emu.authority(),
@@ -160,7 +160,7 @@ pub async fn run(duration: Duration, stop: CancellationToken) -> Result<(), Demo
     daemon_stop.cancel();
     daemon.await??;
     // The daemon closed its pool on the way out; read the final state through a new one.
-    let db = storage::open(&config.database_url(), config.database_busy_timeout).await?;
+    let db = storage::open(&config.database_url(), &config.db_options()).await?;
     print_events(&*db, last_event, started).await?;
     summary(&*db, &emu).await?;
     db.close().await;

@@ -258,7 +258,7 @@ async fn with_config(command: Command, config: Config) -> anyhow::Result<Exit> {
 
 /// Opens the database without migrating it, and refuses an outdated schema with the fix.
 async fn open_existing(config: &Config) -> anyhow::Result<Arc<dyn Storage>> {
-    let db = storage::connect(&config.database_url()).await?;
+    let db = storage::connect(&config.database_url(), &config.db_options()).await?;
     db.check_schema().await?;
     Ok(db)
 }

@@ -21,7 +21,7 @@ use storekeyd::{daemon, emulator};
 use super::{Exit, shutdown_signal, usage};
 
 pub(super) async fn run(config: Arc<Config>) -> anyhow::Result<Exit> {
-    let db = storage::open(&config.database_url(), config.database_busy_timeout).await?;
+    let db = storage::open(&config.database_url(), &config.db_options()).await?;
     let listener = if config.metrics.enabled {
         let addr = config.metrics.listen;
         Some(
@@ -55,11 +55,14 @@ pub(super) async fn emulator(listen: SocketAddr, apps: &[String]) -> anyhow::Res
 }
 
 pub(super) async fn migrate(config: &Config) -> anyhow::Result<Exit> {
-    let db = storage::connect(&config.database_url()).await?;
+    let db = storage::connect(&config.database_url(), &config.db_options()).await?;
     db.migrate().await?;
     db.check_schema().await?;
     let version = db.schema_version();
-    println!("{}: schema at version {version}", config.database_url());
+    println!(
+        "{}: schema at version {version}",
+        storage::redact_url(&config.database_url())
+    );
     Ok(Exit::Ok)
 }
 
@@ -86,8 +89,8 @@ pub(super) async fn check(config: &Config) -> anyhow::Result<Exit> {
         Mark::Ok,
         format!("configuration ({} applications)", config.applications.len()),
     );
-    let url = config.database_url();
-    match storage::connect(&url).await {
+    let url = storage::redact_url(&config.database_url());
+    match storage::connect(&config.database_url(), &config.db_options()).await {
         Ok(db) => match db.check_schema().await {
             Ok(()) => report(Mark::Ok, format!("database {url}")),
             Err(e) => report(Mark::Fail, format!("database {url}: {e}")),

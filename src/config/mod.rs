@@ -20,10 +20,13 @@ pub use application::{
 
 pub const ENV_PREFIX: &str = "STOREKEYD_";
 /// The top-level settings, which an override's name must start with.
-const SETTINGS: [&str; 13] = [
+const SETTINGS: [&str; 16] = [
     "database_url",
     "state_directory",
     "database_busy_timeout",
+    "database_pool_size",
+    "database_connect_timeout",
+    "database_listen_url",
     "endpoints",
     "entra",
     "applications",
@@ -41,7 +44,8 @@ const ENV_RESERVED: [&str; 3] = ["STOREKEYD_CONFIG", "STOREKEYD_LOG", "STOREKEYD
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct Config {
-    /// `sqlite://PATH`; defaults to `storekeyd.db` in the state directory.
+    /// `sqlite://PATH` or `postgres://USER@HOST/DATABASE`; defaults to `storekeyd.db` in the
+    /// state directory.
     pub database_url: Option<String>,
     /// Defaults to `$STATE_DIRECTORY` (systemd's `StateDirectory=`) or `/var/lib/storekeyd`.
     pub state_directory: Option<PathBuf>,
@@ -49,6 +53,15 @@ pub struct Config {
     /// transaction) before failing; failed writes of renewal results are retried beyond it.
     #[serde(with = "human")]
     pub database_busy_timeout: Duration,
+    /// PostgreSQL: connections per replica, the listener for new keys included.
+    pub database_pool_size: u32,
+    /// PostgreSQL: how long to wait for a connection before the call fails (and the daemon
+    /// reports not-ready, spools and retries).
+    #[serde(with = "human")]
+    pub database_connect_timeout: Duration,
+    /// PostgreSQL: a direct URL for the listener for new keys, where `database_url` goes through
+    /// PgBouncer in transaction mode (which cannot hold a `LISTEN`).
+    pub database_listen_url: Option<String>,
     pub endpoints: Endpoints,
     pub entra: Entra,
     pub applications: Vec<Application>,
@@ -241,6 +254,9 @@ impl Default for Config {
             database_url: None,
             state_directory: None,
             database_busy_timeout: crate::storage::BUSY_TIMEOUT,
+            database_pool_size: crate::storage::DbOptions::default().pool_size,
+            database_connect_timeout: crate::storage::DbOptions::default().connect_timeout,
+            database_listen_url: None,
             endpoints: Endpoints::default(),
             entra: Entra::default(),
             applications: Vec::new(),
@@ -406,14 +422,7 @@ impl Config {
                 &self.entra.managed_identity_endpoint,
             )?;
         }
-        if let Some(url) = &self.database_url
-            && !url.starts_with("sqlite:")
-        {
-            return Err(field_error(
-                "database_url",
-                "expected a `sqlite://PATH` URL",
-            ));
-        }
+        self.validate_database()?;
         self.validate_applications()?;
         self.validate_numbers()
     }
@@ -448,6 +457,39 @@ impl Config {
             if let Err(p) = app.source() {
                 return Err(field_error(field(p.field), p.message));
             }
+        }
+        Ok(())
+    }
+
+    fn validate_database(&self) -> Result<(), ConfigError> {
+        use crate::storage::Backend;
+        if let Some(url) = &self.database_url
+            && Backend::of(url).is_none()
+        {
+            return Err(field_error(
+                "database_url",
+                "expected a `sqlite://PATH` or `postgres://USER@HOST/DATABASE` URL",
+            ));
+        }
+        if let Some(url) = &self.database_listen_url
+            && Backend::of(url) != Some(Backend::Postgres)
+        {
+            return Err(field_error(
+                "database_listen_url",
+                "expected a `postgres://` URL (the listener is for PostgreSQL only)",
+            ));
+        }
+        if !(2..=1000).contains(&self.database_pool_size) {
+            return Err(field_error(
+                "database_pool_size",
+                "expected 2 to 1000 connections (one is the listener's)",
+            ));
+        }
+        if self.database_connect_timeout.is_zero() {
+            return Err(field_error(
+                "database_connect_timeout",
+                "must be longer than zero",
+            ));
         }
         Ok(())
     }
@@ -563,6 +605,15 @@ impl Config {
                 self.state_directory().join("storekeyd.db").display()
             )
         })
+    }
+
+    pub fn db_options(&self) -> crate::storage::DbOptions {
+        crate::storage::DbOptions {
+            busy_timeout: self.database_busy_timeout,
+            pool_size: self.database_pool_size,
+            connect_timeout: self.database_connect_timeout,
+            listen_url: self.database_listen_url.clone(),
+        }
     }
 
     pub fn policy(&self) -> Policy {

@@ -303,8 +303,9 @@ impl Writer {
 
     /// A lease that ran out would let another process claim a row whose result waits here.
     async fn keep_leases(&self, ids: &[i64]) {
-        let until = self.time.now() + secs(self.settings.lease);
-        if let Err(e) = self.storage.extend_leases(ids, until).await {
+        let now = self.time.now();
+        let until = now + secs(self.settings.lease);
+        if let Err(e) = self.storage.extend_leases(ids, now, until).await {
             tracing::debug!(error = %e, "could not extend the leases either");
         }
     }

@@ -22,14 +22,25 @@ pub enum DbError {
         found: Option<i64>,
         expected: Option<i64>,
     },
-    #[error("database: `{url}` is not a database URL storekeyd knows; use sqlite://PATH")]
+    #[error(
+        "database: `{url}` is not a database URL storekeyd knows; use sqlite://PATH or postgres://USER@HOST/DATABASE"
+    )]
     Scheme { url: String },
+    #[error("database: no answer within {}; is the server reachable?", humantime::format_duration(*.0))]
+    Timeout(std::time::Duration),
 }
 
 impl DbError {
     /// Another connection holds the lock (a backend's long transaction): worth waiting for.
     pub fn is_busy(&self) -> bool {
         match self {
+            DbError::Query(sqlx::Error::Database(e))
+                if e.try_downcast_ref::<sqlx::postgres::PgDatabaseError>()
+                    .is_some() =>
+            {
+                // lock_not_available (lock_timeout), serialization failure, deadlock.
+                matches!(e.code().as_deref(), Some("55P03" | "40001" | "40P01"))
+            }
             DbError::Query(sqlx::Error::Database(e)) => e
                 .code()
                 .and_then(|c| c.parse::<i32>().ok())

@@ -5,13 +5,17 @@
 mod batch;
 pub mod contract;
 mod error;
+pub mod postgres;
 mod rows;
 pub mod sqlite;
 
+use std::borrow::Cow;
 use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
+use sqlx::SqlSafeStr as _;
+use sqlx::migrate::{Migration, MigrationType, Migrator};
 
 pub use crate::policy::state::{EventKind, State};
 pub use error::DbError;
@@ -24,19 +28,126 @@ pub type Result<T, E = DbError> = std::result::Result<T, E>;
 /// A backend's long transaction holds the write lock; wait this long before calling it a failure.
 pub const BUSY_TIMEOUT: Duration = Duration::from_secs(15);
 
+/// How storekeyd connects: the config's `database_*` settings.
+#[derive(Debug, Clone)]
+pub struct DbOptions {
+    /// How long a statement waits for a lock another connection holds.
+    pub busy_timeout: Duration,
+    /// PostgreSQL: connections per replica (SQLite keeps its own four).
+    pub pool_size: u32,
+    /// PostgreSQL: how long to wait for a connection, new or from the pool.
+    pub connect_timeout: Duration,
+    /// PostgreSQL: where the listener for new keys connects, if not where the pool does (a
+    /// direct connection past PgBouncer in transaction mode).
+    pub listen_url: Option<String>,
+}
+
+impl Default for DbOptions {
+    fn default() -> Self {
+        DbOptions {
+            busy_timeout: BUSY_TIMEOUT,
+            pool_size: 10,
+            connect_timeout: Duration::from_secs(5),
+            listen_url: None,
+        }
+    }
+}
+
+/// The database a URL names, by its scheme.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    Sqlite,
+    Postgres,
+}
+
+impl Backend {
+    pub fn of(url: &str) -> Option<Backend> {
+        let scheme = url.split_once(':')?.0.to_ascii_lowercase();
+        match scheme.as_str() {
+            "sqlite" => Some(Backend::Sqlite),
+            "postgres" | "postgresql" => Some(Backend::Postgres),
+            _ => None,
+        }
+    }
+}
+
 /// Opens the database a URL names, creating and migrating it: what the daemon does.
-pub async fn open(url: &str, busy_timeout: Duration) -> Result<Arc<dyn Storage>> {
-    Ok(Arc::new(
-        sqlite::SqliteStore::open(url, busy_timeout).await?,
-    ))
+pub async fn open(url: &str, options: &DbOptions) -> Result<Arc<dyn Storage>> {
+    let store = connect(url, options).await?;
+    store.migrate().await?;
+    Ok(store)
 }
 
 /// Opens the database a URL names without touching its schema: what the CLI does, so an upgrade
 /// migrates only when asked to.
-pub async fn connect(url: &str) -> Result<Arc<dyn Storage>> {
-    Ok(Arc::new(
-        sqlite::SqliteStore::connect(url, BUSY_TIMEOUT).await?,
-    ))
+pub async fn connect(url: &str, options: &DbOptions) -> Result<Arc<dyn Storage>> {
+    match Backend::of(url) {
+        Some(Backend::Sqlite) => Ok(Arc::new(
+            sqlite::SqliteStore::connect(url, options.busy_timeout).await?,
+        )),
+        Some(Backend::Postgres) => Ok(Arc::new(postgres::PgStore::connect(url, options)?)),
+        None => Err(DbError::Scheme {
+            url: redact_url(url),
+        }),
+    }
+}
+
+/// The URL without its password (`postgres://app:***@db/keys`), for errors and logs.
+pub fn redact_url(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_owned();
+    };
+    let authority_end = rest.find(['/', '?']).unwrap_or(rest.len());
+    let (authority, tail) = rest.split_at(authority_end);
+    let authority = match authority.rsplit_once('@') {
+        Some((user, host)) => match user.split_once(':') {
+            Some((name, _)) => format!("{name}:***@{host}"),
+            None => format!("{user}@{host}"),
+        },
+        None => authority.to_owned(),
+    };
+    let tail = match tail.split_once('?') {
+        Some((path, query)) => {
+            let query: Vec<String> = query
+                .split('&')
+                .map(|pair| match pair.split_once('=') {
+                    Some((k, _)) if k.eq_ignore_ascii_case("password") => format!("{k}=***"),
+                    _ => pair.to_owned(),
+                })
+                .collect();
+            format!("{path}?{}", query.join("&"))
+        }
+        None => tail.to_owned(),
+    };
+    format!("{scheme}://{authority}{tail}")
+}
+
+/// A schema embedded in the binary: `(version, name, sql)` per migration.
+fn embedded(migrations: &[(i64, &'static str, &'static str)]) -> Migrator {
+    Migrator::with_migrations(
+        migrations
+            .iter()
+            .map(|&(version, name, sql)| {
+                Migration::new(
+                    version,
+                    Cow::Borrowed(name),
+                    MigrationType::Simple,
+                    sql.into_sql_str(),
+                    false,
+                )
+            })
+            .collect(),
+    )
+}
+
+/// The schema is at `migrator`'s last version (`found`: the last applied, none on an empty
+/// database).
+fn expect_version(found: Option<i64>, migrator: &Migrator) -> Result<()> {
+    let expected = migrator.iter().map(|m| m.version).max();
+    if found != expected {
+        return Err(DbError::Schema { found, expected });
+    }
+    Ok(())
 }
 
 /// The keys table as storekeyd uses it.
@@ -50,7 +161,8 @@ pub trait Storage: Send + Sync + std::fmt::Debug {
     fn schema_version(&self) -> i64;
     async fn close(&self);
 
-    /// Keys written by a backend since the last look, oldest first.
+    /// Keys written by a backend and not yet checked, oldest first. Where several processes
+    /// share the database, each row goes to one of them (a short lease) until it is checked.
     async fn pending(&self, limit: u32) -> Result<Vec<PendingRow>>;
     /// Reserves up to `limit` due keys of `kinds`, most overdue first, until `lease_until`. Two
     /// claimers never get the same row.
@@ -80,8 +192,9 @@ pub trait Storage: Send + Sync + std::fmt::Debug {
     /// Applies writes in one durable transaction, each row compared-and-swapped on the key that
     /// was read; returns, per write, whether it applied (a lost race records `superseded`).
     async fn apply(&self, writes: &[Write]) -> Result<Vec<bool>>;
-    /// Keeps the leases of keys whose results are still to be written.
-    async fn extend_leases(&self, ids: &[i64], until: i64) -> Result<()>;
+    /// Keeps the leases of keys whose results are still to be written: due again at `until`,
+    /// held for `until - now` more.
+    async fn extend_leases(&self, ids: &[i64], now: i64, until: i64) -> Result<()>;
     /// Hands back keys whose attempt did not run, due again at `now`.
     async fn release(&self, ids: &[i64], now: i64) -> Result<()>;
     /// Gives keys flagged for configuration reasons another check (a config change may fix them).
@@ -113,6 +226,12 @@ pub trait Storage: Send + Sync + std::fmt::Debug {
     async fn clear_alarm(&self, name: &str) -> Result<()>;
     /// Clears every alarm whose name does not start with `keep_prefix`.
     async fn clear_alarms_except(&self, keep_prefix: &str) -> Result<()>;
+
+    /// Signalled when a backend may have written a key, where the database can say so; the
+    /// loop polls as well (a signal can be lost).
+    fn wakeups(&self) -> Option<Arc<tokio::sync::Notify>> {
+        None
+    }
 }
 
 /// A row written by a backend and not yet checked.

@@ -9,7 +9,7 @@ use storekeyd::policy::claims::{self, Kind};
 use storekeyd::policy::fingerprint::Fingerprint;
 use tokio::process::{Child, Command};
 
-use crate::harness::{APP, DAY, KEY_LIFETIME, TestEnv, sigterm};
+use crate::harness::{APP, DAY, Db, KEY_LIFETIME, TestEnv, sigterm};
 
 fn due_key(env: &TestEnv, user: &str) -> String {
     env.emu.mint_at(
@@ -21,9 +21,8 @@ fn due_key(env: &TestEnv, user: &str) -> String {
     )
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_backend_write_during_a_renewal_wins() {
-    let mut env = TestEnv::new().await;
+async fn a_backend_write_during_a_renewal_wins(db: Db) {
+    let mut env = TestEnv::on(db).await;
     let old = due_key(&env, "alice");
     env.store("alice", Kind::Collections, &old).await;
     env.set_faults(Faults {
@@ -86,9 +85,8 @@ async fn sigterm_and_wait(mut child: Child) {
     assert!(exit.success(), "exit status after SIGTERM: {exit}");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn sigterm_mid_renewal_leaves_a_consistent_database_and_a_restart_carries_on() {
-    let mut env = TestEnv::new().await;
+async fn sigterm_mid_renewal_leaves_a_consistent_database_and_a_restart_carries_on(db: Db) {
+    let mut env = TestEnv::on(db).await;
     env.config.renew.concurrency = 2;
     env.config.renew.poll_interval = Duration::from_millis(100);
     let config_path = env.dir.path().join("storekeyd.toml");
@@ -155,3 +153,8 @@ async fn sigterm_mid_renewal_leaves_a_consistent_database_and_a_restart_carries_
         "each key renewed exactly once across the restart"
     );
 }
+
+crate::backend::on_both_databases!(
+    a_backend_write_during_a_renewal_wins,
+    sigterm_mid_renewal_leaves_a_consistent_database_and_a_restart_carries_on,
+);

@@ -1,11 +1,13 @@
 //! The backend contract in README.md is the SQL the code and the tests use.
 
-use storekeyd::storage::contract::{READ_KEY, UPSERT_KEY};
+use storekeyd::storage::contract::{PG_READ_KEY, PG_UPSERT_KEY, READ_KEY, UPSERT_KEY};
+
+use crate::harness::{Db, on_backend};
 
 #[test]
 fn readme_documents_the_exact_backend_statements() {
     let readme = include_str!("../../README.md");
-    for sql in [UPSERT_KEY, READ_KEY] {
+    for sql in [UPSERT_KEY, READ_KEY, PG_UPSERT_KEY, PG_READ_KEY] {
         assert!(
             readme.contains(sql),
             "README.md must contain, verbatim:\n{sql}"
@@ -16,15 +18,14 @@ fn readme_documents_the_exact_backend_statements() {
 /// A replayed login writes back a key the row was already renewed past: the newer key stays, and
 /// the event log says so. (Before, the row went `pending` with the old key and the newer one was
 /// gone.)
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn re_storing_an_older_key_keeps_the_newer_one() {
+async fn re_storing_an_older_key_keeps_the_newer_one(db: Db) {
     use std::time::Duration;
 
     use storekeyd::policy::claims::Kind;
 
     use crate::harness::{DAY, TestEnv};
 
-    let mut env = TestEnv::new().await;
+    let mut env = TestEnv::on(db).await;
     let first = env.add_due_user("alice").await;
     env.add_user("bob").await;
     env.spawn_daemon().await;
@@ -35,12 +36,11 @@ async fn re_storing_an_older_key_keeps_the_newer_one() {
     env.stop_daemon().await;
     let newest = env.row("alice", Kind::Collections).await.key;
     // The key renewed once, then again: both ancestors are refused, with the upsert as it is.
-    let events: Vec<(String,)> = sqlx::query_as(
+    let events: Vec<(String,)> = on_backend!(
+        env.db,
         "SELECT outcome FROM store_key_events WHERE key_id = 1 AND outcome = 'renewed'",
-    )
-    .fetch_all(env.db.pool())
-    .await
-    .unwrap();
+        |pool, sql| sqlx::query_as(sql).fetch_all(pool).await.unwrap()
+    );
     assert!(events.len() >= 2);
     env.store("alice", Kind::Collections, &first).await;
     env.store("alice", Kind::Collections, &format!("{first}\n"))
@@ -48,13 +48,15 @@ async fn re_storing_an_older_key_keeps_the_newer_one() {
     let row = env.row("alice", Kind::Collections).await;
     assert!(row.key == newest, "the newer key was replaced");
     assert_eq!(row.state, "active");
-    let (kept,): (i64,) = sqlx::query_as(
+    let (kept,): (i64,) = on_backend!(
+        env.db,
         "SELECT COUNT(*) FROM store_key_events WHERE key_id = ? AND outcome = 'stale_key_kept'",
-    )
-    .bind(row.id)
-    .fetch_one(env.db.pool())
-    .await
-    .unwrap();
+        |pool, sql| sqlx::query_as(sql)
+            .bind(row.id)
+            .fetch_one(pool)
+            .await
+            .unwrap()
+    );
     assert_eq!(kept, 2);
     // The newest key itself, padded (a form, a file): the same key, nothing changes.
     env.store("alice", Kind::Collections, &format!(" {newest}\n"))
@@ -72,3 +74,5 @@ async fn re_storing_an_older_key_keeps_the_newer_one() {
     // And bob, never renewed, is untouched by alice's lineage.
     assert_eq!(env.row("bob", Kind::Collections).await.state, "active");
 }
+
+crate::backend::on_both_databases!(re_storing_an_older_key_keeps_the_newer_one);

@@ -184,7 +184,7 @@ async fn a_read_only_then_full_disk_is_reported_and_recovered_from() {
         "{stderr}"
     );
     disk.remount("rw");
-    env.db = crate::harness::Backend::open(&env.config.database_url()).await;
+    env.db = crate::harness::Backend::open(&env.config.database_url(), None).await;
 
     // Slow answers, so that the disk fills while renewals are in flight.
     env.set_faults(Faults {

@@ -7,11 +7,10 @@ use storekeyd::emulator::keymint::{self, KeySpec};
 use storekeyd::policy::claims::{AUD_COLLECTIONS, CLAIM_CLIENT_ID, Kind};
 use tokio::net::TcpListener;
 
-use crate::harness::{APP, DAY, TestEnv};
+use crate::harness::{APP, DAY, Db, TestEnv};
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_revoked_key_is_flagged_after_a_fresh_token_retry_and_others_renew() {
-    let mut env = TestEnv::new().await;
+async fn a_revoked_key_is_flagged_after_a_fresh_token_retry_and_others_renew(db: Db) {
+    let mut env = TestEnv::on(db).await;
     env.add_due_user("alice").await;
     let revoked = env.add_due_user("mallory").await;
     // Not due, but old enough to be renewed early as the canary that shows the credential works
@@ -61,9 +60,8 @@ async fn a_revoked_key_is_flagged_after_a_fresh_token_retry_and_others_renew() {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn client_id_mismatch_is_misconfigured_not_revoked() {
-    let mut env = TestEnv::new().await;
+async fn client_id_mismatch_is_misconfigured_not_revoked(db: Db) {
+    let mut env = TestEnv::on(db).await;
     env.add_user("alice").await;
     env.set_faults(Faults {
         inconsistent_client_ids: vec![APP.into()],
@@ -81,9 +79,8 @@ async fn client_id_mismatch_is_misconfigured_not_revoked() {
     assert!(row.reason.unwrap().contains("InconsistentClientId"));
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn garbage_rows_are_flagged_invalid_while_the_others_renew() {
-    let mut env = TestEnv::new().await;
+async fn garbage_rows_are_flagged_invalid_while_the_others_renew(db: Db) {
+    let mut env = TestEnv::on(db).await;
     env.add_user("alice").await;
     env.store("not-a-jwt", Kind::Collections, "hello world")
         .await;
@@ -134,9 +131,8 @@ async fn garbage_rows_are_flagged_invalid_while_the_others_renew() {
     assert_eq!(AUD_COLLECTIONS, Kind::Collections.audience());
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_key_whose_refresh_uri_points_elsewhere_never_reaches_that_host() {
-    let mut env = TestEnv::new().await;
+async fn a_key_whose_refresh_uri_points_elsewhere_never_reaches_that_host(db: Db) {
+    let mut env = TestEnv::on(db).await;
     // The host the key advertises: it must never see a connection.
     let elsewhere = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = elsewhere.local_addr().unwrap();
@@ -172,9 +168,8 @@ async fn a_key_whose_refresh_uri_points_elsewhere_never_reaches_that_host() {
     );
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_key_stored_with_whitespace_around_it_is_stored_and_sent_trimmed() {
-    let mut env = TestEnv::new().await;
+async fn a_key_stored_with_whitespace_around_it_is_stored_and_sent_trimmed(db: Db) {
+    let mut env = TestEnv::on(db).await;
     // Not due: checked and stored, nothing renewed yet.
     let fresh = env.mint(Kind::Collections, APP, "fresh");
     env.store("fresh", Kind::Collections, &format!("{fresh}\r\n"))
@@ -206,9 +201,8 @@ async fn a_key_stored_with_whitespace_around_it_is_stored_and_sent_trimmed() {
     assert_eq!(env.count("active").await, 2);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_refresh_uri_spelled_differently_is_misconfigured_until_the_config_is_fixed() {
-    let mut env = TestEnv::new().await;
+async fn a_refresh_uri_spelled_differently_is_misconfigured_until_the_config_is_fixed(db: Db) {
+    let mut env = TestEnv::on(db).await;
     // The key advertises the emulator at 127.0.0.1; the configuration spells it `localhost`.
     let right = env.config.endpoints.collections.clone();
     env.config.endpoints.collections = right.replace("127.0.0.1", "localhost");
@@ -233,3 +227,12 @@ async fn a_refresh_uri_spelled_differently_is_misconfigured_until_the_config_is_
     env.stop_daemon().await;
     assert_eq!(env.count("active").await, 1);
 }
+
+crate::backend::on_both_databases!(
+    a_revoked_key_is_flagged_after_a_fresh_token_retry_and_others_renew,
+    client_id_mismatch_is_misconfigured_not_revoked,
+    garbage_rows_are_flagged_invalid_while_the_others_renew,
+    a_key_whose_refresh_uri_points_elsewhere_never_reaches_that_host,
+    a_key_stored_with_whitespace_around_it_is_stored_and_sent_trimmed,
+    a_refresh_uri_spelled_differently_is_misconfigured_until_the_config_is_fixed,
+);

@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 use storekeyd::emulator::Faults;
 use storekeyd::policy::claims::Kind;
 
-use crate::harness::{APP, DAY, KEY_LIFETIME, Row, TestEnv, full};
+use crate::harness::{APP, DAY, Db, KEY_LIFETIME, Row, TestEnv, full};
 
 fn tickets_refused() -> Faults {
     Faults {
@@ -26,10 +26,11 @@ fn named<'a>(rows: &'a [Row], env_rows: &'a [(String, i64)], prefix: &str) -> Ve
 }
 
 async fn users(env: &TestEnv) -> Vec<(String, i64)> {
-    sqlx::query_as("SELECT user_ref, id FROM store_keys")
-        .fetch_all(env.db.pool())
-        .await
-        .unwrap()
+    crate::harness::on_backend!(
+        env.db,
+        "SELECT user_ref, id FROM store_keys",
+        |pool, sql| sqlx::query_as(sql).fetch_all(pool).await.unwrap()
+    )
 }
 
 /// An application of `1 + early + late` keys (`revoked`: the first is genuinely revoked and comes
@@ -129,9 +130,8 @@ async fn a_large_application_with_a_broken_credential_flags_nothing() {
     broken_credential_after(100, 100, false).await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_small_application_with_a_broken_credential_loses_no_key_across_a_restart() {
-    let mut env = TestEnv::new().await;
+async fn a_small_application_with_a_broken_credential_loses_no_key_across_a_restart(db: Db) {
+    let mut env = TestEnv::on(db).await;
     for i in 0..4 {
         env.add_due_user(&format!("user-{i}")).await;
     }
@@ -182,9 +182,8 @@ async fn a_small_application_with_a_broken_credential_loses_no_key_across_a_rest
     assert_eq!(env.count("active").await, 4);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_wave_of_genuine_revocations_is_told_apart_by_a_canary() {
-    let mut env = TestEnv::new().await;
+async fn a_wave_of_genuine_revocations_is_told_apart_by_a_canary(db: Db) {
+    let mut env = TestEnv::on(db).await;
     // Healthy keys, none due for weeks: only a canary can show the credential works.
     for i in 0..30 {
         let issued = env.clock.now() - 2 * DAY as i64;
@@ -225,9 +224,8 @@ async fn a_wave_of_genuine_revocations_is_told_apart_by_a_canary() {
     env.stop_daemon().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_key_with_no_other_to_ask_is_flagged_only_after_hours_of_refusals() {
-    let mut env = TestEnv::new().await;
+async fn a_key_with_no_other_to_ask_is_flagged_only_after_hours_of_refusals(db: Db) {
+    let mut env = TestEnv::on(db).await;
     env.config.guard.lone_key_after = Duration::from_secs(3600);
     env.config.renew.backoff_cap = Duration::from_secs(600);
     let key = env.add_due_user("alone").await;
@@ -257,3 +255,9 @@ async fn a_key_with_no_other_to_ask_is_flagged_only_after_hours_of_refusals() {
         flagged_at - start
     );
 }
+
+crate::backend::on_both_databases!(
+    a_small_application_with_a_broken_credential_loses_no_key_across_a_restart,
+    a_wave_of_genuine_revocations_is_told_apart_by_a_canary,
+    a_key_with_no_other_to_ask_is_flagged_only_after_hours_of_refusals,
+);

@@ -1,5 +1,6 @@
-//! Starts the emulator on port 0 and the real daemon on a fresh SQLite file, both on one
-//! controllable clock, and reads the database the way a backend would.
+//! Starts the emulator on port 0 and the real daemon on a fresh database (a SQLite file, or a
+//! PostgreSQL database of the test's own), both on one controllable clock, and reads the
+//! database the way a backend would.
 
 use std::sync::{Arc, Once};
 use std::time::Duration;
@@ -12,6 +13,8 @@ use storekeyd::emulator::{self, Emulator, Faults};
 use storekeyd::policy::claims::Kind;
 use storekeyd::storage;
 use storekeyd::storage::contract;
+
+pub(crate) use crate::backend::{Backend, Db, PgDatabase, on_backend};
 use tempfile::TempDir;
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
@@ -83,40 +86,6 @@ impl From<RawRow> for Row {
     }
 }
 
-/// The backend's own connection to the database, opened as a game backend would open it, after
-/// storekeyd created the schema.
-pub(crate) struct Backend {
-    pool: sqlx::SqlitePool,
-}
-
-impl Backend {
-    pub(crate) async fn open(url: &str) -> Backend {
-        use std::str::FromStr as _;
-        storage::open(url, storage::BUSY_TIMEOUT)
-            .await
-            .unwrap()
-            .close()
-            .await;
-        let options = sqlx::sqlite::SqliteConnectOptions::from_str(url)
-            .unwrap()
-            .busy_timeout(Duration::from_secs(15));
-        let pool = sqlx::sqlite::SqlitePoolOptions::new()
-            .max_connections(2)
-            .connect_with(options)
-            .await
-            .unwrap();
-        Backend { pool }
-    }
-
-    pub(crate) fn pool(&self) -> &sqlx::SqlitePool {
-        &self.pool
-    }
-
-    pub(crate) async fn close(&self) {
-        self.pool.close().await;
-    }
-}
-
 pub(crate) struct TestEnv {
     pub clock: Clock,
     pub emu: Arc<Emulator>,
@@ -137,8 +106,20 @@ impl TestEnv {
         TestEnv::with_database(None).await
     }
 
+    /// A test env on `db`: SQLite in the temp dir, or a PostgreSQL database of its own.
+    pub(crate) async fn on(db: Db) -> TestEnv {
+        match db {
+            Db::Sqlite => TestEnv::new().await,
+            Db::Postgres => TestEnv::setup(None, Some(PgDatabase::create().await)).await,
+        }
+    }
+
     /// A test env whose database lives at `path` (a file system the test controls).
     pub(crate) async fn with_database(path: Option<std::path::PathBuf>) -> TestEnv {
+        TestEnv::setup(path, None).await
+    }
+
+    async fn setup(path: Option<std::path::PathBuf>, pg: Option<PgDatabase>) -> TestEnv {
         init_logging();
         let clock = Clock::system();
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -150,7 +131,10 @@ impl TestEnv {
         if let Some(path) = path {
             config.database_url = Some(format!("sqlite://{}", path.display()));
         }
-        let db = Backend::open(&config.database_url()).await;
+        if let Some(pg) = &pg {
+            config.database_url = Some(pg.url());
+        }
+        let db = Backend::open(&config.database_url(), pg).await;
         TestEnv {
             clock,
             emu,
@@ -167,12 +151,9 @@ impl TestEnv {
     /// Starts the daemon with this env's config and its own database connection.
     pub(crate) async fn spawn_daemon(&mut self) {
         assert!(self.daemon.is_none(), "daemon already running");
-        let db = storage::open(
-            &self.config.database_url(),
-            self.config.database_busy_timeout,
-        )
-        .await
-        .unwrap();
+        let db = storage::open(&self.config.database_url(), &self.config.db_options())
+            .await
+            .unwrap();
         let stop = CancellationToken::new();
         let config = Arc::new(self.config.clone());
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -208,7 +189,7 @@ impl TestEnv {
 
     /// Stores a key with the backend contract's statement.
     pub(crate) async fn store(&self, user: &str, kind: Kind, key: &str) {
-        contract::upsert_key(self.db.pool(), user, kind.as_str(), key)
+        contract::upsert_key(self.db.any(), user, kind.as_str(), key)
             .await
             .unwrap();
     }
@@ -256,34 +237,38 @@ impl TestEnv {
     }
 
     pub(crate) async fn row(&self, user: &str, kind: Kind) -> Row {
-        let sql = format!("{ROW_SELECT} WHERE user_ref = ? AND kind = ?");
-        let raw: RawRow = sqlx::query_as(sqlx::AssertSqlSafe(sql))
-            .bind(user)
-            .bind(kind.as_str())
-            .fetch_one(self.db.pool())
-            .await
-            .unwrap();
+        let raw: RawRow = on_backend!(
+            self.db,
+            format!("{ROW_SELECT} WHERE user_ref = ? AND kind = ?"),
+            |pool, sql| sqlx::query_as(sql)
+                .bind(user)
+                .bind(kind.as_str())
+                .fetch_one(pool)
+                .await
+                .unwrap()
+        );
         Row::from(raw)
     }
 
     pub(crate) async fn rows(&self) -> Vec<Row> {
-        let sql = format!("{ROW_SELECT} ORDER BY id");
-        let raw: Vec<RawRow> = sqlx::query_as(sqlx::AssertSqlSafe(sql))
-            .fetch_all(self.db.pool())
-            .await
-            .unwrap();
+        let raw: Vec<RawRow> =
+            on_backend!(self.db, format!("{ROW_SELECT} ORDER BY id"), |pool, sql| {
+                sqlx::query_as(sql).fetch_all(pool).await.unwrap()
+            });
         raw.into_iter().map(Row::from).collect()
     }
 
     /// Outcomes recorded for a row, oldest first.
     pub(crate) async fn outcomes(&self, key_id: i64) -> Vec<(String, i64, Option<i64>)> {
-        sqlx::query_as(
+        on_backend!(
+            self.db,
             "SELECT outcome, at, http_status FROM store_key_events WHERE key_id = ? ORDER BY id",
+            |pool, sql| sqlx::query_as(sql)
+                .bind(key_id)
+                .fetch_all(pool)
+                .await
+                .unwrap()
         )
-        .bind(key_id)
-        .fetch_all(self.db.pool())
-        .await
-        .unwrap()
     }
 
     /// Polls `check` every 20 ms, moving the shared clock forward by up to `step` each time,
@@ -315,15 +300,14 @@ impl TestEnv {
         if step.is_zero() {
             return;
         }
-        let (pending, leased, due): (i64, i64, Option<i64>) = sqlx::query_as(
-            "SELECT COALESCE(SUM(state = 'pending'), 0),
-                    COALESCE(SUM(state = 'active' AND lease_until IS NOT NULL), 0),
+        let (pending, leased, due): (i64, i64, Option<i64>) = on_backend!(
+            self.db,
+            "SELECT COUNT(CASE WHEN state = 'pending' THEN 1 END),
+                    COUNT(CASE WHEN state = 'active' AND lease_until IS NOT NULL THEN 1 END),
                     MIN(CASE WHEN state = 'active' THEN next_attempt_at END)
              FROM store_keys",
-        )
-        .fetch_one(self.db.pool())
-        .await
-        .unwrap();
+            |pool, sql| sqlx::query_as(sql).fetch_one(pool).await.unwrap()
+        );
         let now = self.clock.now();
         if pending > 0 || leased > 0 || due.is_some_and(|d| d <= now) {
             return;

@@ -8,7 +8,7 @@ use storekeyd::emulator::keymint;
 use storekeyd::emulator::{Faults, WrongSuccessor};
 use storekeyd::policy::claims::{AUD_COLLECTIONS, CLAIM_CLIENT_ID, Kind};
 
-use crate::harness::{APP, TestEnv};
+use crate::harness::{APP, Db, TestEnv};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rows_that_cannot_be_keys_are_flagged_and_never_stall_the_others() {
@@ -142,3 +142,32 @@ async fn answers_no_store_would_give_are_never_written() {
     .await;
     env.stop_daemon().await;
 }
+
+/// A claim holding U+0000 (which PostgreSQL's text cannot) is stored all the same, and the keys
+/// written in the same batch are not held up by it.
+async fn a_claim_holding_nul_neither_fails_its_batch_nor_stalls_the_others(db: Db) {
+    use storekeyd::policy::claims::CLAIM_USER_ID;
+    let mut env = TestEnv::on(db).await;
+    let now = env.clock.now();
+    let nul = keymint::encode_claims(&serde_json::json!({
+        "aud": AUD_COLLECTIONS, "iat": now, "exp": now + 30 * 86_400,
+        CLAIM_CLIENT_ID: APP, CLAIM_USER_ID: "nul\u{0}user"
+    }));
+    env.store("nul", Kind::Collections, &nul).await;
+    env.add_due_user("alice").await;
+    env.spawn_daemon().await;
+    env.wait_until("alice renewed", || async {
+        env.row("alice", Kind::Collections).await.renewals == 1
+    })
+    .await;
+    env.stop_daemon().await;
+    let row = env.row("nul", Kind::Collections).await;
+    assert_eq!(
+        (row.state.as_str(), row.key.as_str()),
+        ("active", nul.as_str())
+    );
+}
+
+crate::backend::on_both_databases!(
+    a_claim_holding_nul_neither_fails_its_batch_nor_stalls_the_others
+);

@@ -1,6 +1,7 @@
-//! End-to-end tests: the real daemon on a fresh SQLite file against the emulator on port 0.
+//! End-to-end tests: the real daemon on a fresh database against the emulator on port 0.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+mod backend;
 mod harness;
 
 mod cli;

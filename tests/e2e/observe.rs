@@ -2,7 +2,7 @@
 
 use storekeyd::config::Application;
 
-use crate::harness::{TENANT, TestEnv, write_private};
+use crate::harness::{Db, TENANT, TestEnv, write_private};
 
 /// Runs `promtool check metrics` on the text; required where CI installed it.
 fn promtool(text: &str) {
@@ -36,9 +36,8 @@ fn promtool(text: &str) {
     );
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn metrics_describe_renewals_and_keys_without_key_material() {
-    let mut env = TestEnv::new().await;
+async fn metrics_describe_renewals_and_keys_without_key_material(db: Db) {
+    let mut env = TestEnv::on(db).await;
     let keys = [
         env.add_due_user("alice").await,
         env.add_due_user("mallory").await,
@@ -77,9 +76,8 @@ async fn metrics_describe_renewals_and_keys_without_key_material() {
     env.stop_daemon().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn health_and_readiness_report_each_check() {
-    let mut env = TestEnv::new().await;
+async fn health_and_readiness_report_each_check(db: Db) {
+    let mut env = TestEnv::on(db).await;
     env.spawn_daemon().await;
     env.wait_until("ready", || async { env.get("/readyz").await.0 == 200 })
         .await;
@@ -122,3 +120,8 @@ async fn health_and_readiness_report_each_check() {
     assert!(env.get("/metrics").await.1.contains("storekeyd_ready 0\n"));
     env.stop_daemon().await;
 }
+
+crate::backend::on_both_databases!(
+    metrics_describe_renewals_and_keys_without_key_material,
+    health_and_readiness_report_each_check,
+);

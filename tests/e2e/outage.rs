@@ -5,13 +5,12 @@ use std::time::{Duration, Instant};
 
 use storekeyd::emulator::Faults;
 
-use crate::harness::{OTHER_APP, TestEnv, metric};
+use crate::harness::{Db, OTHER_APP, TestEnv, metric};
 
 const OPEN: &str = "storekeyd_breaker_open{kind=\"collections\"}";
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_outage_opens_the_breaker_bounds_requests_flags_nothing_and_recovers() {
-    let mut env = TestEnv::new().await;
+async fn an_outage_opens_the_breaker_bounds_requests_flags_nothing_and_recovers(db: Db) {
+    let mut env = TestEnv::on(db).await;
     env.config.breaker.threshold = 5;
     env.config.breaker.probe_initial = Duration::from_secs(1);
     env.config.breaker.probe_max = Duration::from_secs(2);
@@ -73,9 +72,8 @@ async fn an_outage_opens_the_breaker_bounds_requests_flags_nothing_and_recovers(
     env.stop_daemon().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_rejected_credential_flags_no_key_and_raises_the_alarm() {
-    let mut env = TestEnv::new().await;
+async fn a_rejected_credential_flags_no_key_and_raises_the_alarm(db: Db) {
+    let mut env = TestEnv::on(db).await;
     for i in 0..10 {
         env.add_due_key(&format!("other-{i}"), OTHER_APP).await;
         env.add_due_user(&format!("main-{i}")).await;
@@ -121,9 +119,8 @@ async fn a_rejected_credential_flags_no_key_and_raises_the_alarm() {
     env.stop_daemon().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_few_real_revocations_among_many_healthy_keys_are_flagged() {
-    let mut env = TestEnv::new().await;
+async fn a_few_real_revocations_among_many_healthy_keys_are_flagged(db: Db) {
+    let mut env = TestEnv::on(db).await;
     let mut revoked = Vec::new();
     for i in 0..20 {
         let key = env.add_due_user(&format!("user-{i}")).await;
@@ -149,3 +146,9 @@ async fn a_few_real_revocations_among_many_healthy_keys_are_flagged() {
     );
     env.stop_daemon().await;
 }
+
+crate::backend::on_both_databases!(
+    an_outage_opens_the_breaker_bounds_requests_flags_nothing_and_recovers,
+    a_rejected_credential_flags_no_key_and_raises_the_alarm,
+    a_few_real_revocations_among_many_healthy_keys_are_flagged,
+);

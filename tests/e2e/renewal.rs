@@ -7,11 +7,10 @@ use storekeyd::emulator::Faults;
 use storekeyd::policy::claims::{self, Kind};
 use storekeyd::storage::contract;
 
-use crate::harness::{APP, DAY, OTHER_APP, TestEnv};
+use crate::harness::{APP, DAY, Db, OTHER_APP, TestEnv};
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn happy_path_renews_every_key_over_several_cycles() {
-    let mut env = TestEnv::new().await;
+async fn happy_path_renews_every_key_over_several_cycles(db: Db) {
+    let mut env = TestEnv::on(db).await;
     let users = ["alice", "bob", "carol"];
     let mut first_exp = Vec::new();
     for user in users {
@@ -49,7 +48,7 @@ async fn happy_path_renews_every_key_over_several_cycles() {
             )
         );
         // What a backend reads is the key in the row: the newest one.
-        let read = contract::read_key(env.db.pool(), user, "collections")
+        let read = contract::read_key(env.db.any(), user, "collections")
             .await
             .unwrap();
         assert_eq!(read.as_deref(), Some(row.key.as_str()));
@@ -67,9 +66,8 @@ async fn happy_path_renews_every_key_over_several_cycles() {
     );
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn throttling_and_outages_are_retried_then_renewed() {
-    let mut env = TestEnv::new().await;
+async fn throttling_and_outages_are_retried_then_renewed(db: Db) {
+    let mut env = TestEnv::on(db).await;
     env.add_user("alice").await;
     env.set_faults(Faults {
         throttle_rate: 1.0,
@@ -127,9 +125,8 @@ async fn throttling_and_outages_are_retried_then_renewed() {
     );
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_key_that_cannot_be_renewed_in_time_is_flagged_expired_and_never_sent_late() {
-    let mut env = TestEnv::new().await;
+async fn a_key_that_cannot_be_renewed_in_time_is_flagged_expired_and_never_sent_late(db: Db) {
+    let mut env = TestEnv::on(db).await;
     env.add_user("alice").await;
     let already = env
         .emu
@@ -165,3 +162,9 @@ async fn a_key_that_cannot_be_renewed_in_time_is_flagged_expired_and_never_sent_
         "a key stored after its expiry is flagged at ingest"
     );
 }
+
+crate::backend::on_both_databases!(
+    happy_path_renews_every_key_over_several_cycles,
+    throttling_and_outages_are_retried_then_renewed,
+    a_key_that_cannot_be_renewed_in_time_is_flagged_expired_and_never_sent_late,
+);

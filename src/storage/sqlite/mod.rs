@@ -267,7 +267,7 @@ impl Storage for SqliteStore {
         write::apply(&self.writer, writes).await
     }
 
-    async fn extend_leases(&self, ids: &[i64], until: i64) -> Result<()> {
+    async fn extend_leases(&self, ids: &[i64], _now: i64, until: i64) -> Result<()> {
         // On the writer's connection: only the writer extends leases, and its busy timeout is
         // short.
         update_leases(&self.writer, EXTEND_LEASES, ids, until).await

@@ -1,14 +1,13 @@
 //! Opening a SQLite database: a private file, WAL, `synchronous=FULL`, the busy timeout, and the
 //! schema embedded from `migrations/sqlite`.
 
-use std::borrow::Cow;
 use std::path::Path;
 use std::str::FromStr;
 use std::time::Duration;
 
-use sqlx::migrate::{Migration, MigrationType, Migrator};
+use sqlx::SqlitePool;
+use sqlx::migrate::Migrator;
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
-use sqlx::{SqlSafeStr as _, SqlitePool};
 
 use crate::storage::{DbError, Result};
 
@@ -80,14 +79,7 @@ pub(super) async fn check_schema(pool: &SqlitePool) -> Result<()> {
                 .await?;
         v
     };
-    let expected = migrator().iter().map(|m| m.version).max();
-    if version != expected {
-        return Err(DbError::Schema {
-            found: version,
-            expected,
-        });
-    }
-    Ok(())
+    crate::storage::expect_version(version, &migrator())
 }
 
 /// The schema, embedded in the binary from `migrations/sqlite`.
@@ -129,20 +121,7 @@ pub fn migrator() -> Migrator {
             include_str!("../../../migrations/sqlite/0007_guard_repairs.sql"),
         ),
     ];
-    Migrator::with_migrations(
-        migrations
-            .into_iter()
-            .map(|(version, name, sql)| {
-                Migration::new(
-                    version,
-                    Cow::Borrowed(name),
-                    MigrationType::Simple,
-                    sql.into_sql_str(),
-                    false,
-                )
-            })
-            .collect(),
-    )
+    crate::storage::embedded(&migrations)
 }
 
 /// Whether the database file cannot be opened for writing (a read-only file system, say).

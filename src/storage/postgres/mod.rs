@@ -1,0 +1,431 @@
+//! The keys table, its events and alarms on PostgreSQL, shared by any number of replicas. This
+//! module owns every SQL statement storekeyd sends to PostgreSQL: the queue (here), the writes
+//! (`write`), the reports (`read`) and the wake-ups (`listen`).
+//!
+//! The keys table is the queue. A claim takes due rows with `FOR UPDATE SKIP LOCKED`, so two
+//! replicas claiming at once take different rows, and stamps a lease on the database's clock:
+//! a replica whose clock is off neither steals live claims nor keeps dead ones.
+
+mod listen;
+mod open;
+mod read;
+mod write;
+
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use sqlx::PgPool;
+use sqlx::postgres::PgRow;
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+
+use super::{
+    Alarm, ClaimedRow, DbError, DbOptions, EventRecord, KeyStats, KeySummary, NewKey, PendingRow,
+    Result, Storage, Write, rows,
+};
+use crate::policy::claims::{KeyText, Kind};
+
+pub use open::migrator;
+
+/// Now on the database's clock, in Unix seconds: what leases are judged by.
+const DB_NOW: &str = "floor(extract(epoch FROM now()))::bigint";
+/// How long a replica holds the pending rows it is checking.
+const PENDING_LEASE_SECS: i64 = 60;
+
+/// The columns a claim returns: the key and the claims ingest stored for it.
+const CLAIMED: &str = "k.id, convert_to(k.key, 'UTF8') AS key_bytes, k.attempts, k.refusals, k.refused_first_ms, k.refused_last_ms, k.kind, k.client_id, k.user_id, k.issued_at, k.expires_at";
+
+/// A PostgreSQL database. Cloning shares the pool.
+#[derive(Debug, Clone)]
+pub struct PgStore {
+    pool: PgPool,
+    /// Every call gives up after this long: a server that vanished without closing the
+    /// connection would otherwise hold a pass until TCP gives up (minutes).
+    call_timeout: Duration,
+    listen: listen::Source,
+    wake: Arc<OnceLock<Arc<Notify>>>,
+    /// Ends the listener.
+    closed: CancellationToken,
+}
+
+impl PgStore {
+    /// A pool that connects when first used: a server down at the start is an error of the
+    /// first query, and the daemon waits for it like for any outage.
+    pub fn connect(url: &str, options: &DbOptions) -> Result<PgStore> {
+        let pool = open::pool(url, options)?;
+        let listen = match &options.listen_url {
+            Some(url) => listen::Source::Url(url.clone()),
+            None => listen::Source::Pool(pool.clone()),
+        };
+        Ok(PgStore {
+            pool,
+            listen,
+            closed: CancellationToken::new(),
+            call_timeout: options.connect_timeout
+                + options
+                    .busy_timeout
+                    .saturating_mul(2)
+                    .max(Duration::from_secs(30))
+                + Duration::from_secs(5),
+            wake: Arc::new(OnceLock::new()),
+        })
+    }
+
+    async fn timed<T>(&self, call: impl Future<Output = Result<T>>) -> Result<T> {
+        tokio::time::timeout(self.call_timeout, call)
+            .await
+            .unwrap_or(Err(DbError::Timeout(self.call_timeout)))
+    }
+}
+
+fn claimed_rows(rows: &[PgRow], lease_until: i64) -> Result<Vec<ClaimedRow>> {
+    Ok(rows
+        .iter()
+        .map(|r| rows::claimed(r, lease_until))
+        .collect::<std::result::Result<_, _>>()?)
+}
+
+/// A lease's length in seconds, from the caller's `now` and `lease_until`.
+fn lease_secs(now: i64, lease_until: i64) -> i64 {
+    lease_until.saturating_sub(now).max(1)
+}
+
+async fn next_due(pool: &PgPool, kinds: &[Kind]) -> Result<Option<i64>> {
+    let kinds: Vec<&str> = kinds.iter().map(|k| k.as_str()).collect();
+    // One MIN per kind: each an index lookup on (kind, next_attempt_at).
+    let (due,): (Option<i64>,) = sqlx::query_as(
+        "SELECT MIN(d) FROM unnest($1::text[]) AS want(kind),
+             LATERAL (SELECT MIN(next_attempt_at) AS d FROM store_keys
+                      WHERE state = 'active' AND kind = want.kind) AS m",
+    )
+    .bind(kinds)
+    .fetch_one(pool)
+    .await?;
+    Ok(due)
+}
+
+#[async_trait]
+impl Storage for PgStore {
+    async fn migrate(&self) -> Result<()> {
+        self.timed(async { Ok(migrator().run(&self.pool).await?) })
+            .await
+    }
+
+    async fn check_schema(&self) -> Result<()> {
+        self.timed(open::check_schema(&self.pool)).await
+    }
+
+    fn schema_version(&self) -> i64 {
+        migrator().iter().map(|m| m.version).max().unwrap_or(0)
+    }
+
+    async fn close(&self) {
+        self.closed.cancel();
+        self.pool.close().await;
+    }
+
+    async fn pending(&self, limit: u32) -> Result<Vec<PendingRow>> {
+        let sql = format!(
+            "UPDATE store_keys AS k SET lease_until = {DB_NOW} + $2
+             WHERE k.id IN (SELECT id FROM store_keys
+                            WHERE state = 'pending' AND (lease_until IS NULL OR lease_until <= {DB_NOW})
+                            ORDER BY id LIMIT $1 FOR UPDATE SKIP LOCKED)
+             RETURNING k.id, k.kind, convert_to(k.key, 'UTF8')"
+        );
+        let mut rows: Vec<(i64, String, Vec<u8>)> = self
+            .timed(async {
+                Ok(sqlx::query_as(sqlx::AssertSqlSafe(sql))
+                    .bind(i64::from(limit))
+                    .bind(PENDING_LEASE_SECS)
+                    .fetch_all(&self.pool)
+                    .await?)
+            })
+            .await?;
+        rows.sort_by_key(|r| r.0);
+        Ok(rows
+            .into_iter()
+            .map(|(id, kind, key)| PendingRow {
+                id,
+                kind,
+                key: KeyText::from_bytes(key),
+            })
+            .collect())
+    }
+
+    async fn claim_due(
+        &self,
+        now: i64,
+        lease_until: i64,
+        limit: u32,
+        kinds: &[Kind],
+    ) -> Result<Vec<ClaimedRow>> {
+        // Each kind's due keys come off its own index; the most overdue of both are taken, so a
+        // backlog of one kind never starves the other.
+        let (Some(first), second) = (kinds.first(), kinds.get(1)) else {
+            return Ok(Vec::new());
+        };
+        let due = |param: &str| {
+            format!(
+                "SELECT id, next_attempt_at FROM store_keys
+                 WHERE state = 'active' AND kind = {param} AND next_attempt_at <= $3
+                   AND (lease_until IS NULL OR lease_until <= {DB_NOW})
+                 ORDER BY next_attempt_at LIMIT $4 FOR UPDATE SKIP LOCKED"
+            )
+        };
+        let sql = format!(
+            "WITH a AS ({}), b AS ({}),
+                  picked AS (SELECT id FROM (SELECT * FROM a UNION ALL SELECT * FROM b) AS due
+                             ORDER BY next_attempt_at LIMIT $4)
+             UPDATE store_keys AS k SET next_attempt_at = $5, lease_until = {DB_NOW} + $6
+             FROM picked WHERE k.id = picked.id
+             RETURNING {CLAIMED}",
+            due("$1"),
+            due("$2")
+        );
+        let rows = self
+            .timed(async {
+                Ok(sqlx::query(sqlx::AssertSqlSafe(sql))
+                    .bind(first.as_str())
+                    .bind(second.map(|k| k.as_str()))
+                    .bind(now)
+                    .bind(i64::from(limit))
+                    .bind(lease_until)
+                    .bind(lease_secs(now, lease_until))
+                    .fetch_all(&self.pool)
+                    .await?)
+            })
+            .await?;
+        let mut claimed = claimed_rows(&rows, lease_until)?;
+        claimed.sort_by_key(|r| r.id);
+        Ok(claimed)
+    }
+
+    async fn claim_row(&self, id: i64, now: i64, lease_until: i64) -> Result<Option<ClaimedRow>> {
+        let sql = format!(
+            "UPDATE store_keys AS k SET next_attempt_at = $1, lease_until = {DB_NOW} + $3
+             WHERE k.id = $2 AND k.state = 'active'
+               AND (k.lease_until IS NULL OR k.lease_until <= {DB_NOW})
+             RETURNING {CLAIMED}"
+        );
+        let row = self
+            .timed(async {
+                Ok(sqlx::query(sqlx::AssertSqlSafe(sql))
+                    .bind(lease_until)
+                    .bind(id)
+                    .bind(lease_secs(now, lease_until))
+                    .fetch_optional(&self.pool)
+                    .await?)
+            })
+            .await?;
+        Ok(row
+            .as_ref()
+            .map(|r| rows::claimed(r, lease_until))
+            .transpose()?)
+    }
+
+    async fn claim_canary(
+        &self,
+        client_id: &str,
+        issued_before: i64,
+        now: i64,
+        lease_until: i64,
+    ) -> Result<Option<ClaimedRow>> {
+        // Soonest due: renewing it early costs the least. Valid past the claim's lease.
+        let sql = format!(
+            "UPDATE store_keys AS k SET next_attempt_at = $1, lease_until = {DB_NOW} + $4
+             WHERE k.id = (SELECT id FROM store_keys
+                           WHERE state = 'active' AND client_id = $2 AND refusals = 0
+                             AND attempts = 0 AND expires_at > $1 AND issued_at <= $3
+                             AND (lease_until IS NULL OR lease_until <= {DB_NOW})
+                           ORDER BY next_attempt_at LIMIT 1 FOR UPDATE SKIP LOCKED)
+             RETURNING {CLAIMED}"
+        );
+        let row = self
+            .timed(async {
+                Ok(sqlx::query(sqlx::AssertSqlSafe(sql))
+                    .bind(lease_until)
+                    .bind(client_id)
+                    .bind(issued_before)
+                    .bind(lease_secs(now, lease_until))
+                    .fetch_optional(&self.pool)
+                    .await?)
+            })
+            .await?;
+        let mut row = row
+            .as_ref()
+            .map(|r| rows::claimed(r, lease_until))
+            .transpose()?;
+        if let Some(r) = &mut row {
+            r.canary = true;
+        }
+        Ok(row)
+    }
+
+    async fn due_rows(&self, now: i64, limit: u32) -> Result<Vec<ClaimedRow>> {
+        let sql = format!(
+            "SELECT {CLAIMED} FROM store_keys AS k
+             WHERE k.state = 'active' AND k.next_attempt_at <= $1
+             ORDER BY k.next_attempt_at LIMIT $2"
+        );
+        let rows = self
+            .timed(async {
+                Ok(sqlx::query(sqlx::AssertSqlSafe(sql))
+                    .bind(now)
+                    .bind(i64::from(limit))
+                    .fetch_all(&self.pool)
+                    .await?)
+            })
+            .await?;
+        // Not claimed: a dry run holds no lease.
+        claimed_rows(&rows, i64::MAX)
+    }
+
+    async fn next_due(&self, kinds: &[Kind]) -> Result<Option<i64>> {
+        self.timed(next_due(&self.pool, kinds)).await
+    }
+
+    async fn apply(&self, writes: &[Write]) -> Result<Vec<bool>> {
+        self.timed(write::apply(&self.pool, writes)).await
+    }
+
+    async fn extend_leases(&self, ids: &[i64], now: i64, until: i64) -> Result<()> {
+        if ids.is_empty() {
+            return Ok(());
+        }
+        let sql = format!(
+            "UPDATE store_keys SET next_attempt_at = $1, lease_until = {DB_NOW} + $2
+             WHERE id = ANY($3) AND state = 'active' AND lease_until IS NOT NULL"
+        );
+        self.timed(async {
+            sqlx::query(sqlx::AssertSqlSafe(sql))
+                .bind(until)
+                .bind(lease_secs(now, until))
+                .bind(ids)
+                .execute(&self.pool)
+                .await?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn release(&self, ids: &[i64], now: i64) -> Result<()> {
+        if ids.is_empty() {
+            return Ok(());
+        }
+        self.timed(async {
+            sqlx::query(
+                "UPDATE store_keys SET next_attempt_at = $1, lease_until = NULL
+                 WHERE id = ANY($2) AND state = 'active' AND lease_until IS NOT NULL",
+            )
+            .bind(now)
+            .bind(ids)
+            .execute(&self.pool)
+            .await?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn recheck_misconfigured(&self, now: i64) -> Result<u64> {
+        self.timed(async {
+            Ok(sqlx::query(
+                "UPDATE store_keys SET state = 'pending', updated_at = $1 WHERE state = 'misconfigured'",
+            )
+            .bind(now)
+            .execute(&self.pool)
+            .await?
+            .rows_affected())
+        })
+        .await
+    }
+
+    async fn prune_events(&self, before: i64, max_batches: u32) -> Result<(u64, bool)> {
+        self.timed(write::prune_events(&self.pool, before, max_batches))
+            .await
+    }
+
+    async fn prune_lineage(&self, before: i64) -> Result<u64> {
+        self.timed(async {
+            Ok(
+                sqlx::query("DELETE FROM store_key_lineage WHERE retired_at < $1")
+                    .bind(before)
+                    .execute(&self.pool)
+                    .await?
+                    .rows_affected(),
+            )
+        })
+        .await
+    }
+
+    async fn store_keys(&self, keys: &[NewKey]) -> Result<()> {
+        self.timed(write::store_keys(&self.pool, keys)).await
+    }
+
+    async fn key_row(&self, id: i64) -> Result<Option<(KeySummary, KeyText)>> {
+        self.timed(read::key_row(&self.pool, id)).await
+    }
+
+    async fn flagged(&self, limit: u32) -> Result<(Vec<KeySummary>, i64)> {
+        self.timed(read::flagged(&self.pool, limit)).await
+    }
+
+    async fn expiring(&self, before: i64, limit: u32) -> Result<Vec<KeySummary>> {
+        self.timed(read::expiring(&self.pool, before, limit)).await
+    }
+
+    async fn key_stats(&self, now: i64) -> Result<KeyStats> {
+        self.timed(async {
+            let next_due = next_due(&self.pool, &Kind::ALL).await?;
+            read::key_stats(&self.pool, now, next_due).await
+        })
+        .await
+    }
+
+    async fn keys(&self, after_id: i64, limit: u32) -> Result<Vec<KeySummary>> {
+        self.timed(read::keys(&self.pool, after_id, limit)).await
+    }
+
+    async fn events(&self, after_id: i64, limit: u32) -> Result<Vec<EventRecord>> {
+        self.timed(read::events(&self.pool, after_id, limit)).await
+    }
+
+    async fn alarms(&self) -> Result<Vec<Alarm>> {
+        self.timed(read::alarms(&self.pool)).await
+    }
+
+    async fn set_alarm(&self, name: &str, detail: &str, since: i64) -> Result<()> {
+        self.timed(write::set_alarm(&self.pool, name, detail, since))
+            .await
+    }
+
+    async fn clear_alarm(&self, name: &str) -> Result<()> {
+        self.timed(async {
+            sqlx::query("DELETE FROM storekeyd_alarms WHERE name = $1")
+                .bind(name)
+                .execute(&self.pool)
+                .await?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn clear_alarms_except(&self, keep_prefix: &str) -> Result<()> {
+        self.timed(async {
+            sqlx::query("DELETE FROM storekeyd_alarms WHERE NOT starts_with(name, $1)")
+                .bind(keep_prefix)
+                .execute(&self.pool)
+                .await?;
+            Ok(())
+        })
+        .await
+    }
+
+    fn wakeups(&self) -> Option<Arc<Notify>> {
+        Some(
+            self.wake
+                .get_or_init(|| listen::spawn(self.listen.clone(), self.closed.clone()))
+                .clone(),
+        )
+    }
+}

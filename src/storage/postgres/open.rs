@@ -1,0 +1,79 @@
+//! Connecting to PostgreSQL: one pool sized by the config, the server-side timeouts that keep a
+//! stuck statement from holding a connection, TLS as the URL's `sslmode` asks (the system's
+//! roots), and the schema embedded from `migrations/postgres`.
+
+use std::str::FromStr;
+use std::time::Duration;
+
+use sqlx::PgPool;
+use sqlx::migrate::Migrator;
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+
+use crate::storage::{DbError, DbOptions, Result};
+
+/// Connections are opened when needed and checked before use: after a server restart the pool
+/// drops the dead ones instead of failing a query on each.
+pub(super) fn pool(url: &str, options: &DbOptions) -> Result<PgPool> {
+    let connect = PgConnectOptions::from_str(url)
+        .map_err(|source| DbError::Open {
+            url: crate::storage::redact_url(url),
+            source,
+        })?
+        .application_name("storekeyd")
+        .options(server_timeouts(options.busy_timeout));
+    Ok(PgPoolOptions::new()
+        .max_connections(options.pool_size.max(2))
+        .min_connections(0)
+        .acquire_timeout(options.connect_timeout)
+        .idle_timeout(Duration::from_secs(300))
+        .test_before_acquire(true)
+        .connect_lazy_with(connect))
+}
+
+/// `lock_timeout` is SQLite's busy timeout: how long a statement waits on a row a backend's
+/// transaction holds. `statement_timeout` bounds the rest; a transaction left idle (a replica
+/// frozen mid-batch) is ended by the server so its row locks go.
+fn server_timeouts(busy: Duration) -> [(&'static str, String); 3] {
+    let ms = |d: Duration| d.as_millis().max(1).to_string();
+    [
+        ("lock_timeout", ms(busy)),
+        (
+            "statement_timeout",
+            ms(busy.saturating_mul(2).max(Duration::from_secs(30))),
+        ),
+        (
+            "idle_in_transaction_session_timeout",
+            ms(Duration::from_secs(60)),
+        ),
+    ]
+}
+
+pub(super) async fn check_schema(pool: &PgPool) -> Result<()> {
+    let (tables,): (i64,) = sqlx::query_as(
+        "SELECT COUNT(*) FROM information_schema.tables
+         WHERE table_schema = current_schema() AND table_name = '_sqlx_migrations'",
+    )
+    .fetch_one(pool)
+    .await?;
+    let version = if tables == 0 {
+        None
+    } else {
+        let (v,): (Option<i64>,) =
+            sqlx::query_as("SELECT MAX(version) FROM _sqlx_migrations WHERE success")
+                .fetch_one(pool)
+                .await?;
+        v
+    };
+    crate::storage::expect_version(version, &migrator())
+}
+
+/// The schema, embedded in the binary from `migrations/postgres`. sqlx takes an advisory lock
+/// while it migrates, so replicas starting together migrate once.
+pub fn migrator() -> Migrator {
+    let migrations: [(i64, &'static str, &'static str); 1] = [(
+        1,
+        "init",
+        include_str!("../../../migrations/postgres/0001_init.sql"),
+    )];
+    crate::storage::embedded(&migrations)
+}
