@@ -159,6 +159,11 @@ impl Engine {
         &self.safety
     }
 
+    /// From now on this process takes `1 / replicas` of the configured rate limit.
+    pub fn share_rate(&self, replicas: u32) {
+        self.limiter.share_with(replicas);
+    }
+
     pub fn writer(&self) -> &WriterHandle {
         &self.writer
     }

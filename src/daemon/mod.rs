@@ -2,6 +2,7 @@
 //! breaker and guard wired to their side effects.
 
 pub mod attempt;
+mod fleet;
 pub mod ingest;
 mod run_loop;
 pub mod safety;
@@ -91,7 +92,8 @@ impl Service {
             server_time.clone(),
             (stopping.clone(), close.clone()),
         );
-        let (safety, alarms) = Safety::new(&config, storage, server_time.clone());
+        let (safety, alarms) =
+            Safety::new(&config, storage, server_time.clone(), fleet::replica_name());
         let parts = Parts {
             api: RenewClient::new(http, config.http.max_body_bytes, server_time.clone()),
             server_time,
@@ -146,10 +148,6 @@ async fn recover(
     shutdown: &CancellationToken,
 ) -> Result<(), DaemonError> {
     spool::recover(storage, &config.state_directory(), shutdown).await?;
-    // An alarm of a breaker describes a process that is gone; a credential alarm stands.
-    storage
-        .clear_alarms_except(safety::CREDENTIAL_PREFIX)
-        .await?;
     let rechecked = storage.recheck_misconfigured(clock.now()).await?;
     if rechecked > 0 {
         tracing::info!(

@@ -7,20 +7,28 @@ use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use tokio::net::TcpListener;
+use tokio::sync::Notify;
 use tokio::task::{Id, JoinError, JoinSet};
 use tokio_util::sync::CancellationToken;
 
 use super::attempt::{Engine, Settled};
 use super::writer::{MAX_BATCH, WriterGone};
-use super::{DaemonError, Service, ingest, refill_at, secs, status_line};
+use super::{DaemonError, Service, fleet, ingest, refill_at, secs, status_line};
 use crate::clock::Clock;
 use crate::config::Config;
-use crate::daemon::safety::CREDENTIAL_PREFIX;
 use crate::ops::credentials;
 use crate::ops::notify::Notifier;
 use crate::ops::observe::{self, Health, Observer};
 use crate::policy::claims::Kind;
 use crate::storage::{ClaimedRow, Storage};
+
+/// Until the database signals a new key; never, where it cannot.
+async fn woken(wake: Option<&Notify>) {
+    match wake {
+        Some(wake) => wake.notified().await,
+        None => std::future::pending().await,
+    }
+}
 
 /// Events older than the retention are pruned this often.
 const PRUNE_EVERY_SECS: i64 = 3600;
@@ -58,8 +66,10 @@ pub async fn run(
         shutdown.clone(),
     )?;
     let engine = service.engine.clone();
-    if let Err(e) = engine.safety().load_credential_alarms().await {
-        tracing::warn!(error = %e, "could not read the credential alarms of the last run");
+    // Before any claim: this replica's share of the rate limit, and the alarms the others (or
+    // the last run) raised.
+    if let Err(e) = fleet::beat(&engine, &*storage).await {
+        tracing::warn!(error = %e, "could not register with the other replicas or read their alarms");
     }
     let background = CancellationToken::new();
     let mut helpers = JoinSet::new();
@@ -75,6 +85,11 @@ pub async fn run(
         helpers.spawn(observe_task(listener, observer, background.clone()));
         tracing::info!(?addr, "serving /metrics, /healthz and /readyz");
     }
+    helpers.spawn(fleet::heartbeats(
+        engine.clone(),
+        storage.clone(),
+        background.clone(),
+    ));
     helpers.spawn(warm_tokens(
         engine.clone(),
         config.entra.certificate_expiry_warning,
@@ -98,6 +113,7 @@ pub async fn run(
         ready: VecDeque::new(),
         last_prune: 0,
         clock_alarm: false,
+        wake: storage.wakeups(),
         last_status: None,
         // The start applied them already.
         last_orphans: Some(Instant::now()),
@@ -109,11 +125,13 @@ pub async fn run(
     drop(lp);
     background.cancel();
     while helpers.join_next().await.is_some() {}
+    let replica = service.engine.safety().replica().to_owned();
     service.close().await;
-    // The conditions behind the other alarms lived in this process; `status` must not show them
-    // as current while no daemon runs. A credential alarm stands until a renewal proves it wrong.
-    if let Err(e) = storage.clear_alarms_except(CREDENTIAL_PREFIX).await {
-        tracing::warn!(error = %e, "could not clear the alarms");
+    // The conditions behind this process's other alarms lived in it; `status` must not show
+    // them as current once it is gone. A credential alarm stands until a renewal proves it
+    // wrong; the other replicas' alarms are theirs.
+    if let Err(e) = storage.leave(&replica).await {
+        tracing::warn!(error = %e, "could not clear this process's alarms");
     }
     storage.close().await;
     tracing::info!("stopped");
@@ -165,6 +183,8 @@ struct Loop {
     last_prune: i64,
     /// Whether the clock alarm is recorded as raised.
     clock_alarm: bool,
+    /// Signalled when a backend wrote a key, where the database says so (PostgreSQL).
+    wake: Option<Arc<Notify>>,
 }
 
 type Joined = Result<(Id, Result<Settled, WriterGone>), JoinError>;
@@ -209,6 +229,7 @@ impl Loop {
                     full_pass = self.ready.len() < self.refill_at();
                 }
                 () = tokio::time::sleep(wait) => {}
+                () = woken(self.wake.as_deref()) => {}
             }
         }
     }
@@ -254,8 +275,9 @@ impl Loop {
     async fn pass(&mut self) -> Result<Duration, DaemonError> {
         if !self.engine.server_time().known() && !self.config.applications.is_empty() {
             // No answer from Entra or the Store yet (the start asks Entra for tokens): the
-            // host's clock alone must neither expire nor schedule anything.
-            return Ok(self.config.renew.poll_interval);
+            // host's clock alone must neither expire nor schedule anything. The first answer
+            // comes within a second or two of the start.
+            return Ok(self.config.renew.poll_interval.min(Duration::from_secs(1)));
         }
         // Due times, leases and expiry are judged on the Store's time: a jump of the host clock
         // neither makes every key due nor expires any.

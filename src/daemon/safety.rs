@@ -12,6 +12,7 @@ use tokio::sync::mpsc;
 use crate::config::Config;
 use crate::policy::breaker::{Breaker, Permit, Transition};
 use crate::policy::claims::Kind;
+use crate::policy::fleet::{FleetAlarms, Shared};
 use crate::policy::guard::{AlarmChange, Refusals, RevocationGuard, Verdict};
 use crate::policy::outcome::Outcome;
 use crate::remote::server_time::ServerTime;
@@ -30,6 +31,10 @@ pub struct Safety {
     record: AtomicBool,
     /// The certificate warnings raised, by application label.
     certificates: Mutex<HashMap<String, String>>,
+    /// This process's alarms against the table every replica shares.
+    fleet: Mutex<FleetAlarms>,
+    /// This process's name in the table of replicas and as the owner of its alarms.
+    replica: String,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -45,7 +50,7 @@ const CLOCK_ALARM: &str = "clock";
 
 /// Credential alarms outlive the process (the guard takes them up again at start); the others
 /// describe the process's own state.
-pub const CREDENTIAL_PREFIX: &str = "credential:";
+pub use crate::policy::fleet::CREDENTIAL_PREFIX;
 
 fn credential_alarm(app: &str) -> String {
     format!("{CREDENTIAL_PREFIX}{app}")
@@ -58,13 +63,14 @@ impl Safety {
         config: &Config,
         storage: Arc<dyn Storage>,
         time: Arc<ServerTime>,
+        replica: String,
     ) -> (Self, tokio::task::JoinHandle<()>) {
         let breakers = Kind::ALL
             .into_iter()
             .map(|k| (k, Breaker::new(config.breaker_policy())))
             .collect();
         let (alarm_tx, alarm_rx) = mpsc::unbounded_channel();
-        let recorder = tokio::spawn(record_alarms(storage.clone(), alarm_rx));
+        let recorder = tokio::spawn(record_alarms(storage.clone(), alarm_rx, replica.clone()));
         let safety = Safety {
             breakers: Mutex::new(breakers),
             guard: Mutex::new(RevocationGuard::new(config.guard_policy())),
@@ -73,6 +79,8 @@ impl Safety {
             time,
             record: AtomicBool::new(true),
             certificates: Mutex::default(),
+            fleet: Mutex::default(),
+            replica,
         };
         (safety, recorder)
     }
@@ -80,24 +88,57 @@ impl Safety {
     /// For a CLI process: write no alarms, and honour the credential alarms the daemon raised.
     pub async fn adopt_daemon_alarms(&self) {
         self.record.store(false, Ordering::Relaxed);
-        if let Err(e) = self.load_credential_alarms().await {
+        if let Err(e) = self.sync_fleet().await {
             tracing::warn!(error = %e, "could not read the daemon's alarms");
         }
     }
 
-    /// Takes up the credential alarms recorded in the database (by an earlier run, or by the
-    /// daemon for a CLI process): they stand until a renewal begun after them succeeds.
-    pub async fn load_credential_alarms(&self) -> Result<(), crate::storage::DbError> {
-        let alarms = self.storage.alarms().await?;
-        let mut guard = lock(&self.guard);
-        for alarm in alarms {
-            if let Some(app) = alarm.name.strip_prefix(CREDENTIAL_PREFIX) {
+    /// This process's name among the replicas.
+    pub fn replica(&self) -> &str {
+        &self.replica
+    }
+
+    /// Looks at the alarms every process on the database shares: takes up the credential
+    /// alarms others raised (they stand until a renewal begun after them succeeds), drops the
+    /// ones another cleared on that evidence, and writes again what this process holds raised
+    /// and the table lacks.
+    pub async fn sync_fleet(&self) -> Result<(), crate::storage::DbError> {
+        let table: Vec<Shared> = self
+            .storage
+            .alarms()
+            .await?
+            .into_iter()
+            .map(|a| Shared {
+                name: a.name,
+                detail: a.detail,
+                since: a.since,
+            })
+            .collect();
+        let reconciled = lock(&self.fleet).reconcile(&table);
+        {
+            let mut guard = lock(&self.guard);
+            for (app, since_ms) in &reconciled.adopted {
                 tracing::warn!(
                     app,
-                    "credential alarm from before the restart stands until a renewal succeeds"
+                    "credential alarm raised earlier or by another replica: it stands until a renewal succeeds"
                 );
-                guard.raise(app, alarm.since.saturating_mul(1000));
+                guard.raise(app, *since_ms);
             }
+            for app in &reconciled.cleared {
+                if guard.clear(app) {
+                    tracing::warn!(
+                        app,
+                        "credential alarm cleared: another replica saw a renewal succeed"
+                    );
+                }
+            }
+        }
+        for alarm in reconciled.rewrite {
+            self.send(AlarmRecord {
+                name: alarm.name,
+                detail: Some(alarm.detail),
+                at: alarm.since,
+            });
         }
         Ok(())
     }
@@ -167,8 +208,22 @@ impl Safety {
                 tracing::warn!(%kind, "outage breaker closed: the endpoint answers again; renewals resume");
                 self.record(&breaker_alarm(kind), None).await;
             }
+            // Another replica's breaker alarm, and this one renews: the endpoint is back.
+            None if matches!(outcome, Outcome::Renewed(_))
+                && !self.open_here(kind)
+                && lock(&self.fleet).shown(&breaker_alarm(kind)) =>
+            {
+                tracing::info!(%kind, "another replica's outage breaker alarm cleared: renewals to the endpoint succeed");
+                self.record(&breaker_alarm(kind), None).await;
+            }
             None => {}
         }
+    }
+
+    fn open_here(&self, kind: Kind) -> bool {
+        lock(&self.breakers)
+            .get(&kind)
+            .is_some_and(Breaker::is_open)
     }
 
     /// A key of application `app` renewed by an attempt begun at `started_ms`.
@@ -248,12 +303,12 @@ impl Safety {
         self.record(CLOCK_ALARM, detail).await;
     }
 
-    /// The kinds whose breaker is open.
+    /// The kinds whose breaker is open, here or (at the last look) at another replica.
     pub fn open_breakers(&self) -> Vec<Kind> {
-        let breakers = lock(&self.breakers);
+        let fleet = lock(&self.fleet);
         Kind::ALL
             .into_iter()
-            .filter(|k| breakers.get(k).is_some_and(Breaker::is_open))
+            .filter(|k| self.open_here(*k) || fleet.shown(&breaker_alarm(*k)))
             .collect()
     }
 
@@ -278,6 +333,25 @@ impl Safety {
             detail: detail.map(str::to_owned),
             at: self.time.now(),
         };
+        {
+            let mut fleet = lock(&self.fleet);
+            match &change.detail {
+                Some(detail) => fleet.raised(Shared {
+                    name: change.name.clone(),
+                    detail: detail.clone(),
+                    since: change.at,
+                }),
+                None => fleet.cleared(name),
+            }
+        }
+        self.send(change);
+    }
+
+    fn send(&self, change: AlarmRecord) {
+        if !self.record.load(Ordering::Relaxed) {
+            return;
+        }
+        let name = change.name.clone();
         if self.alarm_tx.send(change).is_err() {
             tracing::warn!(
                 alarm = name,
@@ -294,11 +368,15 @@ struct AlarmRecord {
     at: i64,
 }
 
-/// Writes alarm changes one after the other, as they came.
-async fn record_alarms(storage: Arc<dyn Storage>, mut rx: mpsc::UnboundedReceiver<AlarmRecord>) {
+/// Writes alarm changes one after the other, as they came, as raised by `replica`.
+async fn record_alarms(
+    storage: Arc<dyn Storage>,
+    mut rx: mpsc::UnboundedReceiver<AlarmRecord>,
+    replica: String,
+) {
     while let Some(c) = rx.recv().await {
         let result = match &c.detail {
-            Some(d) => storage.set_alarm(&c.name, d, c.at).await,
+            Some(d) => storage.set_alarm(&c.name, d, c.at, &replica).await,
             None => storage.clear_alarm(&c.name).await,
         };
         if let Err(e) = result {

@@ -90,6 +90,8 @@ pub struct Metrics {
     pub token_latency: Histogram,
     pub in_flight: AtomicI64,
     pub last_success: AtomicI64,
+    /// The processes sharing the database (and the rate limit), at the last heartbeat.
+    pub replicas: AtomicI64,
 }
 
 impl Default for Metrics {
@@ -101,6 +103,7 @@ impl Default for Metrics {
             token_latency: Histogram::default(),
             in_flight: AtomicI64::new(0),
             last_success: AtomicI64::new(0),
+            replicas: AtomicI64::new(1),
         }
     }
 }
@@ -211,6 +214,17 @@ impl Metrics {
             out,
             "storekeyd_renewals_in_flight {}",
             self.in_flight.load(Ordering::Relaxed)
+        );
+        header(
+            &mut out,
+            "storekeyd_replicas",
+            "gauge",
+            "Processes sharing the database and the rate limit (this one included), at the last heartbeat.",
+        );
+        let _ = writeln!(
+            out,
+            "storekeyd_replicas {}",
+            self.replicas.load(Ordering::Relaxed)
         );
         header(
             &mut out,

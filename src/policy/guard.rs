@@ -126,6 +126,14 @@ impl RevocationGuard {
         a.canary.wanted = true;
     }
 
+    /// Another process saw a renewal of `app` succeed after the alarm and cleared it. That is
+    /// its evidence, not ours: no success is recorded here, so no refusal counts for it.
+    pub fn clear(&mut self, app: &str) -> bool {
+        self.apps
+            .get_mut(app)
+            .is_some_and(|a| a.alarm_since.take().is_some())
+    }
+
     /// A key of `app` was refused twice (the second time with a fresh access token). `prior` is
     /// what the database remembers of its earlier refusals; `canary`: the key was renewed early
     /// to test the credential.

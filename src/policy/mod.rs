@@ -6,6 +6,7 @@ pub mod checks;
 pub mod claims;
 pub mod decision;
 pub mod fingerprint;
+pub mod fleet;
 pub mod guard;
 pub mod outcome;
 pub mod schedule;

@@ -1,6 +1,8 @@
 //! A global pace for renew calls: at most `rate` starts per second, evenly spaced, so a backlog
-//! drains as a steady stream instead of a burst the Store would throttle.
+//! drains as a steady stream instead of a burst the Store would throttle. Several replicas on
+//! one database split the rate: each takes its share, `rate / replicas`.
 
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
 use tokio::sync::Mutex;
@@ -8,7 +10,9 @@ use tokio::time::Instant;
 
 #[derive(Debug)]
 pub struct RateLimiter {
+    /// The interval of the whole rate; a replica's is this times the replicas.
     interval: Duration,
+    replicas: AtomicU32,
     next: Mutex<Option<Instant>>,
 }
 
@@ -17,8 +21,14 @@ impl RateLimiter {
         let interval = Duration::try_from_secs_f64(1.0 / rate).unwrap_or(Duration::from_secs(1));
         RateLimiter {
             interval,
+            replicas: AtomicU32::new(1),
             next: Mutex::new(None),
         }
+    }
+
+    /// From now on this process takes `1 / replicas` of the rate.
+    pub fn share_with(&self, replicas: u32) {
+        self.replicas.store(replicas.max(1), Ordering::Relaxed);
     }
 
     /// Waits for this caller's slot. Slots are handed out in order; an idle limiter lets the
@@ -28,7 +38,7 @@ impl RateLimiter {
             let mut next = self.next.lock().await;
             let now = Instant::now();
             let slot = next.map_or(now, |n| n.max(now));
-            *next = Some(slot + self.interval);
+            *next = Some(slot + self.interval * self.replicas.load(Ordering::Relaxed));
             (slot, now)
         };
         // A slot that is already here needs no timer.
@@ -50,6 +60,25 @@ mod tests {
             limiter.acquire().await;
         }
         assert_eq!(start.elapsed(), Duration::from_secs(1));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn two_replicas_take_half_each() {
+        let limiter = RateLimiter::per_second(10.0);
+        limiter.share_with(2);
+        let start = Instant::now();
+        for _ in 0..6 {
+            limiter.acquire().await;
+        }
+        assert_eq!(start.elapsed(), Duration::from_secs(1));
+        limiter.share_with(1);
+        let start = Instant::now();
+        for _ in 0..10 {
+            limiter.acquire().await;
+        }
+        // The first of these still waited out the slot spaced for two (200 ms); the other
+        // nine came 100 ms apart.
+        assert_eq!(start.elapsed(), Duration::from_millis(1100));
     }
 
     #[tokio::test(start_paused = true)]

@@ -221,11 +221,16 @@ pub trait Storage: Send + Sync + std::fmt::Debug {
     async fn events(&self, after_id: i64, limit: u32) -> Result<Vec<EventRecord>>;
 
     async fn alarms(&self) -> Result<Vec<Alarm>>;
-    /// Raises (or updates) a named alarm for `status`.
-    async fn set_alarm(&self, name: &str, detail: &str, since: i64) -> Result<()>;
+    /// Raises (or updates) a named alarm for `status`, as raised by process `owner`.
+    async fn set_alarm(&self, name: &str, detail: &str, since: i64, owner: &str) -> Result<()>;
     async fn clear_alarm(&self, name: &str) -> Result<()>;
-    /// Clears every alarm whose name does not start with `keep_prefix`.
-    async fn clear_alarms_except(&self, keep_prefix: &str) -> Result<()>;
+    /// Records that process `replica` is alive (on the database's clock); forgets the processes
+    /// not seen for `ttl` seconds, and the alarms they raised but credential alarms (which stand
+    /// until a renewal proves them wrong). Returns how many processes are alive, this one
+    /// included.
+    async fn heartbeat(&self, replica: &str, ttl: i64) -> Result<u32>;
+    /// Process `replica` stops: its row goes, and the alarms it raised but credential alarms.
+    async fn leave(&self, replica: &str) -> Result<()>;
 
     /// Signalled when a backend may have written a key, where the database can say so; the
     /// loop polls as well (a signal can be lost).
@@ -422,4 +427,6 @@ pub struct Alarm {
     pub name: String,
     pub detail: String,
     pub since: i64,
+    /// The process that raised it last.
+    pub owner: Option<String>,
 }

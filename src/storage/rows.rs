@@ -132,13 +132,14 @@ pub(crate) fn by_state_kind(counts: &[(String, String, i64)]) -> Vec<(State, Kin
     out
 }
 
-/// Alarm rows `(name, detail, since)`.
-pub(crate) fn alarms(rows: Vec<(String, String, i64)>) -> Vec<super::Alarm> {
+/// Alarm rows `(name, detail, since, owner)`.
+pub(crate) fn alarms(rows: Vec<(String, String, i64, Option<String>)>) -> Vec<super::Alarm> {
     rows.into_iter()
-        .map(|(name, detail, since)| super::Alarm {
+        .map(|(name, detail, since, owner)| super::Alarm {
             name,
             detail,
             since,
+            owner,
         })
         .collect()
 }

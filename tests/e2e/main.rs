@@ -14,6 +14,7 @@ mod dbfaults;
 mod demo;
 mod emulator_identity;
 mod flags;
+mod fleet;
 mod guard;
 mod hostile;
 mod hygiene;

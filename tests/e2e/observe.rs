@@ -103,11 +103,10 @@ async fn health_and_readiness_report_each_check(db: Db) {
         ..Application::default()
     });
     env.spawn_daemon().await;
-    env.wait_until("not ready", || async {
-        env.get("/readyz")
-            .await
-            .1
-            .contains("fail  application broken")
+    // Not "no access token requested yet", which it says until Entra answered.
+    env.wait_until("not ready for Entra's refusal", || async {
+        let body = env.get("/readyz").await.1;
+        body.contains("fail  application broken") && body.contains("invalid_client")
     })
     .await;
     let (status, body) = env.get("/readyz").await;

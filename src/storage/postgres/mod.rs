@@ -394,8 +394,8 @@ impl Storage for PgStore {
         self.timed(read::alarms(&self.pool)).await
     }
 
-    async fn set_alarm(&self, name: &str, detail: &str, since: i64) -> Result<()> {
-        self.timed(write::set_alarm(&self.pool, name, detail, since))
+    async fn set_alarm(&self, name: &str, detail: &str, since: i64, owner: &str) -> Result<()> {
+        self.timed(write::set_alarm(&self.pool, name, detail, since, owner))
             .await
     }
 
@@ -410,15 +410,12 @@ impl Storage for PgStore {
         .await
     }
 
-    async fn clear_alarms_except(&self, keep_prefix: &str) -> Result<()> {
-        self.timed(async {
-            sqlx::query("DELETE FROM storekeyd_alarms WHERE NOT starts_with(name, $1)")
-                .bind(keep_prefix)
-                .execute(&self.pool)
-                .await?;
-            Ok(())
-        })
-        .await
+    async fn heartbeat(&self, replica: &str, ttl: i64) -> Result<u32> {
+        self.timed(write::heartbeat(&self.pool, replica, ttl)).await
+    }
+
+    async fn leave(&self, replica: &str) -> Result<()> {
+        self.timed(write::leave(&self.pool, replica)).await
     }
 
     fn wakeups(&self) -> Option<Arc<Notify>> {

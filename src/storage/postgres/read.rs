@@ -83,10 +83,11 @@ pub(super) async fn key_stats(pool: &PgPool, now: i64, next_due: Option<i64>) ->
 }
 
 pub(super) async fn alarms(pool: &PgPool) -> Result<Vec<Alarm>> {
-    let rows: Vec<(String, String, i64)> =
-        sqlx::query_as("SELECT name, detail, since FROM storekeyd_alarms ORDER BY since, name")
-            .fetch_all(pool)
-            .await?;
+    let rows: Vec<(String, String, i64, Option<String>)> = sqlx::query_as(
+        "SELECT name, detail, since, owner FROM storekeyd_alarms ORDER BY since, name",
+    )
+    .fetch_all(pool)
+    .await?;
     Ok(rows::alarms(rows))
 }
 

@@ -7,9 +7,12 @@ use std::collections::HashSet;
 
 use sqlx::{PgPool, Postgres, Transaction};
 
+use crate::policy::fleet::CREDENTIAL_PREFIX as CREDENTIAL_ALARM_PREFIX;
 use crate::storage::batch::{self, Applied, ChangeKind};
 use crate::storage::contract::PG_UPSERT_KEY;
 use crate::storage::{NewKey, Result, Write};
+
+use super::DB_NOW;
 
 /// Every field a row change may carry; the ones a change leaves out are NULL.
 macro_rules! changes {
@@ -167,14 +170,60 @@ pub(super) async fn store_keys(pool: &PgPool, keys: &[NewKey]) -> Result<()> {
     Ok(())
 }
 
-pub(super) async fn set_alarm(pool: &PgPool, name: &str, detail: &str, since: i64) -> Result<()> {
+pub(super) async fn set_alarm(
+    pool: &PgPool,
+    name: &str,
+    detail: &str,
+    since: i64,
+    owner: &str,
+) -> Result<()> {
     sqlx::query(
-        "INSERT INTO storekeyd_alarms (name, detail, since) VALUES ($1, $2, $3)
-         ON CONFLICT (name) DO UPDATE SET detail = excluded.detail",
+        "INSERT INTO storekeyd_alarms (name, detail, since, owner) VALUES ($1, $2, $3, $4)
+         ON CONFLICT (name) DO UPDATE SET detail = excluded.detail, owner = excluded.owner",
     )
     .bind(name)
     .bind(detail)
     .bind(since)
+    .bind(owner)
+    .execute(pool)
+    .await?;
+    Ok(())
+}
+
+/// One statement: the row refreshed, the lapsed ones and their alarms gone, the live counted.
+pub(super) async fn heartbeat(pool: &PgPool, replica: &str, ttl: i64) -> Result<u32> {
+    let sql = format!(
+        "WITH beat AS (
+             INSERT INTO storekeyd_replicas (id, seen_at) VALUES ($1, {DB_NOW})
+             ON CONFLICT (id) DO UPDATE SET seen_at = excluded.seen_at RETURNING id),
+         lapsed AS (
+             DELETE FROM storekeyd_replicas WHERE seen_at < {DB_NOW} - $2 AND id <> $1
+             RETURNING id),
+         orphaned AS (
+             DELETE FROM storekeyd_alarms AS a WHERE NOT starts_with(a.name, $3)
+               AND (a.owner IS NULL OR a.owner IN (SELECT id FROM lapsed)
+                    OR (a.owner <> $1 AND NOT EXISTS (SELECT 1 FROM storekeyd_replicas AS r
+                                                      WHERE r.id = a.owner)))
+             RETURNING 1)
+         SELECT (SELECT COUNT(*) FROM storekeyd_replicas
+                 WHERE id NOT IN (SELECT id FROM lapsed) AND id <> $1) + 1"
+    );
+    let (live,): (i64,) = sqlx::query_as(sqlx::AssertSqlSafe(sql))
+        .bind(replica)
+        .bind(ttl)
+        .bind(CREDENTIAL_ALARM_PREFIX)
+        .fetch_one(pool)
+        .await?;
+    Ok(u32::try_from(live).unwrap_or(u32::MAX))
+}
+
+pub(super) async fn leave(pool: &PgPool, replica: &str) -> Result<()> {
+    sqlx::query(
+        "WITH gone AS (DELETE FROM storekeyd_replicas WHERE id = $1 RETURNING id)
+         DELETE FROM storekeyd_alarms WHERE owner = $1 AND NOT starts_with(name, $2)",
+    )
+    .bind(replica)
+    .bind(CREDENTIAL_ALARM_PREFIX)
     .execute(pool)
     .await?;
     Ok(())

@@ -349,8 +349,8 @@ impl Storage for SqliteStore {
         read::alarms(&self.pool).await
     }
 
-    async fn set_alarm(&self, name: &str, detail: &str, since: i64) -> Result<()> {
-        write::set_alarm(&self.pool, name, detail, since).await
+    async fn set_alarm(&self, name: &str, detail: &str, since: i64, owner: &str) -> Result<()> {
+        write::set_alarm(&self.pool, name, detail, since, owner).await
     }
 
     async fn clear_alarm(&self, name: &str) -> Result<()> {
@@ -361,12 +361,12 @@ impl Storage for SqliteStore {
         Ok(())
     }
 
-    async fn clear_alarms_except(&self, keep_prefix: &str) -> Result<()> {
-        sqlx::query("DELETE FROM storekeyd_alarms WHERE substr(name, 1, length(?1)) <> ?1")
-            .bind(keep_prefix)
-            .execute(&self.pool)
-            .await?;
-        Ok(())
+    async fn heartbeat(&self, replica: &str, ttl: i64) -> Result<u32> {
+        write::heartbeat(&self.pool, replica, ttl).await
+    }
+
+    async fn leave(&self, replica: &str) -> Result<()> {
+        write::leave(&self.pool, replica).await
     }
 }
 

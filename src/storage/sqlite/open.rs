@@ -84,7 +84,7 @@ pub(super) async fn check_schema(pool: &SqlitePool) -> Result<()> {
 
 /// The schema, embedded in the binary from `migrations/sqlite`.
 pub fn migrator() -> Migrator {
-    let migrations: [(i64, &'static str, &'static str); 7] = [
+    let migrations: [(i64, &'static str, &'static str); 8] = [
         (
             1,
             "init",
@@ -119,6 +119,11 @@ pub fn migrator() -> Migrator {
             7,
             "guard repairs",
             include_str!("../../../migrations/sqlite/0007_guard_repairs.sql"),
+        ),
+        (
+            8,
+            "fleet",
+            include_str!("../../../migrations/sqlite/0008_fleet.sql"),
         ),
     ];
     crate::storage::embedded(&migrations)

@@ -92,10 +92,11 @@ pub(super) async fn key_stats(
 }
 
 pub(super) async fn alarms(pool: &SqlitePool) -> Result<Vec<Alarm>> {
-    let rows: Vec<(String, String, i64)> =
-        sqlx::query_as("SELECT name, detail, since FROM storekeyd_alarms ORDER BY since, name")
-            .fetch_all(pool)
-            .await?;
+    let rows: Vec<(String, String, i64, Option<String>)> = sqlx::query_as(
+        "SELECT name, detail, since, owner FROM storekeyd_alarms ORDER BY since, name",
+    )
+    .fetch_all(pool)
+    .await?;
     Ok(rows::alarms(rows))
 }
 

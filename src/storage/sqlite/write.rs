@@ -7,6 +7,7 @@ use std::collections::HashSet;
 
 use sqlx::{SqliteConnection, SqlitePool};
 
+use crate::policy::fleet::CREDENTIAL_PREFIX as CREDENTIAL_ALARM_PREFIX;
 use crate::storage::batch::{self, Applied, ChangeKind};
 use crate::storage::contract::UPSERT_KEY;
 use crate::storage::{NewKey, Result, Write};
@@ -176,16 +177,67 @@ pub(super) async fn set_alarm(
     name: &str,
     detail: &str,
     since: i64,
+    owner: &str,
 ) -> Result<()> {
     sqlx::query(
-        "INSERT INTO storekeyd_alarms (name, detail, since) VALUES (?, ?, ?)
-         ON CONFLICT (name) DO UPDATE SET detail = excluded.detail",
+        "INSERT INTO storekeyd_alarms (name, detail, since, owner) VALUES (?, ?, ?, ?)
+         ON CONFLICT (name) DO UPDATE SET detail = excluded.detail, owner = excluded.owner",
     )
     .bind(name)
     .bind(detail)
     .bind(since)
+    .bind(owner)
     .execute(pool)
     .await?;
+    Ok(())
+}
+
+const SQLITE_NOW: &str = "CAST(strftime('%s', 'now') AS INTEGER)";
+
+/// One transaction: the row refreshed, the lapsed ones and their alarms gone, the live counted.
+pub(super) async fn heartbeat(pool: &SqlitePool, replica: &str, ttl: i64) -> Result<u32> {
+    let mut tx = pool.begin_with("BEGIN IMMEDIATE").await?;
+    sqlx::query(sqlx::AssertSqlSafe(format!(
+        "INSERT INTO storekeyd_replicas (id, seen_at) VALUES (?1, {SQLITE_NOW})
+         ON CONFLICT (id) DO UPDATE SET seen_at = excluded.seen_at"
+    )))
+    .bind(replica)
+    .execute(&mut *tx)
+    .await?;
+    sqlx::query(sqlx::AssertSqlSafe(format!(
+        "DELETE FROM storekeyd_replicas WHERE seen_at < {SQLITE_NOW} - ?1"
+    )))
+    .bind(ttl)
+    .execute(&mut *tx)
+    .await?;
+    sqlx::query(
+        "DELETE FROM storekeyd_alarms WHERE substr(name, 1, length(?1)) <> ?1
+           AND (owner IS NULL OR owner NOT IN (SELECT id FROM storekeyd_replicas))",
+    )
+    .bind(CREDENTIAL_ALARM_PREFIX)
+    .execute(&mut *tx)
+    .await?;
+    let (live,): (i64,) = sqlx::query_as("SELECT COUNT(*) FROM storekeyd_replicas")
+        .fetch_one(&mut *tx)
+        .await?;
+    tx.commit().await?;
+    Ok(u32::try_from(live).unwrap_or(u32::MAX))
+}
+
+pub(super) async fn leave(pool: &SqlitePool, replica: &str) -> Result<()> {
+    let mut tx = pool.begin_with("BEGIN IMMEDIATE").await?;
+    sqlx::query("DELETE FROM storekeyd_replicas WHERE id = ?1")
+        .bind(replica)
+        .execute(&mut *tx)
+        .await?;
+    sqlx::query(
+        "DELETE FROM storekeyd_alarms WHERE owner = ?1 AND substr(name, 1, length(?2)) <> ?2",
+    )
+    .bind(replica)
+    .bind(CREDENTIAL_ALARM_PREFIX)
+    .execute(&mut *tx)
+    .await?;
+    tx.commit().await?;
     Ok(())
 }
 
