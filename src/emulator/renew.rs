@@ -188,6 +188,9 @@ fn renew(emu: &Emulator, faults: &Faults, kind: Kind, body: &[u8]) -> Response {
         emu.revoke_key(key);
     }
     lock(&emu.stats).renewed += 1;
+    *lock(&emu.renewals)
+        .entry((kind, issued.user_id.clone()))
+        .or_default() += 1;
     (StatusCode::OK, axum::Json(json!({ "key": new_key }))).into_response()
 }
 

@@ -103,6 +103,9 @@ pub struct Emulator {
     pub keys: Mutex<HashMap<[u8; 32], Issued>>,
     /// The newest key issued for each (kind, user), by mint or renewal.
     pub latest: Mutex<HashMap<(Kind, String), String>>,
+    /// How many times each (kind, user) was renewed: the log that shows a key renewed twice
+    /// (two processes at once) or never.
+    pub renewals: Mutex<HashMap<(Kind, String), u32>>,
     /// Every access token issued, for tests that look for leaks.
     pub tokens: Mutex<Vec<String>>,
     pub faults: Mutex<Faults>,
@@ -133,6 +136,7 @@ impl Emulator {
             apps: Mutex::default(),
             keys: Mutex::default(),
             latest: Mutex::default(),
+            renewals: Mutex::default(),
             tokens: Mutex::default(),
             faults: Mutex::default(),
             stats: Mutex::default(),
@@ -274,5 +278,13 @@ impl Emulator {
 
     pub fn issued_count(&self) -> usize {
         lock(&self.keys).len()
+    }
+
+    /// How many times the Store renewed a key of `user`.
+    pub fn renewals_of(&self, kind: Kind, user: &str) -> u32 {
+        lock(&self.renewals)
+            .get(&(kind, user.to_owned()))
+            .copied()
+            .unwrap_or(0)
     }
 }

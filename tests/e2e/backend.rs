@@ -83,10 +83,17 @@ fn admin_url() -> String {
 /// failed.
 pub(crate) struct PgDatabase {
     name: String,
+    admin: String,
 }
 
 impl PgDatabase {
+    /// On the local server.
     pub(crate) async fn create() -> PgDatabase {
+        PgDatabase::create_on(&admin_url()).await
+    }
+
+    /// On the server `admin` (a URL to its `postgres` database) names.
+    pub(crate) async fn create_on(admin_url: &str) -> PgDatabase {
         static NEXT: AtomicU32 = AtomicU32::new(0);
         let name = format!(
             "storekeyd_test_{}_{}_{}",
@@ -94,13 +101,18 @@ impl PgDatabase {
             NEXT.fetch_add(1, Ordering::Relaxed),
             fastrand::u32(..)
         );
-        admin(&format!("CREATE DATABASE {name}")).await;
-        PgDatabase { name }
+        admin(admin_url, &format!("CREATE DATABASE {name}")).await;
+        PgDatabase {
+            name,
+            admin: admin_url.to_owned(),
+        }
     }
 
     pub(crate) fn url(&self) -> String {
-        let admin = admin_url();
-        let base = admin.rsplit_once('/').map_or(admin.as_str(), |(b, _)| b);
+        let base = self
+            .admin
+            .rsplit_once('/')
+            .map_or(self.admin.as_str(), |(b, _)| b);
         format!("{base}/{}", self.name)
     }
 }
@@ -108,12 +120,13 @@ impl PgDatabase {
 impl Drop for PgDatabase {
     fn drop(&mut self) {
         let sql = format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", self.name);
+        let url = self.admin.clone();
         // Drop runs inside the test's runtime, which cannot block on itself.
         let dropped = std::thread::spawn(move || {
             tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()
-                .map(|rt| rt.block_on(admin(&sql)))
+                .map(|rt| rt.block_on(admin(&url, &sql)))
         })
         .join();
         if dropped.is_err() {
@@ -122,11 +135,11 @@ impl Drop for PgDatabase {
     }
 }
 
-async fn admin(sql: &str) {
+async fn admin(url: &str, sql: &str) {
     use sqlx::Connection as _;
-    let mut conn = sqlx::PgConnection::connect(&admin_url())
+    let mut conn = sqlx::PgConnection::connect(url)
         .await
-        .unwrap_or_else(|e| panic!("PostgreSQL at {} (start it?): {e}", admin_url()));
+        .unwrap_or_else(|e| panic!("PostgreSQL at {url} (start it?): {e}"));
     sqlx::query(sqlx::AssertSqlSafe(sql.to_owned()))
         .execute(&mut conn)
         .await

@@ -2,27 +2,13 @@
 //! regressed, nothing half-written.
 
 use std::collections::HashMap;
-use std::process::Stdio;
 use std::time::Duration;
 
 use storekeyd::emulator::Faults;
 use storekeyd::policy::claims::{self, Kind};
 use storekeyd::policy::fingerprint::Fingerprint;
-use tokio::process::{Child, Command};
 
-use crate::harness::{Row, TestEnv, full};
-
-fn spawn(config: &std::path::Path) -> Child {
-    Command::new(env!("CARGO_BIN_EXE_storekeyd"))
-        .args(["run", "--config"])
-        .arg(config)
-        .env("STOREKEYD_LOG", "off")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap()
-}
+use crate::harness::{Row, TestEnv, full, spawn_process};
 
 /// Every row whole and no key's expiry earlier than the last time we looked.
 fn check_rows(rows: &[Row], max_exp: &mut HashMap<i64, i64>, env: &TestEnv) {
@@ -96,7 +82,7 @@ async fn sigkill_during_a_backlog_drain_loses_nothing() {
     // Kill moments from a fixed seed: the same schedule on every run.
     let mut rng = fastrand::Rng::with_seed(0x5eed);
     for _ in 0..kills {
-        let mut child = spawn(&config);
+        let mut child = spawn_process(&config);
         tokio::time::sleep(Duration::from_millis(rng.u64(50..400))).await;
         child.start_kill().unwrap();
         child.wait().await.unwrap();
@@ -105,7 +91,7 @@ async fn sigkill_during_a_backlog_drain_loses_nothing() {
     let renewed_during_kills = env.rows().await.iter().filter(|r| r.renewals > 0).count();
     let lost = lost_to_a_kill(&env, &users).await;
 
-    let mut child = spawn(&config);
+    let mut child = spawn_process(&config);
     env.wait_until("every key renewed after the last kill", || async {
         env.rows()
             .await

@@ -227,6 +227,47 @@ impl TestEnv {
         )
     }
 
+    /// Stores `n` keys for `user-0` … issued 20 days ago (due now), a thousand to a
+    /// transaction, as a backend's bulk import would.
+    pub(crate) async fn add_due_users(&self, n: usize) -> Vec<String> {
+        use storekeyd::policy::claims::KeyText;
+        use storekeyd::storage::NewKey;
+        let db = storage::connect(&self.config.database_url(), &self.config.db_options())
+            .await
+            .unwrap();
+        let issued = self.clock.now() - 20 * DAY as i64;
+        let users: Vec<String> = (0..n).map(|i| format!("user-{i}")).collect();
+        for chunk in users.chunks(1000) {
+            let keys: Vec<NewKey> = chunk
+                .iter()
+                .map(|user| NewKey {
+                    user_ref: user.clone(),
+                    kind: Kind::Collections,
+                    key: KeyText::new(self.emu.mint_at(
+                        Kind::Collections,
+                        APP,
+                        user,
+                        KEY_LIFETIME,
+                        issued,
+                    )),
+                })
+                .collect();
+            db.store_keys(&keys).await.unwrap();
+        }
+        db.close().await;
+        users
+    }
+
+    /// Rows not renewed yet.
+    pub(crate) async fn unrenewed(&self) -> i64 {
+        let (n,): (i64,) = on_backend!(
+            self.db,
+            "SELECT COUNT(*) FROM store_keys WHERE renewals = 0",
+            |pool, sql| sqlx::query_as(sql).fetch_one(pool).await.unwrap()
+        );
+        n
+    }
+
     /// Counts rows by state.
     pub(crate) async fn count(&self, state: &str) -> usize {
         self.rows()
@@ -372,6 +413,25 @@ pub(crate) fn metric(text: &str, sample: &str) -> Option<f64> {
                 .and_then(|rest| rest.strip_prefix(' '))
         })
         .and_then(|v| v.trim().parse().ok())
+}
+
+/// Starts `storekeyd run` on a config file, as its own process (a replica), silent unless
+/// `TEST_LOG` says otherwise.
+pub(crate) fn spawn_process(config: &std::path::Path) -> tokio::process::Child {
+    let log = std::env::var("TEST_LOG").unwrap_or_else(|_| "off".to_owned());
+    tokio::process::Command::new(env!("CARGO_BIN_EXE_storekeyd"))
+        .args(["run", "--config"])
+        .arg(config)
+        .env("STOREKEYD_LOG", log)
+        .stdout(std::process::Stdio::null())
+        .stderr(if std::env::var_os("TEST_LOG").is_some() {
+            std::process::Stdio::inherit()
+        } else {
+            std::process::Stdio::null()
+        })
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap()
 }
 
 /// Sends SIGTERM (what systemd sends on stop) to a child process.
