@@ -115,6 +115,21 @@ impl PgDatabase {
             .map_or(self.admin.as_str(), |(b, _)| b);
         format!("{base}/{}", self.name)
     }
+    /// Cuts every connection to the database but the caller's, as `pg_terminate_backend` does
+    /// when an operator or a failover ends sessions; returns how many.
+    pub(crate) async fn terminate_connections(&self) -> i64 {
+        use sqlx::Connection as _;
+        let mut conn = sqlx::PgConnection::connect(&self.admin).await.unwrap();
+        let (n,): (i64,) = sqlx::query_as(
+            "SELECT COUNT(pg_terminate_backend(pid)) FROM pg_stat_activity
+             WHERE datname = $1 AND pid <> pg_backend_pid()",
+        )
+        .bind(&self.name)
+        .fetch_one(&mut conn)
+        .await
+        .unwrap();
+        n
+    }
 }
 
 impl Drop for PgDatabase {
@@ -187,6 +202,11 @@ impl Backend {
             pool,
             _database: database,
         }
+    }
+
+    /// The test's own PostgreSQL database, if it runs on one.
+    pub(crate) fn database(&self) -> Option<&PgDatabase> {
+        self._database.as_ref()
     }
 
     pub(crate) fn any(&self) -> &BackendPool {

@@ -9,6 +9,7 @@ use storekeyd::policy::claims::Kind;
 use tokio::process::Child;
 
 use crate::harness::{Db, TestEnv, full, on_backend, sigterm, spawn_process};
+use crate::pgserver::PgServer;
 
 /// A key a backend writes is checked at once: the trigger's `NOTIFY` wakes the loop, which
 /// would otherwise look only at its next poll, an hour away.
@@ -183,4 +184,91 @@ async fn a_killed_replicas_keys_are_renewed_by_the_others_once_its_leases_end() 
     // At most what the victim had in flight and in its writer's batch.
     let concurrency = env.config.renew.concurrency;
     assert!(t.twice <= 2 * concurrency, "{t:?}");
+}
+
+/// Whether the in-process daemon reports itself ready.
+async fn ready(env: &TestEnv) -> bool {
+    reqwest::get(format!("http://{}/readyz", env.metrics_addr.unwrap()))
+        .await
+        .is_ok_and(|r| r.status() == 200)
+}
+
+/// The server stops mid-drain (as `systemctl stop postgresql` does) and stays down (10 s; a
+/// minute with STOREKEYD_FULL=1): every replica keeps running and reports not-ready, then
+/// reconnects and finishes the drain. Leases outlive the outage, so no key is renewed twice;
+/// none is missed or lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_down_mid_drain_loses_nothing_and_the_fleet_catches_up() {
+    let outage = Duration::from_secs(if full() { 60 } else { 10 });
+    let n = if full() { 3_000 } else { 600 };
+    let server = PgServer::start_new();
+    let mut env = TestEnv::on_server(&server.admin_url()).await;
+    drain_config(&mut env, 50, outage * 3);
+    env.config.renew.concurrency = 8;
+    let users = env.add_due_users(n).await;
+    env.spawn_daemon().await;
+    let mut others = replicas(&env, 2);
+    env.wait_until("a quarter renewed", || async {
+        env.unrenewed().await <= (n as i64) * 3 / 4
+    })
+    .await;
+    server.stop();
+    env.wait_until("not ready while the server is down", || async {
+        !ready(&env).await
+    })
+    .await;
+    tokio::time::sleep(outage).await;
+    for r in &mut others {
+        assert!(r.try_wait().unwrap().is_none(), "a replica exited");
+    }
+    // The test's own pool checks its connections before use, like the daemon's.
+    server.start();
+    env.wait_until("every key renewed", || async { env.unrenewed().await == 0 })
+        .await;
+    env.wait_until("ready again", || async { ready(&env).await })
+        .await;
+    env.stop_daemon().await;
+    stop_all(others).await;
+    let t = tally(&env, &users).await;
+    eprintln!(
+        "fleet server down: {n} keys, 3 replicas, server down {} s mid-drain: {} renewed twice, {} missed, {} lost",
+        outage.as_secs(),
+        t.twice,
+        t.missed,
+        t.lost
+    );
+    assert_eq!(t, Tally::default());
+}
+
+/// Every connection to the database is cut twice mid-drain (`pg_terminate_backend`, as a
+/// failover or an operator does): the replicas reconnect, nothing is missed, lost or renewed
+/// twice, and the listener is back (a key written afterwards is checked long before the
+/// hour-long poll).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_cut_mid_drain_are_reopened_and_lose_nothing() {
+    let n = 600;
+    let mut env = TestEnv::on(Db::Postgres).await;
+    drain_config(&mut env, 50, Duration::from_secs(60));
+    env.config.renew.concurrency = 8;
+    env.config.renew.poll_interval = Duration::from_secs(3600);
+    let users = env.add_due_users(n).await;
+    let fleet = replicas(&env, 3);
+    for left in [n as i64 * 2 / 3, n as i64 / 3] {
+        env.wait_until("the drain moved on", || async {
+            env.unrenewed().await <= left
+        })
+        .await;
+        let cut = env.db.database().unwrap().terminate_connections().await;
+        assert!(cut > 0);
+    }
+    env.wait_until("every key renewed", || async { env.unrenewed().await == 0 })
+        .await;
+    env.add_user("late").await;
+    env.wait_until("a key written after the cuts checked", || async {
+        env.row("late", Kind::Collections).await.state == "active"
+    })
+    .await;
+    stop_all(fleet).await;
+    let t = tally(&env, &users).await;
+    assert_eq!(t, Tally::default());
 }

@@ -114,6 +114,11 @@ impl TestEnv {
         }
     }
 
+    /// A test env on a database of its own on the PostgreSQL server `admin_url` names.
+    pub(crate) async fn on_server(admin_url: &str) -> TestEnv {
+        TestEnv::setup(None, Some(PgDatabase::create_on(admin_url).await)).await
+    }
+
     /// A test env whose database lives at `path` (a file system the test controls).
     pub(crate) async fn with_database(path: Option<std::path::PathBuf>) -> TestEnv {
         TestEnv::setup(path, None).await

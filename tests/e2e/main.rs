@@ -20,6 +20,7 @@ mod hostile;
 mod hygiene;
 mod observe;
 mod outage;
+mod pgserver;
 mod renewal;
 mod soak;
 mod spool;

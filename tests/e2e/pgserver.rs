@@ -1,0 +1,113 @@
+//! A PostgreSQL server of one test's own (initdb in a temp dir, its own port), for the tests
+//! that stop and restart the server under the daemon: the shared server on 5432 serves the
+//! other tests meanwhile.
+
+use std::path::PathBuf;
+use std::process::Command;
+
+pub(crate) struct PgServer {
+    dir: tempfile::TempDir,
+    bin: PathBuf,
+    port: u16,
+}
+
+impl PgServer {
+    pub(crate) fn start_new() -> PgServer {
+        let bin = std::fs::read_dir("/usr/lib/postgresql")
+            .expect("PostgreSQL's binaries in /usr/lib/postgresql")
+            .filter_map(Result::ok)
+            .map(|e| e.path().join("bin"))
+            .find(|b| b.join("initdb").exists())
+            .expect("initdb");
+        let dir = tempfile::tempdir().unwrap();
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let server = PgServer { dir, bin, port };
+        if as_root() {
+            // The server refuses to run as root: it runs as `postgres`, in a directory it owns.
+            run(Command::new("chown")
+                .args(["-R", "postgres:postgres"])
+                .arg(server.dir.path()));
+        }
+        run(server
+            .command("initdb")
+            .args(["-A", "trust", "-U", "postgres", "--no-sync", "-D"])
+            .arg(server.data()));
+        server.start();
+        server
+    }
+
+    fn data(&self) -> PathBuf {
+        self.dir.path().join("data")
+    }
+
+    fn command(&self, tool: &str) -> Command {
+        let path = self.bin.join(tool);
+        if as_root() {
+            let mut c = Command::new("runuser");
+            c.args(["-u", "postgres", "--"]).arg(path);
+            c
+        } else {
+            Command::new(path)
+        }
+    }
+
+    pub(crate) fn start(&self) {
+        let options = format!(
+            "-p {} -k {} -c listen_addresses=127.0.0.1 -c fsync=off",
+            self.port,
+            self.dir.path().display()
+        );
+        run(self
+            .command("pg_ctl")
+            .args(["-w", "-s", "-l"])
+            .arg(self.dir.path().join("log"))
+            .arg("-D")
+            .arg(self.data())
+            .args(["-o", &options, "start"]));
+    }
+
+    /// As `systemctl stop postgresql` does: sessions ended, the port closed.
+    pub(crate) fn stop(&self) {
+        run(self
+            .command("pg_ctl")
+            .args(["-w", "-s", "-m", "fast", "-D"])
+            .arg(self.data())
+            .arg("stop"));
+    }
+
+    pub(crate) fn admin_url(&self) -> String {
+        format!("postgres://postgres@127.0.0.1:{}/postgres", self.port)
+    }
+}
+
+impl Drop for PgServer {
+    fn drop(&mut self) {
+        let _ = self
+            .command("pg_ctl")
+            .args(["-w", "-s", "-m", "immediate", "-D"])
+            .arg(self.data())
+            .arg("stop")
+            .output();
+    }
+}
+
+fn as_root() -> bool {
+    std::fs::metadata("/proc/self").is_ok_and(|m| {
+        use std::os::unix::fs::MetadataExt as _;
+        m.uid() == 0
+    })
+}
+
+fn run(command: &mut Command) {
+    let out = command.output().unwrap();
+    assert!(
+        out.status.success(),
+        "{command:?}: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
