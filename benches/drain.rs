@@ -2,12 +2,16 @@
 //! backlog of due keys (the Store answering at once, and after 50 ms), how fast it ingests a bulk
 //! load of new keys, and what it costs idling over them.
 //!
-//! Each scenario gets a fresh emulator, temporary directory and SQLite database. The bench plays
-//! the game backend (its own connection, plain INSERTs in one transaction) and runs
-//! `storekeyd --config FILE run` as a child process, reading its CPU time and memory from /proc.
-//! The emulator runs in this process, so on a small machine it competes with the daemon for CPU.
+//! Each scenario gets a fresh emulator, temporary directory and database: SQLite, or a PostgreSQL
+//! database of its own on the local server (`STOREKEYD_BENCH_POSTGRES`, an admin URL; default
+//! `postgres://postgres@127.0.0.1:5432/postgres`), drained by one replica or three. The bench
+//! plays the game backend (its own connection, plain INSERTs in one transaction) and runs
+//! `storekeyd --config FILE run` as child processes, reading their CPU time and memory from
+//! /proc. The emulator runs in this process, so on a small machine it competes with the daemons
+//! for CPU (and PostgreSQL does too).
 //!
-//! `cargo bench --bench drain` (10k due keys at 0 ms, 5k at 50 ms, a million to ingest);
+//! `cargo bench --bench drain` (10k due keys at 0 ms, 5k at 50 ms, each on SQLite, PostgreSQL
+//! and three PostgreSQL replicas sharing the concurrency; a million to ingest);
 //! `STOREKEYD_BENCH_KEYS=20000 STOREKEYD_BENCH_INGEST=100000 cargo bench --bench drain`.
 //! Prints figures; asserts nothing. Linux only (/proc).
 #![allow(clippy::expect_used, clippy::unwrap_used)] // a benchmark: failing loudly is the point
@@ -27,6 +31,7 @@ use storekeyd::demo;
 use storekeyd::emulator::keymint::{self, KeySpec};
 use storekeyd::emulator::{self, Emulator, Faults};
 use storekeyd::policy::claims::Kind;
+use storekeyd::storage::contract::BackendPool;
 use tempfile::TempDir;
 use tokio::net::TcpListener;
 use tokio::process::{Child, Command};
@@ -45,29 +50,89 @@ const IDLE: Duration = Duration::from_secs(10);
 async fn main() {
     println!("{}", machine());
     let keys = env_count("STOREKEYD_BENCH_KEYS");
-    drain(0, keys.unwrap_or(10_000)).await;
-    drain(50, keys.unwrap_or(5_000)).await;
+    for (latency_ms, n) in [(0, keys.unwrap_or(10_000)), (50, keys.unwrap_or(5_000))] {
+        drain(latency_ms, n, Db::Sqlite, 1).await;
+        if postgres_reachable().await {
+            drain(latency_ms, n, Db::Postgres, 1).await;
+            drain(latency_ms, n, Db::Postgres, 3).await;
+        } else {
+            println!(
+                "
+(no PostgreSQL at {}: its scenarios are left out)",
+                pg_admin()
+            );
+        }
+    }
     ingest_then_idle(env_count("STOREKEYD_BENCH_INGEST").unwrap_or(1_000_000)).await;
 }
 
-/// One scenario's world: an emulator, a directory holding the config and the database, and the
-/// backend's own connection to that database.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Db {
+    Sqlite,
+    Postgres,
+}
+
+fn pg_admin() -> String {
+    std::env::var("STOREKEYD_BENCH_POSTGRES")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".to_owned())
+}
+
+async fn postgres_reachable() -> bool {
+    use sqlx::Connection as _;
+    sqlx::PgConnection::connect(&pg_admin()).await.is_ok()
+}
+
+async fn pg_admin_run(sql: String) {
+    use sqlx::Connection as _;
+    let mut conn = sqlx::PgConnection::connect(&pg_admin())
+        .await
+        .expect("PostgreSQL");
+    sqlx::query(sqlx::AssertSqlSafe(sql))
+        .execute(&mut conn)
+        .await
+        .expect("admin statement");
+}
+
+/// One scenario's world: an emulator, a directory holding the config (and the SQLite database),
+/// and the backend's own connection to the database.
 struct Bench {
     emu: Arc<Emulator>,
     emu_stop: CancellationToken,
     config_path: PathBuf,
-    backend: SqlitePool,
+    backend: BackendPool,
+    /// The PostgreSQL database to drop at the end.
+    pg_database: Option<String>,
     _dir: TempDir,
 }
 
 impl Bench {
     async fn new() -> Bench {
+        Bench::on(Db::Sqlite, CONCURRENCY).await
+    }
+
+    /// `concurrency`: each daemon's.
+    async fn on(db: Db, concurrency: usize) -> Bench {
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let emu = emulator::for_listener(&listener, Clock::system()).expect("emulator");
         let emu_stop = CancellationToken::new();
         tokio::spawn(emulator::serve(listener, emu.clone(), emu_stop.clone()));
         let dir = tempfile::tempdir().expect("tempdir");
-        let config = config(&emu, &dir);
+        let pg_database =
+            (db == Db::Postgres).then(|| format!("storekeyd_bench_{}", std::process::id()));
+        let url = match &pg_database {
+            Some(name) => {
+                pg_admin_run(format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)")).await;
+                pg_admin_run(format!("CREATE DATABASE {name}")).await;
+                let admin = pg_admin();
+                let base = admin
+                    .rsplit_once('/')
+                    .map_or(admin.as_str(), |(b, _)| b)
+                    .to_owned();
+                format!("{base}/{name}")
+            }
+            None => format!("sqlite://{}", dir.path().join("bench.db").display()),
+        };
+        let config = config(&emu, &dir, url, concurrency);
         // As the e2e harness's `write_config_to`: the binary reads what the bench configured.
         let config_path = dir.path().join("storekeyd.toml");
         std::fs::write(&config_path, toml::to_string(&config).expect("toml")).expect("config");
@@ -83,29 +148,43 @@ impl Bench {
             emu_stop,
             config_path,
             backend,
+            pg_database,
             _dir: dir,
         }
     }
 
     async fn finish(self) {
-        self.backend.close().await;
+        match &self.backend {
+            BackendPool::Sqlite(pool) => pool.close().await,
+            BackendPool::Postgres(pool) => pool.close().await,
+        }
+        if let Some(name) = &self.pg_database {
+            pg_admin_run(format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)")).await;
+        }
         self.emu_stop.cancel();
+    }
+
+    fn sqlite(&self) -> &SqlitePool {
+        match &self.backend {
+            BackendPool::Sqlite(pool) => pool,
+            BackendPool::Postgres(_) => panic!("a SQLite scenario"),
+        }
     }
 }
 
 /// As `tests/e2e/harness.rs::test_config` builds it, with the brakes off: the bound on
 /// throughput is `renew.concurrency`, never the rate limit or the poll interval.
-fn config(emu: &Emulator, dir: &TempDir) -> Config {
-    let db = dir.path().join("bench.db");
+fn config(emu: &Emulator, dir: &TempDir, url: String, concurrency: usize) -> Config {
     let mut config = Config {
-        database_url: Some(format!("sqlite://{}", db.display())),
+        database_url: Some(url),
+        state_directory: Some(dir.path().to_path_buf()),
         ..Config::default()
     };
     demo::point_at_emulator(&mut config, emu);
     demo::add_emulated_application(&mut config, emu, dir.path(), TENANT, APP, "bench-secret")
         .expect("application");
     let r = &mut config.renew;
-    r.concurrency = CONCURRENCY;
+    r.concurrency = concurrency;
     r.rate_limit = 1_000_000.0;
     r.batch_size = 1024;
     r.poll_interval = Duration::from_secs(1);
@@ -114,34 +193,92 @@ fn config(emu: &Emulator, dir: &TempDir) -> Config {
     config
 }
 
-/// The game backend's connection: WAL like the daemon's, and patient with its locks.
-async fn backend(url: &str) -> SqlitePool {
+/// The game backend's connection: on SQLite WAL like the daemon's, and patient with its locks.
+async fn backend(url: &str) -> BackendPool {
+    if url.starts_with("postgres") {
+        return BackendPool::Postgres(
+            sqlx::postgres::PgPoolOptions::new()
+                .max_connections(2)
+                .connect(url)
+                .await
+                .expect("connect to PostgreSQL"),
+        );
+    }
     let options = SqliteConnectOptions::from_str(url)
         .expect("database URL")
         .journal_mode(SqliteJournalMode::Wal)
         .busy_timeout(Duration::from_secs(30));
-    SqlitePoolOptions::new()
-        .max_connections(2)
-        .connect_with(options)
-        .await
-        .expect("open the database")
+    BackendPool::Sqlite(
+        SqlitePoolOptions::new()
+            .max_connections(2)
+            .connect_with(options)
+            .await
+            .expect("open the database"),
+    )
 }
 
-/// Inserts `n` rows as a backend does, in one transaction; returns the time spent in SQLite.
-/// Keys are minted in chunks outside the clock: minting is the Store's work, not the backend's,
-/// and a million keys at once would hold a gigabyte here.
-async fn seed(pool: &SqlitePool, n: usize, mut key_for: impl FnMut(&str) -> String) -> Duration {
-    const CHUNK: usize = 10_000;
+/// Inserts `n` rows as a backend does, in one transaction; returns the time spent in the
+/// database. Keys are minted in chunks outside the clock: minting is the Store's work, not the
+/// backend's, and a million keys at once would hold a gigabyte here.
+async fn seed(pool: &BackendPool, n: usize, key_for: impl FnMut(&str) -> String) -> Duration {
+    match pool {
+        BackendPool::Sqlite(pool) => seed_sqlite(pool, n, key_for).await,
+        BackendPool::Postgres(pool) => seed_postgres(pool, n, key_for).await,
+    }
+}
+
+/// The rows of one chunk of [`seed`].
+fn chunk(
+    start: usize,
+    n: usize,
+    key_for: &mut impl FnMut(&str) -> String,
+) -> Vec<(String, String)> {
+    (start..(start + SEED_CHUNK).min(n))
+        .map(|i| {
+            let user = format!("user-{i}");
+            let key = key_for(&user);
+            (user, key)
+        })
+        .collect()
+}
+
+const SEED_CHUNK: usize = 10_000;
+
+async fn seed_postgres(
+    pool: &sqlx::PgPool,
+    n: usize,
+    mut key_for: impl FnMut(&str) -> String,
+) -> Duration {
     let mut spent = Duration::ZERO;
     let mut tx = pool.begin().await.expect("begin");
-    for start in (0..n).step_by(CHUNK) {
-        let rows: Vec<(String, String)> = (start..(start + CHUNK).min(n))
-            .map(|i| {
-                let user = format!("user-{i}");
-                let key = key_for(&user);
-                (user, key)
-            })
-            .collect();
+    for start in (0..n).step_by(SEED_CHUNK) {
+        let rows = chunk(start, n, &mut key_for);
+        let t = Instant::now();
+        for (user, key) in &rows {
+            sqlx::query("INSERT INTO store_keys (user_ref, kind, key) VALUES ($1, $2, $3)")
+                .bind(user.as_str())
+                .bind(Kind::Collections.as_str())
+                .bind(key.as_str())
+                .execute(&mut *tx)
+                .await
+                .expect("insert");
+        }
+        spent += t.elapsed();
+    }
+    let t = Instant::now();
+    tx.commit().await.expect("commit");
+    spent + t.elapsed()
+}
+
+async fn seed_sqlite(
+    pool: &SqlitePool,
+    n: usize,
+    mut key_for: impl FnMut(&str) -> String,
+) -> Duration {
+    let mut spent = Duration::ZERO;
+    let mut tx = pool.begin().await.expect("begin");
+    for start in (0..n).step_by(SEED_CHUNK) {
+        let rows = chunk(start, n, &mut key_for);
         let t = Instant::now();
         for (user, key) in &rows {
             sqlx::query("INSERT INTO store_keys (user_ref, kind, key) VALUES (?, ?, ?)")
@@ -167,18 +304,20 @@ struct Sample {
     renewed: u64,
 }
 
-fn sample(emu: &Emulator, pid: u32) -> Sample {
+fn sample(emu: &Emulator, pids: &[u32]) -> Sample {
     Sample {
         at: Instant::now(),
-        cpu: cpu_secs(pid),
+        cpu: pids.iter().map(|p| cpu_secs(*p)).sum(),
         renewed: emu.stats().renewed,
     }
 }
 
-/// `n` due keys stored before the daemon starts. The rate runs from the first renewal the
-/// emulator answers to the last, so process start-up and the first access token stay out of it.
-async fn drain(latency_ms: u64, n: usize) {
-    let bench = Bench::new().await;
+/// `n` due keys stored before the daemons start: `replicas` of them, sharing
+/// [`CONCURRENCY`]. The rate runs from the first renewal the emulator answers to the last, so
+/// process start-up and the first access token stay out of it.
+async fn drain(latency_ms: u64, n: usize, db: Db, replicas: usize) {
+    let concurrency = CONCURRENCY.div_ceil(replicas);
+    let bench = Bench::on(db, concurrency).await;
     let emu = &bench.emu;
     emu.set_faults(Faults {
         latency_ms,
@@ -191,46 +330,85 @@ async fn drain(latency_ms: u64, n: usize) {
     })
     .await;
     let started = Instant::now();
-    let mut daemon = spawn(&bench);
-    let pid = daemon.id().expect("the daemon's pid");
+    let mut daemons: Vec<Child> = (0..replicas).map(|_| spawn(&bench)).collect();
+    let pids: Vec<u32> = daemons
+        .iter()
+        .map(|d| d.id().expect("the daemon's pid"))
+        .collect();
     let mut first = None;
     let last = loop {
-        let now = sample(emu, pid);
+        let now = sample(emu, &pids);
         if first.is_none() && now.renewed > 0 {
             first = Some(now);
         }
         if now.renewed >= n as u64 {
             break now;
         }
-        watch(&mut daemon, started, "draining");
+        for daemon in &mut daemons {
+            watch(daemon, started, "draining");
+        }
         tokio::time::sleep(Duration::from_millis(5)).await;
     };
     // Before SIGTERM: a process that has exited has no memory figures left.
-    let peak_mb = status_mb(pid, "VmHWM");
-    stop(daemon).await;
+    let peak_mb = pids
+        .iter()
+        .map(|p| status_mb(*p, "VmHWM"))
+        .fold(0.0, f64::max);
+    for daemon in daemons {
+        stop(daemon).await;
+    }
     bench.finish().await;
     let first = first.unwrap_or(last);
-    report_drain(latency_ms, n, started, first, last, peak_mb);
+    let what = match (db, replicas) {
+        (Db::Sqlite, _) => "SQLite".to_owned(),
+        (Db::Postgres, 1) => "PostgreSQL".to_owned(),
+        (Db::Postgres, r) => format!("PostgreSQL, {r} replicas of concurrency {concurrency}"),
+    };
+    report_drain(
+        latency_ms,
+        n,
+        &what,
+        concurrency * replicas,
+        started,
+        (first, last),
+        peak_mb,
+    );
 }
 
-fn report_drain(latency_ms: u64, n: usize, started: Instant, first: Sample, last: Sample, mb: f64) {
+fn report_drain(
+    latency_ms: u64,
+    n: usize,
+    what: &str,
+    concurrency: usize,
+    started: Instant,
+    (first, last): (Sample, Sample),
+    mb: f64,
+) {
     // Renewals answered before the first sample are not in the window either.
     let renewed = (last.renewed - first.renewed).max(1) as f64;
     let rate = renewed / last.at.duration_since(first.at).as_secs_f64().max(1e-3);
     let to_first = first.at.duration_since(started).as_secs_f64();
-    println!("\ndrain, Store latency {latency_ms} ms: {n} due keys, concurrency {CONCURRENCY}");
+    println!(
+        "\ndrain on {what}, Store latency {latency_ms} ms: {n} due keys, concurrency {concurrency}"
+    );
     line("first renewal after", format!("{:.0} ms", to_first * 1e3));
     line("renewals/s", format!("{rate:.0}"));
     if latency_ms == 0 {
         line("bound (concurrency / latency)", "n/a");
     } else {
-        let bound = CONCURRENCY as f64 * 1000.0 / latency_ms as f64;
+        let bound = concurrency as f64 * 1000.0 / latency_ms as f64;
         line("bound (concurrency / latency)", format!("{bound:.0}/s"));
         line("share of bound", format!("{:.0} %", rate / bound * 100.0));
     }
     let cpu_us = (last.cpu - first.cpu) / renewed * 1e6;
-    line("daemon CPU per renewal", format!("{cpu_us:.0} µs"));
-    line("daemon peak RSS", format!("{mb:.1} MB"));
+    line(
+        "daemon CPU per renewal",
+        format!("{cpu_us:.0} µs (all replicas)"),
+    );
+    line(
+        "daemon peak RSS",
+        format!("{mb:.1} MB (the largest replica)"),
+    );
 }
 
 /// A bulk load of keys that are not due: the backend's insert rate, then the daemon's ingest
@@ -264,7 +442,7 @@ async fn ingest_then_idle(n: usize) {
     let started = Instant::now();
     let mut daemon = spawn(&bench);
     let pid = daemon.id().expect("the daemon's pid");
-    while any_pending(&bench.backend).await {
+    while any_pending(bench.sqlite()).await {
         watch(&mut daemon, started, "ingesting");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
