@@ -95,8 +95,10 @@ CREATE TABLE store_key_lineage (
 
 -- The backend's upsert stays as it is: an update that would put a retired key back is skipped
 -- and the event log says so; the key the row holds, stored again with whitespace around it, is
--- the same key and changes nothing.
-CREATE FUNCTION storekeyd_keep_newer() RETURNS trigger LANGUAGE plpgsql AS $$
+-- the same key and changes nothing. SECURITY DEFINER: it runs as the schema's owner, so a
+-- backend role that may only read and write store_keys can still run the upsert.
+CREATE FUNCTION storekeyd_keep_newer() RETURNS trigger LANGUAGE plpgsql
+SECURITY DEFINER SET search_path FROM CURRENT AS $$
 BEGIN
     IF EXISTS (SELECT 1 FROM store_key_lineage AS l
                WHERE l.key_id = OLD.id AND l.tail = right(btrim(NEW.key, E' \t\n\r'), 22)) THEN

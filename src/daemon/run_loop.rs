@@ -367,6 +367,11 @@ impl Loop {
                     self.ready.push_front(row);
                 }
                 Ok(None) => safety.canary_found(&app, false).await,
+                Err(crate::storage::DbError::Held) => {
+                    // Another replica holds them (renewing them, perhaps): ask again next pass.
+                    safety.canary_found(&app, true).await;
+                    safety.canary_done(&app);
+                }
                 Err(e) => {
                     tracing::warn!(app, error = %e, "could not claim a canary; will try again");
                     // Not a sign that there is no other key: only a search says that.

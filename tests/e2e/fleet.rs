@@ -272,3 +272,73 @@ async fn connections_cut_mid_drain_are_reopened_and_lose_nothing() {
     let t = tally(&env, &users).await;
     assert_eq!(t, Tally::default());
 }
+
+/// A backend on another host with the role the README prescribes (`SELECT, INSERT, UPDATE` on
+/// `store_keys`, nothing else) runs both contract statements, including an upsert of a key the
+/// row was renewed past, which the lineage trigger (run as the schema's owner) refuses and logs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backend_role_with_the_documented_grants_runs_the_contract() {
+    use sqlx::Connection as _;
+    use storekeyd::storage::contract::{BackendPool, PG_UPSERT_KEY};
+    let env = TestEnv::on(Db::Postgres).await;
+    let role = format!("storekeyd_test_backend_{}", fastrand::u32(..));
+    let BackendPool::Postgres(admin) = env.db.any() else {
+        unreachable!("a PostgreSQL env")
+    };
+    for sql in [
+        format!("CREATE ROLE {role} LOGIN"),
+        format!("GRANT SELECT, INSERT, UPDATE ON store_keys TO {role}"),
+    ] {
+        sqlx::query(sqlx::AssertSqlSafe(sql))
+            .execute(admin)
+            .await
+            .unwrap();
+    }
+    let url = env
+        .config
+        .database_url()
+        .replacen("postgres@", &format!("{role}@"), 1);
+    let mut backend = sqlx::PgConnection::connect(&url).await.unwrap();
+    let old = env.mint(Kind::Collections, crate::harness::APP, "alice");
+    let upsert = |key: String| {
+        sqlx::query(PG_UPSERT_KEY)
+            .bind("alice")
+            .bind("collections")
+            .bind(key)
+    };
+    upsert(old.clone()).execute(&mut backend).await.unwrap();
+    // As if storekeyd had renewed `old`: the row holds its successor, the lineage knows it.
+    let new = env.mint(Kind::Collections, crate::harness::APP, "alice");
+    sqlx::query("UPDATE store_keys SET key = $1, state = 'active'")
+        .bind(&new)
+        .execute(admin)
+        .await
+        .unwrap();
+    sqlx::query("INSERT INTO store_key_lineage (key_id, tail, retired_at) SELECT id, right($1, 22), 0 FROM store_keys")
+        .bind(&old)
+        .execute(admin)
+        .await
+        .unwrap();
+    let replayed = upsert(old).execute(&mut backend).await;
+    backend.close().await.unwrap();
+    let cleanup = format!("DROP OWNED BY {role}");
+    sqlx::query(sqlx::AssertSqlSafe(cleanup))
+        .execute(admin)
+        .await
+        .unwrap();
+    sqlx::query(sqlx::AssertSqlSafe(format!("DROP ROLE {role}")))
+        .execute(admin)
+        .await
+        .unwrap();
+    replayed.expect("the backend's upsert of a retired key");
+    let row = env.row("alice", Kind::Collections).await;
+    assert_eq!(
+        (row.key.as_str(), row.state.as_str()),
+        (new.as_str(), "active")
+    );
+    let kept = env.outcomes(row.id).await;
+    assert!(
+        kept.iter().any(|(o, _, _)| o == "stale_key_kept"),
+        "{kept:?}"
+    );
+}

@@ -72,6 +72,29 @@ impl PgStore {
         })
     }
 
+    /// Whether a canary candidate exists at all, held or not.
+    async fn canary_exists(
+        &self,
+        client_id: &str,
+        issued_before: i64,
+        valid_past: i64,
+    ) -> Result<bool> {
+        self.timed(async {
+            let (exists,): (bool,) = sqlx::query_as(
+                "SELECT EXISTS (SELECT 1 FROM store_keys
+                                WHERE state = 'active' AND client_id = $1 AND refusals = 0
+                                  AND attempts = 0 AND expires_at > $2 AND issued_at <= $3)",
+            )
+            .bind(client_id)
+            .bind(valid_past)
+            .bind(issued_before)
+            .fetch_one(&self.pool)
+            .await?;
+            Ok(exists)
+        })
+        .await
+    }
+
     async fn timed<T>(&self, call: impl Future<Output = Result<T>>) -> Result<T> {
         tokio::time::timeout(self.call_timeout, call)
             .await
@@ -256,8 +279,17 @@ impl Storage for PgStore {
             .as_ref()
             .map(|r| rows::claimed(r, lease_until))
             .transpose()?;
-        if let Some(r) = &mut row {
-            r.canary = true;
+        match &mut row {
+            Some(r) => r.canary = true,
+            // Another replica holding every candidate is not "no other key to ask": that
+            // would let a lone refused key be flagged while healthy keys exist.
+            None if self
+                .canary_exists(client_id, issued_before, lease_until)
+                .await? =>
+            {
+                return Err(DbError::Held);
+            }
+            None => {}
         }
         Ok(row)
     }
