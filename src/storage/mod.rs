@@ -122,6 +122,24 @@ pub fn redact_url(url: &str) -> String {
     format!("{scheme}://{authority}{tail}")
 }
 
+/// Runs `batch`, a delete of at most 1,000 rows, until one deletes fewer or `max_batches` ran;
+/// returns how many rows went and whether more remain.
+async fn in_batches<F, Fut>(max_batches: u32, mut batch: F) -> Result<(u64, bool)>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<u64>>,
+{
+    let mut total = 0;
+    for _ in 0..max_batches {
+        let n = batch().await?;
+        total += n;
+        if n < 1000 {
+            return Ok((total, false));
+        }
+    }
+    Ok((total, true))
+}
+
 /// A schema embedded in the binary: `(version, name, sql)` per migration.
 fn embedded(migrations: &[(i64, &'static str, &'static str)]) -> Migrator {
     Migrator::with_migrations(

@@ -235,22 +235,17 @@ pub(super) async fn prune_events(
     before: i64,
     max_batches: u32,
 ) -> Result<(u64, bool)> {
-    let mut total = 0;
-    for _ in 0..max_batches {
-        let n = sqlx::query(
+    crate::storage::in_batches(max_batches, || async {
+        Ok(sqlx::query(
             "DELETE FROM store_key_events WHERE id IN
                (SELECT id FROM store_key_events WHERE at < $1 ORDER BY at LIMIT 1000)",
         )
         .bind(before)
         .execute(pool)
         .await?
-        .rows_affected();
-        total += n;
-        if n < 1000 {
-            return Ok((total, false));
-        }
-    }
-    Ok((total, true))
+        .rows_affected())
+    })
+    .await
 }
 
 #[cfg(test)]

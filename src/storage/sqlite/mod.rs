@@ -298,22 +298,17 @@ impl Storage for SqliteStore {
     }
 
     async fn prune_events(&self, before: i64, max_batches: u32) -> Result<(u64, bool)> {
-        let mut total = 0;
-        for _ in 0..max_batches {
-            let n = sqlx::query(
+        super::in_batches(max_batches, || async {
+            Ok(sqlx::query(
                 "DELETE FROM store_key_events WHERE id IN
                    (SELECT id FROM store_key_events WHERE at < ? ORDER BY at LIMIT 1000)",
             )
             .bind(before)
             .execute(&self.pool)
             .await?
-            .rows_affected();
-            total += n;
-            if n < 1000 {
-                return Ok((total, false));
-            }
-        }
-        Ok((total, true))
+            .rows_affected())
+        })
+        .await
     }
 
     async fn store_keys(&self, keys: &[NewKey]) -> Result<()> {
