@@ -283,6 +283,10 @@ async fn renew_one(engine: &Engine, db: &dyn Storage, claimed: ClaimedRow) -> an
         Settled::Deferred => {
             "not attempted: the endpoint is failing for many keys (outage breaker open)".to_owned()
         }
+        Settled::LeaseShort => {
+            "not sent: the claim's lease ran short while it waited for the rate limit; try again"
+                .to_owned()
+        }
         Settled::Unwritten => {
             "the database would not take the result; a renewed key waits in the spool file"
                 .to_owned()

@@ -35,6 +35,9 @@ pub enum Settled {
     Superseded,
     /// The database stayed unwritable; a renewal waits in the spool, anything else is retried.
     Unwritten,
+    /// Not sent: the claim's lease would have run out before the answer was written (the
+    /// rate limit's queue was long). Nothing written; due again when the lease ends.
+    LeaseShort,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -92,6 +95,31 @@ pub struct Parts {
     pub metrics: Arc<Metrics>,
     pub safety: Safety,
     pub server_time: Arc<ServerTime>,
+}
+
+/// What asking came to: an answer to decide on, or nothing to decide.
+#[expect(
+    clippy::large_enum_variant,
+    reason = "one per attempt, returned once; boxing would allocate for every answer"
+)]
+enum Asked {
+    Answered(Answer, Option<Call>),
+    LeaseShort,
+}
+
+/// Why a renew call was not sent.
+enum Unsent {
+    Expired,
+    LeaseShort,
+}
+
+impl From<Unsent> for Asked {
+    fn from(unsent: Unsent) -> Asked {
+        match unsent {
+            Unsent::Expired => Asked::Answered(Answer::ExpiredUnsent, None),
+            Unsent::LeaseShort => Asked::LeaseShort,
+        }
+    }
 }
 
 /// What a renew call answered, for the event row, and when it began (Unix milliseconds: the
@@ -240,7 +268,13 @@ impl Engine {
     }
 
     async fn run(&self, row: ClaimedRow, permit: CallPermit) -> Result<Settled, WriterGone> {
-        let (answer, call) = self.ask(&row).await?;
+        let (answer, call) = match self.ask(&row).await? {
+            Asked::Answered(answer, call) => (answer, call),
+            Asked::LeaseShort => {
+                tracing::debug!("lease too short to send the renew call; left for the next claim");
+                return Ok(Settled::LeaseShort);
+            }
+        };
         drop(permit);
         let decision = decision::decide(&Attempt {
             facts: &row.facts,
@@ -254,21 +288,21 @@ impl Engine {
     }
 
     /// Everything up to the decision: what the breaker, Entra ID, the Store and the guard said.
-    async fn ask(&self, row: &ClaimedRow) -> Result<(Answer, Option<Call>), WriterGone> {
+    async fn ask(&self, row: &ClaimedRow) -> Result<Asked, WriterGone> {
         let facts = &row.facts;
         // Judged on the Store's time; before any answer told it, only after the token request.
         let expired = || self.store_now() >= facts.expires_at;
         if self.server_time.known() && expired() {
-            return Ok((Answer::ExpiredUnsent, None));
+            return Ok(Asked::Answered(Answer::ExpiredUnsent, None));
         }
         if !self.tokens.has_application(&facts.client_id) {
-            return Ok((Answer::NoApplication, None));
+            return Ok(Asked::Answered(Answer::NoApplication, None));
         }
         let permit = self.safety.permit(facts.kind);
         if let Permit::Wait(until) = permit {
             let wait = until.saturating_duration_since(std::time::Instant::now());
             let until = self.store_now() + i64::try_from(wait.as_secs()).unwrap_or(i64::MAX / 2);
-            return Ok((Answer::Paused { until }, None));
+            return Ok(Asked::Answered(Answer::Paused { until }, None));
         }
         // A granted probe that is never sent must be handed back, whatever the exit.
         let mut probe = ProbeTicket {
@@ -279,13 +313,14 @@ impl Engine {
         self.limiter.acquire().await;
         let token = match self.tokens.token(&facts.client_id).await {
             Ok(t) => t,
-            Err(e) => return Ok((token_failed(&e), None)),
+            Err(e) => return Ok(Asked::Answered(token_failed(&e), None)),
         };
         if expired() {
-            return Ok((Answer::ExpiredUnsent, None));
+            return Ok(Asked::Answered(Answer::ExpiredUnsent, None));
         }
-        let Some(first) = self.call(row, &token).await else {
-            return Ok((Answer::ExpiredUnsent, None));
+        let first = match self.call(row, &token).await {
+            Ok(call) => call,
+            Err(unsent) => return Ok(unsent.into()),
         };
         let was_probe = std::mem::take(&mut probe.armed);
         self.safety
@@ -301,12 +336,13 @@ impl Engine {
         self.metrics.renewals.inc(EventKind::AuthInvalid.as_str());
         let fresh = match self.tokens.fresh_token(&facts.client_id, &token).await {
             Ok(t) => t,
-            Err(e) => return Ok((token_failed(&e), None)),
+            Err(e) => return Ok(Asked::Answered(token_failed(&e), None)),
         };
         // The second call is a call like any other: it waits for its turn.
         self.limiter.acquire().await;
-        let Some(second) = self.call(row, &fresh).await else {
-            return Ok((Answer::ExpiredUnsent, None));
+        let second = match self.call(row, &fresh).await {
+            Ok(call) => call,
+            Err(unsent) => return Ok(unsent.into()),
         };
         self.safety
             .observe(facts.kind, row.id, &second.response.outcome, false)
@@ -322,14 +358,21 @@ impl Engine {
             detail: detail.clone(),
             verdict,
         };
-        Ok((answer, Some(second)))
+        Ok(Asked::Answered(answer, Some(second)))
     }
 
     /// The renew call, unless the key has expired by now (waiting for the rate limiter or a
-    /// token takes time): an expired key is never sent.
-    async fn call(&self, row: &ClaimedRow, token: &AccessToken) -> Option<Call> {
-        if self.store_now() >= row.facts.expires_at {
-            return None;
+    /// token takes time): an expired key is never sent. Nor is one whose lease would run out
+    /// before the answer is written: another process may claim it then, and renew it too.
+    async fn call(&self, row: &ClaimedRow, token: &AccessToken) -> Result<Call, Unsent> {
+        let now = self.store_now();
+        if now >= row.facts.expires_at {
+            return Err(Unsent::Expired);
+        }
+        // The call itself, and as long again for its write.
+        let needed = self.config.http.request_timeout.saturating_mul(2).as_secs();
+        if now.saturating_add(i64::try_from(needed).unwrap_or(i64::MAX)) >= row.lease_until {
+            return Err(Unsent::LeaseShort);
         }
         // Every time the daemon writes is on the Store's timeline, like the schedule.
         let started_ms = self.server_time.now_ms();
@@ -343,7 +386,7 @@ impl Engine {
         self.metrics
             .renew_latency
             .observe(std::time::Duration::from_millis(millis));
-        Some(Call {
+        Ok(Call {
             response: resp,
             started_ms,
         })
@@ -486,12 +529,12 @@ fn change(action: &Action, now_ms: i64) -> (Change, Settled) {
     }
 }
 
-fn answered(call: Call) -> (Answer, Option<Call>) {
+fn answered(call: Call) -> Asked {
     let answer = Answer::Answered {
         outcome: call.response.outcome.clone(),
         error_code: call.response.error_code.clone(),
     };
-    (answer, Some(call))
+    Asked::Answered(answer, Some(call))
 }
 
 fn token_failed(e: &impl std::fmt::Display) -> Answer {

@@ -20,7 +20,7 @@ use crate::ops::credentials;
 use crate::ops::notify::Notifier;
 use crate::ops::observe::{self, Health, Observer};
 use crate::policy::claims::Kind;
-use crate::storage::{ClaimedRow, Storage};
+use crate::storage::{Claim, ClaimedRow, Storage};
 
 /// Until the database signals a new key; never, where it cannot.
 async fn woken(wake: Option<&Notify>) {
@@ -175,7 +175,7 @@ struct Loop {
     last_orphans: Option<Instant>,
     tasks: JoinSet<Result<Settled, WriterGone>>,
     /// The row each task works on, until its result is durable.
-    in_flight: HashMap<Id, i64>,
+    in_flight: HashMap<Id, Claim>,
     /// The same rows, to look up.
     held: HashSet<i64>,
     /// Keys claimed and waiting for a call slot.
@@ -414,7 +414,7 @@ impl Loop {
     }
 
     fn spawn(&mut self, row: ClaimedRow) {
-        let id = row.id;
+        let (id, claim) = (row.id, row.claim());
         // Its lease ran out while the attempt or its write still runs (a wall-clock jump, a
         // locked database), or its renewal waits in the spool: one attempt per key.
         if self.held.contains(&id) || self.engine.writer().holds(id) {
@@ -426,7 +426,7 @@ impl Loop {
         let handle = self
             .tasks
             .spawn(async move { engine.attempt(row, permit).await });
-        self.in_flight.insert(handle.id(), id);
+        self.in_flight.insert(handle.id(), claim);
         self.held.insert(id);
     }
 
@@ -435,7 +435,7 @@ impl Loop {
             Ok((task, result)) => (task, Ok(result)),
             Err(e) => (e.id(), Err(e)),
         };
-        let row = self.in_flight.remove(&task);
+        let row = self.in_flight.remove(&task).map(|c| c.id);
         if let Some(id) = row {
             self.held.remove(&id);
         }
@@ -494,7 +494,7 @@ impl Loop {
     /// written or spooled by the writer); abort the rest and give their keys back.
     async fn drain(&mut self) {
         // Claimed but never started: due again at once, not after their lease.
-        let unstarted: Vec<i64> = self.ready.drain(..).map(|r| r.id).collect();
+        let unstarted: Vec<Claim> = self.ready.drain(..).map(|r| r.claim()).collect();
         if let Err(e) = self
             .storage
             .release(&unstarted, self.engine.store_now())
@@ -522,13 +522,13 @@ impl Loop {
             while let Some(joined) = self.tasks.join_next_with_id().await {
                 if let Ok((task, _)) = &joined {
                     // It finished after all; its result is recorded.
-                    if let Some(id) = self.in_flight.remove(task) {
-                        self.held.remove(&id);
+                    if let Some(claim) = self.in_flight.remove(task) {
+                        self.held.remove(&claim.id);
                     }
                 }
             }
-            let ids: Vec<i64> = self.in_flight.values().copied().collect();
-            if let Err(e) = self.storage.release(&ids, self.engine.store_now()).await {
+            let claims: Vec<Claim> = self.in_flight.values().copied().collect();
+            if let Err(e) = self.storage.release(&claims, self.engine.store_now()).await {
                 tracing::warn!(error = %e, "could not release abandoned keys; they are retried after their lease");
             }
         }

@@ -16,7 +16,7 @@ use crate::policy::fleet::{FleetAlarms, Shared};
 use crate::policy::guard::{AlarmChange, Refusals, RevocationGuard, Verdict};
 use crate::policy::outcome::Outcome;
 use crate::remote::server_time::ServerTime;
-use crate::storage::Storage;
+use crate::storage::{ClearScope, Storage};
 
 pub struct Safety {
     breakers: Mutex<HashMap<Kind, Breaker>>,
@@ -136,7 +136,7 @@ impl Safety {
         for alarm in reconciled.rewrite {
             self.send(AlarmRecord {
                 name: alarm.name,
-                detail: Some(alarm.detail),
+                change: Recorded::Raised(alarm.detail),
                 at: alarm.since,
             });
         }
@@ -202,11 +202,11 @@ impl Safety {
                     "the {kind} renew endpoint is failing for many different keys: renewals to it are paused and it is probed with one request at growing intervals"
                 );
                 tracing::error!(%kind, "outage breaker opened: {detail}");
-                self.record(&breaker_alarm(kind), Some(&detail)).await;
+                self.raise(&breaker_alarm(kind), &detail);
             }
             Some(Transition::Closed) => {
                 tracing::warn!(%kind, "outage breaker closed: the endpoint answers again; renewals resume");
-                self.record(&breaker_alarm(kind), None).await;
+                self.clear(&breaker_alarm(kind), Clear::Anyone);
             }
             // Another replica's breaker alarm, and this one renews: the endpoint is back.
             None if matches!(outcome, Outcome::Renewed(_))
@@ -214,7 +214,7 @@ impl Safety {
                 && lock(&self.fleet).shown(&breaker_alarm(kind)) =>
             {
                 tracing::info!(%kind, "another replica's outage breaker alarm cleared: renewals to the endpoint succeed");
-                self.record(&breaker_alarm(kind), None).await;
+                self.clear(&breaker_alarm(kind), Clear::Anyone);
             }
             None => {}
         }
@@ -231,7 +231,8 @@ impl Safety {
         let change = lock(&self.guard).success(app, started_ms);
         if change == Some(AlarmChange::Cleared) {
             tracing::warn!(app, "credential alarm cleared: a renewal succeeded again");
-            self.record(&credential_alarm(app), None).await;
+            // Another replica may have raised it again since this renewal began.
+            self.clear(&credential_alarm(app), Clear::RaisedBefore(started_ms));
         }
     }
 
@@ -275,7 +276,7 @@ impl Safety {
             "the Store refuses keys of application {app} (AuthenticationTokenInvalid) while none renews (several at once, a canary, or every key it has): that is the credential or configuration, not revocations; no key is flagged revoked until a renewal succeeds again"
         );
         tracing::error!(app, "credential alarm: {detail}");
-        self.record(&credential_alarm(app), Some(&detail)).await;
+        self.raise(&credential_alarm(app), &detail);
     }
 
     /// An application's certificate expires soon (`warning`) or no longer does: logged once
@@ -295,12 +296,12 @@ impl Safety {
             Some(w) => tracing::warn!(app, "{w}"),
             None => tracing::info!(app, "the certificate no longer expires soon"),
         }
-        self.record(&format!("certificate:{app}"), warning).await;
+        self.own_alarm(&format!("certificate:{app}"), warning);
     }
 
     /// The clock alarm raised (with what it says) or cleared, for `status`.
     pub async fn clock_alarm(&self, detail: Option<&str>) {
-        self.record(CLOCK_ALARM, detail).await;
+        self.own_alarm(CLOCK_ALARM, detail);
     }
 
     /// The kinds whose breaker is open, here or (at the last look) at another replica.
@@ -321,30 +322,45 @@ impl Safety {
             .collect()
     }
 
-    /// Writes or clears the alarm row, in the background and in order: an attempt that raised
-    /// an alarm must not hold its renewed key back while the database is busy. A failure is
-    /// logged, never fatal (the metric and the log line carry the same news).
-    async fn record(&self, name: &str, detail: Option<&str>) {
+    /// Writes the alarm row, in the background and in order: an attempt that raised an alarm
+    /// must not hold its renewed key back while the database is busy. A failure is logged,
+    /// never fatal (the metric and the log line carry the same news).
+    fn raise(&self, name: &str, detail: &str) {
         if !self.record.load(Ordering::Relaxed) {
             return;
         }
-        let change = AlarmRecord {
+        let at = self.time.now();
+        lock(&self.fleet).raised(Shared {
             name: name.to_owned(),
-            detail: detail.map(str::to_owned),
-            at: self.time.now(),
-        };
-        {
-            let mut fleet = lock(&self.fleet);
-            match &change.detail {
-                Some(detail) => fleet.raised(Shared {
-                    name: change.name.clone(),
-                    detail: detail.clone(),
-                    since: change.at,
-                }),
-                None => fleet.cleared(name),
-            }
+            detail: detail.to_owned(),
+            since: at,
+        });
+        self.send(AlarmRecord {
+            name: name.to_owned(),
+            change: Recorded::Raised(detail.to_owned()),
+            at,
+        });
+    }
+
+    /// Clears the alarm row as [`Self::raise`] writes it, where `scope` allows.
+    fn clear(&self, name: &str, scope: Clear) {
+        if !self.record.load(Ordering::Relaxed) {
+            return;
         }
-        self.send(change);
+        lock(&self.fleet).cleared(name);
+        self.send(AlarmRecord {
+            name: name.to_owned(),
+            change: Recorded::Cleared(scope),
+            at: self.time.now(),
+        });
+    }
+
+    /// An alarm about this process alone: raised, or cleared if this process raised it last.
+    fn own_alarm(&self, name: &str, detail: Option<&str>) {
+        match detail {
+            Some(detail) => self.raise(name, detail),
+            None => self.clear(name, Clear::Own),
+        }
     }
 
     fn send(&self, change: AlarmRecord) {
@@ -364,8 +380,21 @@ impl Safety {
 /// One alarm raised (with its detail) or cleared.
 struct AlarmRecord {
     name: String,
-    detail: Option<String>,
+    change: Recorded,
     at: i64,
+}
+
+enum Recorded {
+    Raised(String),
+    Cleared(Clear),
+}
+
+/// Whose alarm row a clear deletes ([`ClearScope`], with this process as the owner).
+#[derive(Debug, Clone, Copy)]
+enum Clear {
+    Anyone,
+    Own,
+    RaisedBefore(i64),
 }
 
 /// Writes alarm changes one after the other, as they came, as raised by `replica`.
@@ -375,9 +404,16 @@ async fn record_alarms(
     replica: String,
 ) {
     while let Some(c) = rx.recv().await {
-        let result = match &c.detail {
-            Some(d) => storage.set_alarm(&c.name, d, c.at, &replica).await,
-            None => storage.clear_alarm(&c.name).await,
+        let result = match &c.change {
+            Recorded::Raised(detail) => storage.set_alarm(&c.name, detail, c.at, &replica).await,
+            Recorded::Cleared(clear) => {
+                let scope = match *clear {
+                    Clear::Anyone => ClearScope::Anyone,
+                    Clear::Own => ClearScope::OwnedBy(&replica),
+                    Clear::RaisedBefore(ms) => ClearScope::RaisedBefore(ms),
+                };
+                storage.clear_alarm(&c.name, scope).await
+            }
         };
         if let Err(e) = result {
             tracing::warn!(alarm = c.name, error = %e, "could not record the alarm for `status`");

@@ -191,6 +191,7 @@ fn renew(emu: &Emulator, faults: &Faults, kind: Kind, body: &[u8]) -> Response {
     *lock(&emu.renewals)
         .entry((kind, issued.user_id.clone()))
         .or_default() += 1;
+    lock(&emu.renewed_at).insert((kind, issued.user_id.clone()), emu.clock.now_ms());
     (StatusCode::OK, axum::Json(json!({ "key": new_key }))).into_response()
 }
 

@@ -106,6 +106,9 @@ pub struct Emulator {
     /// How many times each (kind, user) was renewed: the log that shows a key renewed twice
     /// (two processes at once) or never.
     pub renewals: Mutex<HashMap<(Kind, String), u32>>,
+    /// When each (kind, user) was last renewed, Unix milliseconds: shows a call sent after its
+    /// claim's lease ran out.
+    pub renewed_at: Mutex<HashMap<(Kind, String), i64>>,
     /// Every access token issued, for tests that look for leaks.
     pub tokens: Mutex<Vec<String>>,
     pub faults: Mutex<Faults>,
@@ -137,6 +140,7 @@ impl Emulator {
             keys: Mutex::default(),
             latest: Mutex::default(),
             renewals: Mutex::default(),
+            renewed_at: Mutex::default(),
             tokens: Mutex::default(),
             faults: Mutex::default(),
             stats: Mutex::default(),
@@ -278,6 +282,13 @@ impl Emulator {
 
     pub fn issued_count(&self) -> usize {
         lock(&self.keys).len()
+    }
+
+    /// When the Store last renewed a key of `user` (Unix milliseconds).
+    pub fn renewed_at(&self, kind: Kind, user: &str) -> Option<i64> {
+        lock(&self.renewed_at)
+            .get(&(kind, user.to_owned()))
+            .copied()
     }
 
     /// How many times the Store renewed a key of `user`.

@@ -213,8 +213,9 @@ pub trait Storage: Send + Sync + std::fmt::Debug {
     /// Keeps the leases of keys whose results are still to be written: due again at `until`,
     /// held for `until - now` more.
     async fn extend_leases(&self, ids: &[i64], now: i64, until: i64) -> Result<()>;
-    /// Hands back keys whose attempt did not run, due again at `now`.
-    async fn release(&self, ids: &[i64], now: i64) -> Result<()>;
+    /// Hands back claims whose attempt did not run, due again at `now`. A row claimed anew since
+    /// (its lease ran out and another process took it) keeps the new claim.
+    async fn release(&self, claims: &[Claim], now: i64) -> Result<()>;
     /// Gives keys flagged for configuration reasons another check (a config change may fix them).
     async fn recheck_misconfigured(&self, now: i64) -> Result<u64>;
     /// Deletes events older than `before` in at most `max_batches` bounded batches; returns how
@@ -241,7 +242,8 @@ pub trait Storage: Send + Sync + std::fmt::Debug {
     async fn alarms(&self) -> Result<Vec<Alarm>>;
     /// Raises (or updates) a named alarm for `status`, as raised by process `owner`.
     async fn set_alarm(&self, name: &str, detail: &str, since: i64, owner: &str) -> Result<()>;
-    async fn clear_alarm(&self, name: &str) -> Result<()>;
+    /// Clears a named alarm, unless `scope` says it is not this caller's to clear.
+    async fn clear_alarm(&self, name: &str, scope: ClearScope<'_>) -> Result<()>;
     /// Records that process `replica` is alive (on the database's clock); forgets the processes
     /// not seen for `ttl` seconds, and the alarms they raised but credential alarms (which stand
     /// until a renewal proves them wrong). Returns how many processes are alive, this one
@@ -280,6 +282,48 @@ pub struct ClaimedRow {
     pub canary: bool,
     /// Unix time the claim's lease ends: past it another process may claim the key.
     pub lease_until: i64,
+}
+
+impl ClaimedRow {
+    pub fn claim(&self) -> Claim {
+        Claim {
+            id: self.id,
+            lease_until: self.lease_until,
+        }
+    }
+}
+
+/// One claim on a row: a claim stamps the row's due time with its `lease_until` (on the
+/// claimer's clock), which no other claim of the row repeats, so it tells this claim from a
+/// later one of the same row.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Claim {
+    pub id: i64,
+    pub lease_until: i64,
+}
+
+/// Whose alarm a clear may delete: the alarms table is shared by every process on the database.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ClearScope<'a> {
+    /// Whoever raised it: the condition is shared (an endpoint answers again).
+    Anyone,
+    /// Only if process `owner` raised it last: the condition is the process's own (its clock,
+    /// its certificate files).
+    OwnedBy(&'a str),
+    /// Only if it was surely raised before this Unix time in milliseconds: the evidence (a
+    /// renewal begun then) says nothing of an alarm raised after.
+    RaisedBefore(i64),
+}
+
+impl ClearScope<'_> {
+    /// The owner and the time bound (milliseconds) the statement compares, where they apply.
+    fn bounds(&self) -> (Option<&str>, Option<i64>) {
+        match *self {
+            ClearScope::Anyone => (None, None),
+            ClearScope::OwnedBy(owner) => (Some(owner), None),
+            ClearScope::RaisedBefore(ms) => (None, Some(ms)),
+        }
+    }
 }
 
 /// A key to store as a backend would.

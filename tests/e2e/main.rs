@@ -22,6 +22,7 @@ mod observe;
 mod outage;
 mod pgserver;
 mod renewal;
+mod sharing;
 mod soak;
 mod spool;
 mod systemd;

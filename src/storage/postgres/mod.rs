@@ -21,8 +21,8 @@ use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
 use super::{
-    Alarm, ClaimedRow, DbError, DbOptions, EventRecord, KeyStats, KeySummary, NewKey, PendingRow,
-    Result, Storage, Write, rows,
+    Alarm, Claim, ClaimedRow, ClearScope, DbError, DbOptions, EventRecord, KeyStats, KeySummary,
+    NewKey, PendingRow, Result, Storage, Write, rows,
 };
 use crate::policy::claims::{KeyText, Kind};
 
@@ -341,17 +341,24 @@ impl Storage for PgStore {
         .await
     }
 
-    async fn release(&self, ids: &[i64], now: i64) -> Result<()> {
-        if ids.is_empty() {
+    async fn release(&self, claims: &[Claim], now: i64) -> Result<()> {
+        if claims.is_empty() {
             return Ok(());
         }
+        let (ids, leases): (Vec<i64>, Vec<i64>) =
+            claims.iter().map(|c| (c.id, c.lease_until)).unzip();
+        // A row whose due time is no longer its claim's lease was claimed anew by another
+        // replica and is not ours to hand back.
         self.timed(async {
             sqlx::query(
-                "UPDATE store_keys SET next_attempt_at = $1, lease_until = NULL
-                 WHERE id = ANY($2) AND state = 'active' AND lease_until IS NOT NULL",
+                "UPDATE store_keys AS k SET next_attempt_at = $1, lease_until = NULL
+                 FROM unnest($2::bigint[], $3::bigint[]) AS c(id, lease)
+                 WHERE k.id = c.id AND k.next_attempt_at = c.lease AND k.state = 'active'
+                   AND k.lease_until IS NOT NULL",
             )
             .bind(now)
             .bind(ids)
+            .bind(leases)
             .execute(&self.pool)
             .await?;
             Ok(())
@@ -431,12 +438,19 @@ impl Storage for PgStore {
             .await
     }
 
-    async fn clear_alarm(&self, name: &str) -> Result<()> {
+    async fn clear_alarm(&self, name: &str, scope: ClearScope<'_>) -> Result<()> {
+        let (owner, before_ms) = scope.bounds();
         self.timed(async {
-            sqlx::query("DELETE FROM storekeyd_alarms WHERE name = $1")
-                .bind(name)
-                .execute(&self.pool)
-                .await?;
+            sqlx::query(
+                "DELETE FROM storekeyd_alarms WHERE name = $1
+                   AND ($2::text IS NULL OR owner = $2)
+                   AND ($3::bigint IS NULL OR (since + 1) * 1000 <= $3)",
+            )
+            .bind(name)
+            .bind(owner)
+            .bind(before_ms)
+            .execute(&self.pool)
+            .await?;
             Ok(())
         })
         .await

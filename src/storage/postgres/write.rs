@@ -177,9 +177,11 @@ pub(super) async fn set_alarm(
     since: i64,
     owner: &str,
 ) -> Result<()> {
+    // `since` keeps the latest raise: a clear on evidence older than that must not delete it.
     sqlx::query(
         "INSERT INTO storekeyd_alarms (name, detail, since, owner) VALUES ($1, $2, $3, $4)
-         ON CONFLICT (name) DO UPDATE SET detail = excluded.detail, owner = excluded.owner",
+         ON CONFLICT (name) DO UPDATE SET detail = excluded.detail, owner = excluded.owner,
+             since = GREATEST(storekeyd_alarms.since, excluded.since)",
     )
     .bind(name)
     .bind(detail)
@@ -191,22 +193,29 @@ pub(super) async fn set_alarm(
 }
 
 /// One statement: the row refreshed, the lapsed ones and their alarms gone, the live counted.
+/// Every replica beats; the lapsed rows and orphaned alarms each go to whichever takes their
+/// lock first (`SKIP LOCKED`), so two replicas deleting the same rows never wait on or deadlock
+/// with each other.
 pub(super) async fn heartbeat(pool: &PgPool, replica: &str, ttl: i64) -> Result<u32> {
     let sql = format!(
         "WITH beat AS (
              INSERT INTO storekeyd_replicas (id, seen_at) VALUES ($1, {DB_NOW})
              ON CONFLICT (id) DO UPDATE SET seen_at = excluded.seen_at RETURNING id),
          lapsed AS (
-             DELETE FROM storekeyd_replicas WHERE seen_at < {DB_NOW} - $2 AND id <> $1
+             DELETE FROM storekeyd_replicas WHERE id IN (
+                 SELECT id FROM storekeyd_replicas WHERE seen_at < {DB_NOW} - $2 AND id <> $1
+                 FOR UPDATE SKIP LOCKED)
              RETURNING id),
          orphaned AS (
-             DELETE FROM storekeyd_alarms AS a WHERE NOT starts_with(a.name, $3)
-               AND (a.owner IS NULL OR a.owner IN (SELECT id FROM lapsed)
-                    OR (a.owner <> $1 AND NOT EXISTS (SELECT 1 FROM storekeyd_replicas AS r
-                                                      WHERE r.id = a.owner)))
+             DELETE FROM storekeyd_alarms WHERE name IN (
+                 SELECT a.name FROM storekeyd_alarms AS a WHERE NOT starts_with(a.name, $3)
+                   AND (a.owner IS NULL OR a.owner IN (SELECT id FROM lapsed)
+                        OR (a.owner <> $1 AND NOT EXISTS (SELECT 1 FROM storekeyd_replicas AS r
+                                                          WHERE r.id = a.owner)))
+                 FOR UPDATE SKIP LOCKED)
              RETURNING 1)
          SELECT (SELECT COUNT(*) FROM storekeyd_replicas
-                 WHERE id NOT IN (SELECT id FROM lapsed) AND id <> $1) + 1"
+                 WHERE seen_at >= {DB_NOW} - $2 AND id <> $1) + 1"
     );
     let (live,): (i64,) = sqlx::query_as(sqlx::AssertSqlSafe(sql))
         .bind(replica)

@@ -13,8 +13,8 @@ use sqlx::SqlitePool;
 use sqlx::sqlite::SqliteRow;
 
 use super::{
-    Alarm, ClaimedRow, EventRecord, KeyStats, KeySummary, NewKey, PendingRow, Result, Storage,
-    Write, rows,
+    Alarm, Claim, ClaimedRow, ClearScope, EventRecord, KeyStats, KeySummary, NewKey, PendingRow,
+    Result, Storage, Write, rows,
 };
 use crate::policy::claims::{KeyText, Kind};
 
@@ -34,9 +34,12 @@ pub struct SqliteStore {
 const EXTEND_LEASES: &str = "UPDATE store_keys SET next_attempt_at = ?1, lease_until = ?1
      WHERE id IN (SELECT value FROM json_each(?2)) AND +state = 'active'
        AND lease_until IS NOT NULL";
+/// `?2` holds `[id, lease_until]` pairs: a row whose due time is no longer its claim's lease
+/// was claimed anew and is not ours to hand back.
 const RELEASE: &str = "UPDATE store_keys SET next_attempt_at = ?1, lease_until = NULL
-     WHERE id IN (SELECT value FROM json_each(?2)) AND +state = 'active'
-       AND lease_until IS NOT NULL";
+     FROM (SELECT value ->> 0 AS id, value ->> 1 AS lease FROM json_each(?2)) AS c
+     WHERE store_keys.id = c.id AND +store_keys.next_attempt_at = c.lease
+       AND +state = 'active' AND lease_until IS NOT NULL";
 
 /// The columns a claim returns: the key and the claims ingest stored for it.
 const CLAIMED: &str = "id, CAST(key AS BLOB) AS key_bytes, attempts, refusals, refused_first_ms, refused_last_ms, kind, client_id, user_id, issued_at, expires_at";
@@ -95,21 +98,19 @@ async fn next_due(pool: &SqlitePool, kinds: &[Kind]) -> Result<Option<i64>> {
     Ok(next)
 }
 
-/// Runs one of the lease statements (`?1` a time, `?2` the ids as a JSON array).
-async fn update_leases(pool: &SqlitePool, sql: &'static str, ids: &[i64], at: i64) -> Result<()> {
-    if ids.is_empty() {
+/// Runs one of the lease statements (`?1` a time, `?2` a JSON array of what it is about).
+async fn update_leases<T: serde::Serialize>(
+    pool: &SqlitePool,
+    sql: &'static str,
+    rows: &[T],
+    at: i64,
+) -> Result<()> {
+    if rows.is_empty() {
         return Ok(());
     }
-    sqlx::query(sql)
-        .bind(at)
-        .bind(ids_json(ids))
-        .execute(pool)
-        .await?;
+    let json = serde_json::to_string(rows).unwrap_or_else(|_| "[]".to_owned());
+    sqlx::query(sql).bind(at).bind(json).execute(pool).await?;
     Ok(())
-}
-
-fn ids_json(ids: &[i64]) -> String {
-    serde_json::to_string(ids).unwrap_or_else(|_| "[]".to_owned())
 }
 
 #[async_trait]
@@ -273,8 +274,9 @@ impl Storage for SqliteStore {
         update_leases(&self.writer, EXTEND_LEASES, ids, until).await
     }
 
-    async fn release(&self, ids: &[i64], now: i64) -> Result<()> {
-        update_leases(&self.pool, RELEASE, ids, now).await
+    async fn release(&self, claims: &[Claim], now: i64) -> Result<()> {
+        let pairs: Vec<[i64; 2]> = claims.iter().map(|c| [c.id, c.lease_until]).collect();
+        update_leases(&self.pool, RELEASE, &pairs, now).await
     }
 
     async fn recheck_misconfigured(&self, now: i64) -> Result<u64> {
@@ -348,11 +350,17 @@ impl Storage for SqliteStore {
         write::set_alarm(&self.pool, name, detail, since, owner).await
     }
 
-    async fn clear_alarm(&self, name: &str) -> Result<()> {
-        sqlx::query("DELETE FROM storekeyd_alarms WHERE name = ?")
-            .bind(name)
-            .execute(&self.pool)
-            .await?;
+    async fn clear_alarm(&self, name: &str, scope: ClearScope<'_>) -> Result<()> {
+        let (owner, before_ms) = scope.bounds();
+        sqlx::query(
+            "DELETE FROM storekeyd_alarms WHERE name = ?1 AND (?2 IS NULL OR owner = ?2)
+               AND (?3 IS NULL OR (since + 1) * 1000 <= ?3)",
+        )
+        .bind(name)
+        .bind(owner)
+        .bind(before_ms)
+        .execute(&self.pool)
+        .await?;
         Ok(())
     }
 

@@ -179,9 +179,11 @@ pub(super) async fn set_alarm(
     since: i64,
     owner: &str,
 ) -> Result<()> {
+    // `since` keeps the latest raise: a clear on evidence older than that must not delete it.
     sqlx::query(
         "INSERT INTO storekeyd_alarms (name, detail, since, owner) VALUES (?, ?, ?, ?)
-         ON CONFLICT (name) DO UPDATE SET detail = excluded.detail, owner = excluded.owner",
+         ON CONFLICT (name) DO UPDATE SET detail = excluded.detail, owner = excluded.owner,
+             since = max(storekeyd_alarms.since, excluded.since)",
     )
     .bind(name)
     .bind(detail)

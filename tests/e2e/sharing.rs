@@ -1,0 +1,215 @@
+//! What processes sharing one database must not do to each other: hand back a claim another
+//! took since, send a renew call past their claim's lease, or clear an alarm that is not theirs
+//! to clear.
+
+use std::time::Duration;
+
+use storekeyd::policy::claims::Kind;
+use storekeyd::storage::{self, ClearScope, Storage};
+
+use crate::backend::on_backend;
+use crate::harness::{Db, TestEnv, metric};
+
+async fn open(env: &TestEnv) -> std::sync::Arc<dyn Storage> {
+    storage::connect(&env.config.database_url(), &env.config.db_options())
+        .await
+        .unwrap()
+}
+
+/// Process A's claim runs out, B claims the row, then A shuts down and hands back what it
+/// claimed: B's claim must stand, or a third process would renew the key B is renewing.
+async fn a_handed_back_claim_leaves_a_later_claim_of_the_row_alone(db: Db) {
+    let env = TestEnv::on(db).await;
+    env.add_due_users(1).await;
+    // Checked, as ingest would have.
+    let expires = env.clock.now() + 86_400;
+    on_backend!(
+        env.db,
+        "UPDATE store_keys SET state = 'active', next_attempt_at = 0, client_id = 'app',
+             user_id = 'u', issued_at = 0, expires_at = ?",
+        |pool, sql| sqlx::query(sql)
+            .bind(expires)
+            .execute(pool)
+            .await
+            .unwrap()
+            .rows_affected()
+    );
+    let store = open(&env).await;
+    let now = env.clock.now();
+    // A one-second lease, on the database's clock where it has one.
+    let a = store.claim_due(now, now + 1, 10, &Kind::ALL).await.unwrap();
+    assert_eq!(a.len(), 1);
+    let b = claim_when_lapsed(&env, &*store).await;
+    assert_eq!(b.id, a[0].id);
+    let held = env.rows().await[0].clone();
+    assert_eq!(held.next_attempt_at, Some(b.lease_until));
+
+    store
+        .release(&[a[0].claim()], env.clock.now())
+        .await
+        .unwrap();
+    let row = env.rows().await[0].clone();
+    assert_eq!(
+        (row.next_attempt_at, row.lease_until),
+        (held.next_attempt_at, held.lease_until),
+        "A's hand-back freed the row B holds"
+    );
+
+    // B's own hand-back does free it.
+    let now = env.clock.now();
+    store.release(&[b.claim()], now).await.unwrap();
+    let row = env.rows().await[0].clone();
+    assert_eq!((row.next_attempt_at, row.lease_until), (Some(now), None));
+    store.close().await;
+}
+
+/// Claims the row as another process would, once the lease on it runs out.
+async fn claim_when_lapsed(env: &TestEnv, store: &dyn Storage) -> storage::ClaimedRow {
+    for _ in 0..200 {
+        let now = env.clock.now() + 100;
+        let claimed = store
+            .claim_due(now, now + 600, 10, &Kind::ALL)
+            .await
+            .unwrap();
+        if let Some(row) = claimed.into_iter().next() {
+            return row;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("the one-second lease never ran out");
+}
+
+/// Alarms are shared: one process's clear must not delete what another still sees.
+async fn an_alarm_is_cleared_only_by_whom_and_on_what_may_clear_it(db: Db) {
+    let env = TestEnv::on(db).await;
+    let store = open(&env).await;
+    let names = |store: std::sync::Arc<dyn Storage>| async move {
+        let mut names: Vec<String> = store
+            .alarms()
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|a| a.name)
+            .collect();
+        names.sort();
+        names
+    };
+
+    // A credential alarm raised at 1000 and again (by another replica) at 2000.
+    store
+        .set_alarm("credential:app", "refused", 1000, "a")
+        .await
+        .unwrap();
+    store
+        .set_alarm("credential:app", "refused", 2000, "b")
+        .await
+        .unwrap();
+    // A renewal begun at 1500.5 s says nothing of the raise at 2000.
+    store
+        .clear_alarm("credential:app", ClearScope::RaisedBefore(1_500_500))
+        .await
+        .unwrap();
+    // Nor does one begun within the second of the raise.
+    store
+        .clear_alarm("credential:app", ClearScope::RaisedBefore(2_000_999))
+        .await
+        .unwrap();
+    assert_eq!(names(store.clone()).await, ["credential:app"]);
+    store
+        .clear_alarm("credential:app", ClearScope::RaisedBefore(2_001_000))
+        .await
+        .unwrap();
+    assert!(names(store.clone()).await.is_empty());
+
+    // A clock alarm last raised by b is not a's to clear.
+    store.set_alarm("clock", "off", 10, "b").await.unwrap();
+    store
+        .clear_alarm("clock", ClearScope::OwnedBy("a"))
+        .await
+        .unwrap();
+    assert_eq!(names(store.clone()).await, ["clock"]);
+    store
+        .clear_alarm("clock", ClearScope::OwnedBy("b"))
+        .await
+        .unwrap();
+    store
+        .set_alarm("breaker:purchase", "down", 10, "b")
+        .await
+        .unwrap();
+    store
+        .clear_alarm("breaker:purchase", ClearScope::Anyone)
+        .await
+        .unwrap();
+    assert!(names(store.clone()).await.is_empty());
+    store.close().await;
+}
+
+/// Ten claimed keys queue for a rate limit of one call a second, with a five-second lease.
+/// Past the lease another process may claim a key (here the test holds every lapsed claim,
+/// as such a process would), so no call may go out after it: the daemon sends the first few
+/// and leaves the rest unsent.
+async fn no_renew_call_goes_out_after_its_claims_lease(db: Db) {
+    let mut env = TestEnv::on(db).await;
+    env.config.renew.concurrency = 10;
+    env.config.renew.rate_limit = 1.0;
+    env.config.http.request_timeout = Duration::from_secs(1);
+    env.config.renew.lease = Duration::from_secs(5);
+    env.config.renew.poll_interval = Duration::from_secs(3600);
+    let users = env.add_due_users(10).await;
+    env.spawn_daemon().await;
+
+    // The first call goes out as soon as the claim is made; the claim took every key.
+    env.wait_until("the first renew call", || async {
+        env.emu.stats().renewed > 0
+    })
+    .await;
+    // Another process holds each claim from the moment it lapses: the daemon cannot claim
+    // the keys again, so every call the Store sees comes from the first claim.
+    let far = env.clock.now() + 3600;
+    on_backend!(
+        env.db,
+        "UPDATE store_keys SET lease_until = ?, next_attempt_at = ? WHERE lease_until IS NOT NULL",
+        |pool, sql| sqlx::query(sql)
+            .bind(far)
+            .bind(far)
+            .execute(pool)
+            .await
+            .unwrap()
+            .rows_affected()
+    );
+    let in_flight = || async {
+        let (_, text) = env.get("/metrics").await;
+        metric(&text, "storekeyd_renewals_in_flight").unwrap_or(0.0)
+    };
+    env.wait_until("the claim's attempts counted", || async {
+        in_flight().await > 0.0
+    })
+    .await;
+    env.wait_until("every attempt of the claim over", || async {
+        in_flight().await == 0.0
+    })
+    .await;
+    env.stop_daemon().await;
+
+    let sent: Vec<i64> = users
+        .iter()
+        .filter_map(|u| env.emu.renewed_at(Kind::Collections, u))
+        .collect();
+    let first = *sent.iter().min().expect("the first call goes out at once");
+    let last = *sent.iter().max().unwrap_or(&first);
+    assert!(
+        last < first + 5_000,
+        "a call went out {} ms after the first, past the 5 s lease",
+        last - first
+    );
+    assert!(
+        sent.len() < users.len(),
+        "every key was sent though the queue outlasted the lease"
+    );
+}
+
+crate::backend::on_both_databases!(
+    a_handed_back_claim_leaves_a_later_claim_of_the_row_alone,
+    an_alarm_is_cleared_only_by_whom_and_on_what_may_clear_it,
+    no_renew_call_goes_out_after_its_claims_lease,
+);
