@@ -10,6 +10,47 @@ use crate::policy::schedule;
 use crate::policy::state::EventKind;
 use crate::storage::{Change, Event, PendingRow, Storage, Write};
 
+/// When to look for keys backends wrote. Where the database cannot signal them (SQLite), at
+/// every pass: the look is an index probe on a local file. Where it can (PostgreSQL's
+/// `NOTIFY`), when signalled, while the last look found a full batch, and at least once a poll
+/// interval, since a signal is lost while the listener reconnects. During a drain the loop
+/// passes hundreds of times a second, and on PostgreSQL each look walks the pending index
+/// past the entries of rows checked since the last vacuum.
+#[derive(Debug, Default)]
+pub struct IngestGate {
+    signalled: bool,
+    more: bool,
+    last: Option<std::time::Instant>,
+}
+
+impl IngestGate {
+    pub fn signalled(&mut self) {
+        self.signalled = true;
+    }
+
+    pub fn due(
+        &self,
+        can_signal: bool,
+        poll: std::time::Duration,
+        now: std::time::Instant,
+    ) -> bool {
+        !can_signal
+            || self.signalled
+            || self.more
+            || self
+                .last
+                .is_none_or(|t| now.saturating_duration_since(t) >= poll)
+    }
+
+    pub fn looked(&mut self, found: usize, limit: usize, now: std::time::Instant) {
+        *self = IngestGate {
+            signalled: false,
+            more: found >= limit,
+            last: Some(now),
+        };
+    }
+}
+
 /// Checks up to `limit` pending rows; returns how many it looked at.
 pub async fn ingest_pending(
     storage: &dyn Storage,
@@ -79,5 +120,35 @@ fn verdict(row: &PendingRow, config: &Config, now: i64) -> Write {
         at: now,
         change,
         event: Some(event),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::{Duration, Instant};
+
+    use super::IngestGate;
+
+    #[test]
+    fn where_keys_are_signalled_a_look_waits_for_a_signal_a_full_batch_or_the_poll() {
+        let (poll, t0) = (Duration::from_secs(10), Instant::now());
+        let mut gate = IngestGate::default();
+        assert!(gate.due(true, poll, t0), "the first pass looks");
+        gate.looked(0, 100, t0);
+        assert!(!gate.due(true, poll, t0 + Duration::from_secs(1)));
+        assert!(
+            gate.due(false, poll, t0 + Duration::from_secs(1)),
+            "no signals: every pass"
+        );
+        assert!(
+            gate.due(true, poll, t0 + poll),
+            "a lost signal waits a poll at most"
+        );
+        gate.signalled();
+        assert!(gate.due(true, poll, t0 + Duration::from_secs(1)));
+        gate.looked(100, 100, t0);
+        assert!(gate.due(true, poll, t0), "a full batch: more may wait");
+        gate.looked(3, 100, t0);
+        assert!(!gate.due(true, poll, t0));
     }
 }

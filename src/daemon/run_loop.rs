@@ -114,6 +114,7 @@ pub async fn run(
         last_prune: 0,
         clock_alarm: false,
         wake: storage.wakeups(),
+        ingest: ingest::IngestGate::default(),
         last_status: None,
         // The start applied them already.
         last_orphans: Some(Instant::now()),
@@ -185,6 +186,8 @@ struct Loop {
     clock_alarm: bool,
     /// Signalled when a backend wrote a key, where the database says so (PostgreSQL).
     wake: Option<Arc<Notify>>,
+    /// Whether this pass looks for new keys.
+    ingest: ingest::IngestGate,
 }
 
 type Joined = Result<(Id, Result<Settled, WriterGone>), JoinError>;
@@ -229,9 +232,28 @@ impl Loop {
                     full_pass = self.ready.len() < self.refill_at();
                 }
                 () = tokio::time::sleep(wait) => {}
-                () = woken(self.wake.as_deref()) => {}
+                () = woken(self.wake.as_deref()) => self.ingest.signalled(),
             }
         }
+    }
+
+    /// New keys, if this pass looks for them: up to `batch` checked.
+    async fn ingest(&mut self, now: i64, batch: u32) -> Result<usize, DaemonError> {
+        let started = Instant::now();
+        let poll = self.config.renew.poll_interval;
+        if !self.ingest.due(self.wake.is_some(), poll, started) {
+            return Ok(0);
+        }
+        let found = ingest::ingest_pending(
+            &*self.storage,
+            self.engine.writer(),
+            &self.config,
+            now,
+            batch,
+        )
+        .await?;
+        self.ingest.looked(found, batch as usize, started);
+        Ok(found)
     }
 
     /// Keys claimed and not yet started go when fewer than this many wait.
@@ -286,14 +308,7 @@ impl Loop {
         let renew = &config.renew;
         let (batch, poll, concurrency) = (renew.batch_size, renew.poll_interval, renew.concurrency);
         self.sync_clock_alarm().await;
-        let ingested = ingest::ingest_pending(
-            &*self.storage,
-            self.engine.writer(),
-            &self.config,
-            now,
-            batch,
-        )
-        .await?;
+        let ingested = self.ingest(now, batch).await?;
         // An endpoint whose breaker holds calls back gets no claims: its keys stay put until
         // the probe time instead of being claimed and deferred over and over.
         let paused = self.engine.safety().paused_kinds();

@@ -70,10 +70,17 @@ pub(super) async fn check_schema(pool: &PgPool) -> Result<()> {
 /// The schema, embedded in the binary from `migrations/postgres`. sqlx takes an advisory lock
 /// while it migrates, so replicas starting together migrate once.
 pub fn migrator() -> Migrator {
-    let migrations: [(i64, &'static str, &'static str); 1] = [(
-        1,
-        "init",
-        include_str!("../../../migrations/postgres/0001_init.sql"),
-    )];
+    let migrations: [(i64, &'static str, &'static str); 2] = [
+        (
+            1,
+            "init",
+            include_str!("../../../migrations/postgres/0001_init.sql"),
+        ),
+        (
+            2,
+            "lighter renewals",
+            include_str!("../../../migrations/postgres/0002_lighter_renewals.sql"),
+        ),
+    ];
     crate::storage::embedded(&migrations)
 }

@@ -57,12 +57,17 @@ pub(super) async fn expiring(pool: &PgPool, before: i64, limit: u32) -> Result<V
     summaries(&rows)
 }
 
-/// The counts read the (state, kind) index; the rest are index lookups.
+/// The counts read the index of inactive rows and, for the active ones, the due index of each
+/// kind; the rest are index lookups.
 pub(super) async fn key_stats(pool: &PgPool, now: i64, next_due: Option<i64>) -> Result<KeyStats> {
-    let counts: Vec<(String, String, i64)> =
-        sqlx::query_as("SELECT state, kind, COUNT(*) FROM store_keys GROUP BY state, kind")
-            .fetch_all(pool)
-            .await?;
+    let counts: Vec<(String, String, i64)> = sqlx::query_as(
+        "SELECT state, kind, COUNT(*) FROM store_keys WHERE state <> 'active'
+             GROUP BY state, kind
+             UNION ALL
+             SELECT 'active', kind, COUNT(*) FROM store_keys WHERE state = 'active' GROUP BY kind",
+    )
+    .fetch_all(pool)
+    .await?;
     let by_state_kind = rows::by_state_kind(&counts);
     let (earliest_expiry,): (Option<i64>,) =
         sqlx::query_as("SELECT MIN(expires_at) FROM store_keys WHERE state = 'active'")
