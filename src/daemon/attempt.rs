@@ -4,6 +4,7 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
+use std::time::Duration;
 
 use tracing::Instrument as _;
 
@@ -192,6 +193,31 @@ impl Engine {
         self.limiter.share_with(replicas);
     }
 
+    /// How many attempts may wait for the rate limit at once: more would still wait when
+    /// their claim's lease leaves no time to send (see [`Self::send_by`]). Never fewer than one.
+    pub fn calls_within_lease(&self) -> usize {
+        let attempt = self.config.http.request_timeout.saturating_mul(4);
+        let window = self.config.renew.lease.saturating_sub(attempt);
+        self.limiter.calls_within(window).max(1)
+    }
+
+    /// The last moment a renew call for `row` may go out: the call and the write of its answer
+    /// must land within the claim's lease, or another process may claim the key and renew it
+    /// too.
+    fn send_by(&self, row: &ClaimedRow) -> tokio::time::Instant {
+        let needed = i64::try_from(self.needed_after_send().as_secs()).unwrap_or(i64::MAX);
+        let left = row
+            .lease_until
+            .saturating_sub(self.store_now())
+            .saturating_sub(needed);
+        tokio::time::Instant::now() + Duration::from_secs(u64::try_from(left).unwrap_or(0))
+    }
+
+    /// The call itself, and as long again for its write.
+    fn needed_after_send(&self) -> Duration {
+        self.config.http.request_timeout.saturating_mul(2)
+    }
+
     pub fn writer(&self) -> &WriterHandle {
         &self.writer
     }
@@ -271,7 +297,9 @@ impl Engine {
         let (answer, call) = match self.ask(&row).await? {
             Asked::Answered(answer, call) => (answer, call),
             Asked::LeaseShort => {
-                tracing::debug!("lease too short to send the renew call; left for the next claim");
+                tracing::warn!(
+                    "the claim's lease would run out before an answer could be written; the renew call is not sent, and the key is due again when the lease ends"
+                );
                 return Ok(Settled::LeaseShort);
             }
         };
@@ -310,7 +338,9 @@ impl Engine {
             kind: facts.kind,
             armed: permit == Permit::Probe,
         };
-        self.limiter.acquire().await;
+        if !self.limiter.acquire_by(self.send_by(row)).await {
+            return Ok(Asked::LeaseShort);
+        }
         let token = match self.tokens.token(&facts.client_id).await {
             Ok(t) => t,
             Err(e) => return Ok(Asked::Answered(token_failed(&e), None)),
@@ -338,8 +368,11 @@ impl Engine {
             Ok(t) => t,
             Err(e) => return Ok(Asked::Answered(token_failed(&e), None)),
         };
-        // The second call is a call like any other: it waits for its turn.
-        self.limiter.acquire().await;
+        // The second call is a call like any other: it waits for its turn. (If the lease runs
+        // short meanwhile, the refusal is asked again at the next claim.)
+        if !self.limiter.acquire_by(self.send_by(row)).await {
+            return Ok(Asked::LeaseShort);
+        }
         let second = match self.call(row, &fresh).await {
             Ok(call) => call,
             Err(unsent) => return Ok(unsent.into()),
@@ -369,8 +402,7 @@ impl Engine {
         if now >= row.facts.expires_at {
             return Err(Unsent::Expired);
         }
-        // The call itself, and as long again for its write.
-        let needed = self.config.http.request_timeout.saturating_mul(2).as_secs();
+        let needed = self.needed_after_send().as_secs();
         if now.saturating_add(i64::try_from(needed).unwrap_or(i64::MAX)) >= row.lease_until {
             return Err(Unsent::LeaseShort);
         }

@@ -258,7 +258,16 @@ impl Loop {
 
     /// Keys claimed and not yet started go when fewer than this many wait.
     fn refill_at(&self) -> usize {
-        refill_at(self.config.renew.concurrency)
+        refill_at(self.concurrency())
+    }
+
+    /// `renew.concurrency`, or fewer where the rate limit could not serve that many attempts
+    /// within a claim's lease: the rest would only wait out their lease in the queue.
+    fn concurrency(&self) -> usize {
+        self.config
+            .renew
+            .concurrency
+            .min(self.engine.calls_within_lease())
     }
 
     /// Starts claimed keys while call slots are free. A key whose lease runs out before an
@@ -287,7 +296,7 @@ impl Loop {
 
     /// Free call slots, as long as the results waiting for the writer stay bounded too.
     fn free_slots(&self) -> usize {
-        let concurrency = self.config.renew.concurrency;
+        let concurrency = self.concurrency();
         let calls = concurrency.saturating_sub(self.engine.calls_in_flight());
         let tasks = (concurrency + MAX_BATCH).saturating_sub(self.tasks.len());
         calls.min(tasks)
@@ -306,7 +315,8 @@ impl Loop {
         let now = self.engine.store_now();
         let config = self.config.clone();
         let renew = &config.renew;
-        let (batch, poll, concurrency) = (renew.batch_size, renew.poll_interval, renew.concurrency);
+        let (batch, poll, concurrency) =
+            (renew.batch_size, renew.poll_interval, self.concurrency());
         self.sync_clock_alarm().await;
         let ingested = self.ingest(now, batch).await?;
         // An endpoint whose breaker holds calls back gets no claims: its keys stay put until
