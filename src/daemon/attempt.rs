@@ -205,12 +205,16 @@ impl Engine {
     /// must land within the claim's lease, or another process may claim the key and renew it
     /// too.
     fn send_by(&self, row: &ClaimedRow) -> tokio::time::Instant {
+        let left = u64::try_from(self.lease_left_to_send(row)).unwrap_or(0);
+        tokio::time::Instant::now() + Duration::from_secs(left)
+    }
+
+    /// Seconds left of `row`'s lease for sending its call; zero or less: too late.
+    fn lease_left_to_send(&self, row: &ClaimedRow) -> i64 {
         let needed = i64::try_from(self.needed_after_send().as_secs()).unwrap_or(i64::MAX);
-        let left = row
-            .lease_until
+        row.lease_until
             .saturating_sub(self.store_now())
-            .saturating_sub(needed);
-        tokio::time::Instant::now() + Duration::from_secs(u64::try_from(left).unwrap_or(0))
+            .saturating_sub(needed)
     }
 
     /// The call itself, and as long again for its write.
@@ -402,8 +406,7 @@ impl Engine {
         if now >= row.facts.expires_at {
             return Err(Unsent::Expired);
         }
-        let needed = self.needed_after_send().as_secs();
-        if now.saturating_add(i64::try_from(needed).unwrap_or(i64::MAX)) >= row.lease_until {
+        if self.lease_left_to_send(row) <= 0 {
             return Err(Unsent::LeaseShort);
         }
         // Every time the daemon writes is on the Store's timeline, like the schedule.
