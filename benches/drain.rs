@@ -12,7 +12,8 @@
 //!
 //! `cargo bench --bench drain` (10k due keys at 0 ms, 5k at 50 ms, each on SQLite, PostgreSQL
 //! and three PostgreSQL replicas sharing the concurrency; a million to ingest);
-//! `STOREKEYD_BENCH_KEYS=20000 STOREKEYD_BENCH_INGEST=100000 cargo bench --bench drain`.
+//! `STOREKEYD_BENCH_KEYS=20000 STOREKEYD_BENCH_INGEST=100000 cargo bench --bench drain`;
+//! `STOREKEYD_BENCH_ONLY=sqlite,pg1,0ms cargo bench --bench drain` runs only those ([`Only`]).
 //! Prints figures; asserts nothing. Linux only (/proc).
 #![allow(clippy::expect_used, clippy::unwrap_used)] // a benchmark: failing loudly is the point
 
@@ -52,25 +53,66 @@ const IDLE: Duration = Duration::from_secs(10);
 async fn main() {
     println!("{}", machine());
     let keys = env_count("STOREKEYD_BENCH_KEYS");
+    let only = Only::from_env();
+    let postgres = postgres_reachable().await;
+    if !postgres {
+        println!(
+            "\n(no PostgreSQL at {}: its scenarios are left out)",
+            pg_admin()
+        );
+    }
     for (latency_ms, n) in [(0, keys.unwrap_or(10_000)), (50, keys.unwrap_or(5_000))] {
-        drain(latency_ms, n, Db::Sqlite, 1, CONCURRENCY).await;
-        if postgres_reachable().await {
+        if !only.latency(latency_ms) {
+            continue;
+        }
+        if only.scenario("sqlite") {
+            drain(latency_ms, n, Db::Sqlite, 1, CONCURRENCY).await;
+        }
+        if !postgres {
+            continue;
+        }
+        if only.scenario("pg1") {
             drain(latency_ms, n, Db::Postgres, 1, CONCURRENCY).await;
+        }
+        if only.scenario("pg3") {
             drain(latency_ms, n, Db::Postgres, 3, CONCURRENCY).await;
-            if latency_ms > 0 {
-                // A bound two cores can serve (the one above needs more CPU than the machine
-                // has): what is lost here is lost to the replicas' coordination.
-                drain(latency_ms, n, Db::Postgres, 3, SERVABLE_CONCURRENCY).await;
-            }
-        } else {
-            println!(
-                "
-(no PostgreSQL at {}: its scenarios are left out)",
-                pg_admin()
-            );
+        }
+        if latency_ms > 0 && only.scenario("pg3-servable") {
+            // A bound two cores can serve (the one above needs more CPU than the machine
+            // has): what is lost here is lost to the replicas' coordination.
+            drain(latency_ms, n, Db::Postgres, 3, SERVABLE_CONCURRENCY).await;
         }
     }
-    ingest_then_idle(env_count("STOREKEYD_BENCH_INGEST").unwrap_or(1_000_000)).await;
+    if only.scenario("ingest") {
+        ingest_then_idle(env_count("STOREKEYD_BENCH_INGEST").unwrap_or(1_000_000)).await;
+    }
+}
+
+/// `STOREKEYD_BENCH_ONLY`: a comma-separated choice of scenarios (`sqlite`, `pg1`, `pg3`,
+/// `pg3-servable`, `ingest`) and Store latencies (`0ms`, `50ms`); a kind left unnamed runs all
+/// of its scenarios. `STOREKEYD_BENCH_ONLY=pg1,0ms` drains one PostgreSQL replica at 0 ms only.
+struct Only(Vec<String>);
+
+impl Only {
+    fn from_env() -> Only {
+        let raw = std::env::var("STOREKEYD_BENCH_ONLY").unwrap_or_default();
+        Only(
+            raw.split(',')
+                .map(|s| s.trim().to_owned())
+                .filter(|s| !s.is_empty())
+                .collect(),
+        )
+    }
+
+    fn latency(&self, ms: u64) -> bool {
+        let named: Vec<&String> = self.0.iter().filter(|s| s.ends_with("ms")).collect();
+        named.is_empty() || named.iter().any(|s| **s == format!("{ms}ms"))
+    }
+
+    fn scenario(&self, name: &str) -> bool {
+        let named: Vec<&String> = self.0.iter().filter(|s| !s.ends_with("ms")).collect();
+        named.is_empty() || named.iter().any(|s| *s == name)
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
