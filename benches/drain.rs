@@ -14,7 +14,9 @@
 //! and three PostgreSQL replicas sharing the concurrency; a million to ingest);
 //! `STOREKEYD_BENCH_KEYS=20000 STOREKEYD_BENCH_INGEST=100000 cargo bench --bench drain`;
 //! `STOREKEYD_BENCH_ONLY=sqlite,pg1,0ms cargo bench --bench drain` runs only those ([`Only`]).
-//! Prints figures; asserts nothing. Linux only (/proc).
+//! Each drain's rate is given over the whole drain (from the first renewal to the last) and over
+//! its middle 60%, with how many calls the Store held meanwhile: start-up and the tail are not
+//! what the concurrency bound is about. Prints figures; asserts nothing. Linux only (/proc).
 #![allow(clippy::expect_used, clippy::unwrap_used)] // a benchmark: failing loudly is the point
 
 use std::fmt::Display;
@@ -410,10 +412,13 @@ async fn drain(latency_ms: u64, n: usize, db: Db, replicas: usize, fleet_concurr
         .map(|d| d.id().expect("the daemon's pid"))
         .collect();
     let mut first = None;
+    let mut steady = Steady::default();
     let last = loop {
-        // Only the count each turn: reading /proc for every process costs CPU the daemons
+        // Only the counts each turn: reading /proc for every process costs CPU the daemons
         // would miss.
-        let renewed = emu.stats().renewed;
+        let stats = emu.stats();
+        let renewed = stats.renewed;
+        steady.observe(n, renewed, stats.renew_requests);
         if first.is_none() && renewed > 0 {
             first = Some(sample(emu, &pids, db));
         }
@@ -446,9 +451,45 @@ async fn drain(latency_ms: u64, n: usize, db: Db, replicas: usize, fleet_concurr
         &what,
         concurrency * replicas,
         started,
-        (first, last),
+        (first, last, &steady),
         peak_mb,
     );
+}
+
+/// The drain's middle, from a fifth of the keys renewed to four fifths: its rate, and how many
+/// calls the Store held on average (what the concurrency bound assumes is always full). Start-up
+/// (processes, tokens, the first checks of new keys) and the last keys' tail stay out of it.
+#[derive(Default)]
+struct Steady {
+    from: Option<(Instant, u64)>,
+    to: Option<(Instant, u64)>,
+    calls_sum: f64,
+    samples: u32,
+}
+
+impl Steady {
+    fn observe(&mut self, n: usize, renewed: u64, requests: u64) {
+        let n = n as u64;
+        if renewed < n / 5 || renewed > n * 4 / 5 {
+            return;
+        }
+        let now = (Instant::now(), renewed);
+        self.from.get_or_insert(now);
+        self.to = Some(now);
+        // Requests the emulator took and has not answered yet (no faults: every one renews).
+        self.calls_sum += requests.saturating_sub(renewed) as f64;
+        self.samples += 1;
+    }
+
+    fn rate(&self) -> Option<f64> {
+        let ((t0, r0), (t1, r1)) = (self.from?, self.to?);
+        let secs = t1.duration_since(t0).as_secs_f64();
+        (secs > 0.0).then(|| (r1 - r0) as f64 / secs)
+    }
+
+    fn calls(&self) -> Option<f64> {
+        (self.samples > 0).then(|| self.calls_sum / f64::from(self.samples))
+    }
 }
 
 fn report_drain(
@@ -457,7 +498,7 @@ fn report_drain(
     what: &str,
     concurrency: usize,
     started: Instant,
-    (first, last): (Sample, Sample),
+    (first, last, steady): (Sample, Sample, &Steady),
     mb: f64,
 ) {
     // Renewals answered before the first sample are not in the window either.
@@ -469,12 +510,27 @@ fn report_drain(
     );
     line("first renewal after", format!("{:.0} ms", to_first * 1e3));
     line("renewals/s", format!("{rate:.0}"));
+    let middle = steady.rate().unwrap_or(rate);
+    line("renewals/s, middle 60%", format!("{middle:.0}"));
     if latency_ms == 0 {
         line("bound (concurrency / latency)", "n/a");
     } else {
         let bound = concurrency as f64 * 1000.0 / latency_ms as f64;
         line("bound (concurrency / latency)", format!("{bound:.0}/s"));
-        line("share of bound", format!("{:.0} %", rate / bound * 100.0));
+        line(
+            "share of bound",
+            format!(
+                "{:.0} % (middle 60%: {:.0} %)",
+                rate / bound * 100.0,
+                middle / bound * 100.0
+            ),
+        );
+        if let Some(calls) = steady.calls() {
+            line(
+                "calls at the Store, middle 60%",
+                format!("{calls:.1} of {concurrency} on average"),
+            );
+        }
     }
     let per_renewal = |secs: f64| secs / renewed * 1e6;
     line(

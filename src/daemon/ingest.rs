@@ -1,5 +1,12 @@
 //! Ingest: the keys backends wrote since the last look are checked ([`crate::policy::checks`])
 //! and scheduled or flagged, a batch at a time, through the writer (one transaction per batch).
+//! In the daemon a look runs beside the renewals ([`Checker`]): a bulk load of new keys never
+//! holds back the call slots, and a drain never holds back the new keys.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio::task::JoinHandle;
 
 use crate::clock::utc;
 use crate::config::Config;
@@ -48,6 +55,85 @@ impl IngestGate {
             more: found >= limit,
             last: Some(now),
         };
+    }
+}
+
+/// The run loop's looks for new keys: when one is due ([`IngestGate`]), it runs as a task of its
+/// own, one at a time, while the loop goes on claiming and renewing.
+#[derive(Debug, Default)]
+pub struct Checker {
+    gate: IngestGate,
+    /// The look under way and when it began.
+    running: Option<(JoinHandle<Result<usize, DaemonError>>, Instant)>,
+}
+
+/// What a look needs, shared with the loop.
+pub struct CheckerParts {
+    pub storage: Arc<dyn Storage>,
+    pub writer: WriterHandle,
+    pub config: Arc<Config>,
+}
+
+impl Checker {
+    /// The database announced a new key.
+    pub fn signalled(&mut self) {
+        self.gate.signalled();
+    }
+
+    pub fn running(&self) -> bool {
+        self.running.is_some()
+    }
+
+    /// Starts a look at up to `renew.batch_size` pending rows if one is due and none runs.
+    /// `can_signal`: whether the database announces new keys.
+    pub fn start(&mut self, parts: &CheckerParts, now: i64, can_signal: bool) {
+        let started = Instant::now();
+        if self.running.is_some()
+            || !self
+                .gate
+                .due(can_signal, parts.config.renew.poll_interval, started)
+        {
+            return;
+        }
+        let (storage, writer, config) = (
+            parts.storage.clone(),
+            parts.writer.clone(),
+            parts.config.clone(),
+        );
+        let look = tokio::spawn(async move {
+            let batch = config.renew.batch_size;
+            ingest_pending(&*storage, &writer, &config, now, batch).await
+        });
+        self.running = Some((look, started));
+    }
+
+    /// Resolves when the running look ends (never, if none runs) with how many keys it checked,
+    /// or its error; a look that found a full batch makes the next one due at once. Cancel-safe.
+    pub async fn finished(&mut self, batch: u32) -> Result<usize, DaemonError> {
+        let Some((look, started)) = &mut self.running else {
+            return std::future::pending().await;
+        };
+        let joined = look.await;
+        let started = *started;
+        self.running = None;
+        let result = joined.unwrap_or_else(|e| {
+            tracing::error!(error = %e, "checking new keys failed; they are checked at a later look");
+            Ok(0)
+        });
+        self.gate
+            .looked(*result.as_ref().unwrap_or(&0), batch as usize, started);
+        result
+    }
+
+    /// At a stop: the look under way finishes within `grace` (its rows are written), or is
+    /// abandoned (its rows are still pending, and checked after the next start).
+    pub async fn stop(&mut self, grace: Duration) {
+        let Some((mut look, _)) = self.running.take() else {
+            return;
+        };
+        if tokio::time::timeout(grace, &mut look).await.is_err() {
+            look.abort();
+        }
     }
 }
 

@@ -101,6 +101,11 @@ pub async fn run(
         applications = config.applications.len(),
         "storekeyd running"
     );
+    let checker_parts = ingest::CheckerParts {
+        storage: storage.clone(),
+        writer: engine.writer().clone(),
+        config: config.clone(),
+    };
     let mut lp = Loop {
         engine,
         config,
@@ -114,7 +119,8 @@ pub async fn run(
         last_prune: 0,
         clock_alarm: false,
         wake: storage.wakeups(),
-        ingest: ingest::IngestGate::default(),
+        checker: ingest::Checker::default(),
+        checker_parts,
         last_status: None,
         // The start applied them already.
         last_orphans: Some(Instant::now()),
@@ -186,8 +192,9 @@ struct Loop {
     clock_alarm: bool,
     /// Signalled when a backend wrote a key, where the database says so (PostgreSQL).
     wake: Option<Arc<Notify>>,
-    /// Whether this pass looks for new keys.
-    ingest: ingest::IngestGate,
+    /// The looks for new keys, beside the renewals.
+    checker: ingest::Checker,
+    checker_parts: ingest::CheckerParts,
 }
 
 type Joined = Result<(Id, Result<Settled, WriterGone>), JoinError>;
@@ -221,6 +228,7 @@ impl Loop {
                 self.spawn_ready();
             }
             full_pass = true;
+            let time_unknown = !self.engine.server_time().known();
             tokio::select! {
                 () = shutdown.cancelled() => break,
                 Some(joined) = self.tasks.join_next_with_id(), if !self.tasks.is_empty() => {
@@ -232,28 +240,29 @@ impl Loop {
                     full_pass = self.ready.len() < self.refill_at();
                 }
                 () = tokio::time::sleep(wait) => {}
-                () = woken(self.wake.as_deref()) => self.ingest.signalled(),
+                () = woken(self.wake.as_deref()) => self.checker.signalled(),
+                looked = self.checker.finished(self.config.renew.batch_size), if self.checker.running() => {
+                    // Keys it accepted may be due, and a full batch means more wait; a look that
+                    // found nothing needs no pass (on SQLite every pass looks).
+                    full_pass = self.checked(looked);
+                }
+                () = self.engine.server_time().learned(), if time_unknown => {}
             }
         }
     }
 
-    /// New keys, if this pass looks for them: up to `batch` checked.
-    async fn ingest(&mut self, now: i64, batch: u32) -> Result<usize, DaemonError> {
-        let started = Instant::now();
-        let poll = self.config.renew.poll_interval;
-        if !self.ingest.due(self.wake.is_some(), poll, started) {
-            return Ok(0);
+    /// Reports a look for new keys that ended; returns whether it found any.
+    fn checked(&self, looked: Result<usize, DaemonError>) -> bool {
+        match looked {
+            Ok(found) => found > 0,
+            Err(e) => {
+                tracing::error!(error = %e, "could not check new keys; trying again at the next look");
+                if let DaemonError::Db(e) = &e {
+                    self.health.db_failed(e);
+                }
+                false
+            }
         }
-        let found = ingest::ingest_pending(
-            &*self.storage,
-            self.engine.writer(),
-            &self.config,
-            now,
-            batch,
-        )
-        .await?;
-        self.ingest.looked(found, batch as usize, started);
-        Ok(found)
     }
 
     /// Keys claimed and not yet started go when fewer than this many wait.
@@ -307,8 +316,8 @@ impl Loop {
         if !self.engine.server_time().known() && !self.config.applications.is_empty() {
             // No answer from Entra or the Store yet (the start asks Entra for tokens): the
             // host's clock alone must neither expire nor schedule anything. The first answer
-            // comes within a second or two of the start.
-            return Ok(self.config.renew.poll_interval.min(Duration::from_secs(1)));
+            // wakes the loop (`ServerTime::learned`); the poll is the fallback.
+            return Ok(self.config.renew.poll_interval);
         }
         // Due times, leases and expiry are judged on the Store's time: a jump of the host clock
         // neither makes every key due nor expires any.
@@ -318,7 +327,8 @@ impl Loop {
         let (batch, poll, concurrency) =
             (renew.batch_size, renew.poll_interval, self.concurrency());
         self.sync_clock_alarm().await;
-        let ingested = self.ingest(now, batch).await?;
+        self.checker
+            .start(&self.checker_parts, now, self.wake.is_some());
         // An endpoint whose breaker holds calls back gets no claims: its keys stay put until
         // the probe time instead of being claimed and deferred over and over.
         let paused = self.engine.safety().paused_kinds();
@@ -358,7 +368,8 @@ impl Loop {
             .metrics()
             .in_flight
             .store(self.tasks.len() as i64, Ordering::Relaxed);
-        if ingested >= batch as usize || (full_claim && self.ready.len() < self.refill_at()) {
+        // A look that finds a full batch wakes the loop when it ends.
+        if full_claim && self.ready.len() < self.refill_at() {
             return Ok(Duration::ZERO);
         }
         if !self.ready.is_empty() || self.free_slots() == 0 {
@@ -518,6 +529,7 @@ impl Loop {
     /// Stop claiming; let in-flight attempts finish within the grace period (their results are
     /// written or spooled by the writer); abort the rest and give their keys back.
     async fn drain(&mut self) {
+        self.checker.stop(self.config.renew.shutdown_grace).await;
         // Claimed but never started: due again at once, not after their lease.
         let unstarted: Vec<Claim> = self.ready.drain(..).map(|r| r.claim()).collect();
         if let Err(e) = self

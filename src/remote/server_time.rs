@@ -19,6 +19,9 @@ pub struct ServerTime {
     /// time now is that plus the time elapsed since, by a clock that never steps.
     latest: Mutex<Option<(i64, Duration)>>,
     bound: i64,
+    /// Signalled once, when the first answer tells the time: the run loop waits for it before
+    /// it schedules anything, and must not wait out a whole poll interval after it.
+    learned: tokio::sync::Notify,
 }
 
 impl ServerTime {
@@ -27,6 +30,7 @@ impl ServerTime {
             clock,
             latest: Mutex::new(None),
             bound: i64::try_from(bound.as_secs()).unwrap_or(i64::MAX),
+            learned: tokio::sync::Notify::new(),
         }
     }
 
@@ -47,8 +51,9 @@ impl ServerTime {
             return;
         };
         let was = self.alarm_offset();
-        {
+        let first = {
             let mut latest = self.lock();
+            let first = latest.is_none();
             // A Date has whole seconds and comes after a round trip: one that agrees with the
             // running estimate within that leaves it alone, so the Store's time never steps back
             // by a fraction of a second (the guard orders renewals and refusals on it).
@@ -60,6 +65,11 @@ impl ServerTime {
             if !agrees {
                 *latest = Some((server, self.clock.elapsed()));
             }
+            first
+        };
+        if first {
+            // A permit is stored if nobody waits yet: the next wait returns at once.
+            self.learned.notify_one();
         }
         match (was, self.alarm_offset()) {
             (None, Some(offset)) => tracing::error!(
@@ -77,6 +87,14 @@ impl ServerTime {
     /// Whether an answer told the Store's time yet.
     pub fn known(&self) -> bool {
         self.lock().is_some()
+    }
+
+    /// Resolves once an answer has told the Store's time (at once if one has). For one waiter:
+    /// the run loop.
+    pub async fn learned(&self) {
+        if !self.known() {
+            self.learned.notified().await;
+        }
     }
 
     /// [`Self::now`] in milliseconds: what the guard orders refusals and renewals on (a step of

@@ -163,7 +163,24 @@ async fn a_key_that_cannot_be_renewed_in_time_is_flagged_expired_and_never_sent_
     );
 }
 
+/// A daemon starts renewing once the first answer tells it the Store's time, not at its next
+/// poll: the first pass comes before Entra has answered (and schedules nothing on the host's
+/// clock alone), and the poll here is an hour away.
+async fn the_first_renewals_follow_the_first_answer_not_the_next_poll(db: Db) {
+    let mut env = TestEnv::on(db).await;
+    env.config.renew.poll_interval = Duration::from_secs(3600);
+    let old = env.add_due_user("alice").await;
+    env.spawn_daemon().await;
+    env.wait_until("alice renewed", || async {
+        env.row("alice", Kind::Collections).await.renewals == 1
+    })
+    .await;
+    env.stop_daemon().await;
+    assert_ne!(env.row("alice", Kind::Collections).await.key, old);
+}
+
 crate::backend::on_both_databases!(
+    the_first_renewals_follow_the_first_answer_not_the_next_poll,
     happy_path_renews_every_key_over_several_cycles,
     throttling_and_outages_are_retried_then_renewed,
     a_key_that_cannot_be_renewed_in_time_is_flagged_expired_and_never_sent_late,
