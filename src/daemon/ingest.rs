@@ -15,19 +15,22 @@ use crate::daemon::writer::{WriterHandle, Written};
 use crate::policy::checks;
 use crate::policy::schedule;
 use crate::policy::state::EventKind;
-use crate::storage::{Change, Event, PendingRow, Storage, Write};
+use crate::storage::{Change, DbError, Event, PendingRow, Storage, Write};
+
+/// A look at new keys that takes longer than this is abandoned and reported.
+const LOOK_TIMEOUT: Duration = Duration::from_secs(300);
 
 /// When to look for keys backends wrote. Where the database cannot signal them (SQLite), at
-/// every pass: the look is an index probe on a local file. Where it can (PostgreSQL's
-/// `NOTIFY`), when signalled, while the last look found a full batch, and at least once a poll
-/// interval, since a signal is lost while the listener reconnects. During a drain the loop
-/// passes hundreds of times a second, and on PostgreSQL each look walks the pending index
-/// past the entries of rows checked since the last vacuum.
+/// every pass (while no look runs): the look is an index probe on a local file. Where it can
+/// (PostgreSQL's `NOTIFY`), when signalled, while the last look found a full batch, and at
+/// least once a poll interval, since a signal is lost while the listener reconnects. During a
+/// drain the loop passes hundreds of times a second, and on PostgreSQL each look walks the
+/// pending index past the entries of rows checked since the last vacuum.
 #[derive(Debug, Default)]
 pub struct IngestGate {
     signalled: bool,
     more: bool,
-    last: Option<std::time::Instant>,
+    last: Option<Instant>,
 }
 
 impl IngestGate {
@@ -35,12 +38,7 @@ impl IngestGate {
         self.signalled = true;
     }
 
-    pub fn due(
-        &self,
-        can_signal: bool,
-        poll: std::time::Duration,
-        now: std::time::Instant,
-    ) -> bool {
+    pub fn due(&self, can_signal: bool, poll: Duration, now: Instant) -> bool {
         !can_signal
             || self.signalled
             || self.more
@@ -49,12 +47,21 @@ impl IngestGate {
                 .is_none_or(|t| now.saturating_duration_since(t) >= poll)
     }
 
-    pub fn looked(&mut self, found: usize, limit: usize, now: std::time::Instant) {
-        *self = IngestGate {
-            signalled: false,
-            more: found >= limit,
-            last: Some(now),
-        };
+    /// A look begins: it sees every key announced so far. A signal that comes while it runs
+    /// may be for a key it missed, and stands.
+    pub fn started(&mut self) {
+        self.signalled = false;
+    }
+
+    /// The look that began at `started` found `found` rows of at most `limit`.
+    pub fn looked(&mut self, found: usize, limit: usize, started: Instant) {
+        self.more = found >= limit;
+        self.last = Some(started);
+    }
+
+    /// The look failed: the next pass looks again.
+    pub fn failed(&mut self) {
+        self.signalled = true;
     }
 }
 
@@ -102,8 +109,14 @@ impl Checker {
         );
         let look = tokio::spawn(async move {
             let batch = config.renew.batch_size;
-            ingest_pending(&*storage, &writer, &config, now, batch).await
+            let look = ingest_pending(&*storage, &writer, &config, now, batch);
+            // Every query and write has a timeout of its own; this bounds the sum, so a look
+            // that hangs anyway is reported and the next one starts.
+            tokio::time::timeout(LOOK_TIMEOUT, look)
+                .await
+                .unwrap_or(Err(DaemonError::Db(DbError::Timeout(LOOK_TIMEOUT))))
         });
+        self.gate.started();
         self.running = Some((look, started));
     }
 
@@ -120,18 +133,18 @@ impl Checker {
             tracing::error!(error = %e, "checking new keys failed; they are checked at a later look");
             Ok(0)
         });
-        self.gate
-            .looked(*result.as_ref().unwrap_or(&0), batch as usize, started);
+        match &result {
+            Ok(found) => self.gate.looked(*found, batch as usize, started),
+            Err(_) => self.gate.failed(),
+        }
         result
     }
 
-    /// At a stop: the look under way finishes within `grace` (its rows are written), or is
-    /// abandoned (its rows are still pending, and checked after the next start).
-    pub async fn stop(&mut self, grace: Duration) {
-        let Some((mut look, _)) = self.running.take() else {
-            return;
-        };
-        if tokio::time::timeout(grace, &mut look).await.is_err() {
+    /// At a stop the look under way is abandoned: its checks that reached the writer are
+    /// written, and the rest are looked at again (at once after a start on SQLite; on
+    /// PostgreSQL once the look's 60 s hold on them ends).
+    pub fn stop(&mut self) {
+        if let Some((look, _)) = self.running.take() {
             look.abort();
         }
     }
@@ -232,6 +245,19 @@ mod tests {
         );
         gate.signalled();
         assert!(gate.due(true, poll, t0 + Duration::from_secs(1)));
+        gate.started();
+        gate.signalled();
+        gate.looked(0, 100, t0);
+        assert!(
+            gate.due(true, poll, t0),
+            "a key announced while the look ran may have been missed"
+        );
+        gate.started();
+        gate.looked(0, 100, t0);
+        assert!(!gate.due(true, poll, t0));
+        gate.failed();
+        assert!(gate.due(true, poll, t0), "a failed look is tried again");
+        gate.started();
         gate.looked(100, 100, t0);
         assert!(gate.due(true, poll, t0), "a full batch: more may wait");
         gate.looked(3, 100, t0);

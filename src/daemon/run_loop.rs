@@ -40,6 +40,8 @@ const PRUNE_BATCHES_PER_PASS: u32 = 10;
 const TOKEN_RECHECK: Duration = Duration::from_secs(300);
 /// How often the systemd STATUS line is recomputed.
 const STATUS_EVERY: Duration = Duration::from_secs(60);
+/// The loop wakes at least this often, whatever the poll interval says.
+const LONGEST_SLEEP: Duration = Duration::from_secs(86_400);
 /// How often spools left by other processes are looked for.
 const ORPHANS_EVERY: Duration = Duration::from_secs(60);
 
@@ -119,6 +121,7 @@ pub async fn run(
         last_prune: 0,
         clock_alarm: false,
         wake: storage.wakeups(),
+        awaiting_time: false,
         checker: ingest::Checker::default(),
         checker_parts,
         last_status: None,
@@ -192,6 +195,8 @@ struct Loop {
     clock_alarm: bool,
     /// Signalled when a backend wrote a key, where the database says so (PostgreSQL).
     wake: Option<Arc<Notify>>,
+    /// The last pass found no answer had told the Store's time yet: the first one wakes the loop.
+    awaiting_time: bool,
     /// The looks for new keys, beside the renewals.
     checker: ingest::Checker,
     checker_parts: ingest::CheckerParts,
@@ -201,13 +206,14 @@ type Joined = Result<(Id, Result<Settled, WriterGone>), JoinError>;
 
 impl Loop {
     async fn run_until(&mut self, shutdown: &CancellationToken) {
-        let mut wait = Duration::ZERO;
         let mut full_pass = true;
+        // A pass sets when the next one is due; what wakes the loop in between leaves it.
+        let mut deadline = tokio::time::Instant::now();
         while !shutdown.is_cancelled() {
             if full_pass {
                 // Not cut short by a stop: a claim's rows must reach the queue to be handed back.
                 // (A pass waits on a locked database for at most the busy timeout.)
-                wait = match self.pass().await {
+                let wait = match self.pass().await {
                     Ok(wait) => wait,
                     Err(e) => {
                         // A locked, read-only or full database: say so, and try again after a
@@ -222,13 +228,14 @@ impl Loop {
                 self.health.beat();
                 self.notifier.pet();
                 self.update_status().await;
-                wait = self.notifier.max_sleep().map_or(wait, |max| wait.min(max));
+                let wait = self.notifier.max_sleep().map_or(wait, |max| wait.min(max));
+                // Bounded: an Instant overflows where a sleep would not (a poll of centuries).
+                deadline = tokio::time::Instant::now() + wait.min(LONGEST_SLEEP);
             } else {
                 // Slots freed up: refill them from the keys already claimed, no query needed.
                 self.spawn_ready();
             }
             full_pass = true;
-            let time_unknown = !self.engine.server_time().known();
             tokio::select! {
                 () = shutdown.cancelled() => break,
                 Some(joined) = self.tasks.join_next_with_id(), if !self.tasks.is_empty() => {
@@ -239,14 +246,14 @@ impl Loop {
                     self.reap();
                     full_pass = self.ready.len() < self.refill_at();
                 }
-                () = tokio::time::sleep(wait) => {}
+                () = tokio::time::sleep_until(deadline) => {}
                 () = woken(self.wake.as_deref()) => self.checker.signalled(),
                 looked = self.checker.finished(self.config.renew.batch_size), if self.checker.running() => {
                     // Keys it accepted may be due, and a full batch means more wait; a look that
                     // found nothing needs no pass (on SQLite every pass looks).
                     full_pass = self.checked(looked);
                 }
-                () = self.engine.server_time().learned(), if time_unknown => {}
+                () = self.engine.server_time().learned(), if self.awaiting_time => {}
             }
         }
     }
@@ -313,7 +320,9 @@ impl Loop {
 
     /// One pass; returns how long to sleep before the next.
     async fn pass(&mut self) -> Result<Duration, DaemonError> {
-        if !self.engine.server_time().known() && !self.config.applications.is_empty() {
+        self.awaiting_time =
+            !self.engine.server_time().known() && !self.config.applications.is_empty();
+        if self.awaiting_time {
             // No answer from Entra or the Store yet (the start asks Entra for tokens): the
             // host's clock alone must neither expire nor schedule anything. The first answer
             // wakes the loop (`ServerTime::learned`); the poll is the fallback.
@@ -529,7 +538,7 @@ impl Loop {
     /// Stop claiming; let in-flight attempts finish within the grace period (their results are
     /// written or spooled by the writer); abort the rest and give their keys back.
     async fn drain(&mut self) {
-        self.checker.stop(self.config.renew.shutdown_grace).await;
+        self.checker.stop();
         // Claimed but never started: due again at once, not after their lease.
         let unstarted: Vec<Claim> = self.ready.drain(..).map(|r| r.claim()).collect();
         if let Err(e) = self
