@@ -5,10 +5,13 @@ use std::process::Stdio;
 use std::time::Duration;
 
 use storekeyd::emulator::Faults;
-use storekeyd::policy::claims::{self, Kind};
+use storekeyd::policy::claims::{self, KeyFacts, KeyText, Kind};
 use storekeyd::policy::fingerprint::Fingerprint;
+use storekeyd::policy::state::EventKind;
+use storekeyd::storage::{self, Change, Event, Write};
 use tokio::process::{Child, Command};
 
+use crate::backend::on_backend;
 use crate::harness::{APP, DAY, Db, KEY_LIFETIME, TestEnv, sigterm};
 
 fn due_key(env: &TestEnv, user: &str) -> String {
@@ -154,7 +157,116 @@ async fn sigterm_mid_renewal_leaves_a_consistent_database_and_a_restart_carries_
     );
 }
 
+/// One batch holding a renewal that applies, one whose row changed meanwhile and an event of its
+/// own: the first is renewed and retires its key into the lineage, the second changes nothing
+/// and records `superseded`, the event stands as it was; the same with a batch of two kinds of
+/// change (a statement each).
+async fn a_batch_records_what_it_applied_and_what_it_did_not(db: Db) {
+    let env = TestEnv::on(db).await;
+    env.add_due_users(2).await;
+    let store = storage::connect(&env.config.database_url(), &env.config.db_options())
+        .await
+        .unwrap();
+    let at = env.clock.now();
+    let rows = env.rows().await;
+    let (a, b) = (&rows[0], &rows[1]);
+    let activate = |row: &crate::harness::Row| Write::Row {
+        id: row.id,
+        expected: KeyText::new(row.key.clone()),
+        at,
+        change: Change::Activate {
+            facts: facts(&row.key),
+            next_at: at,
+        },
+        event: Some(Event::new(row.id, at, EventKind::Accepted)),
+    };
+    store.apply(&[activate(a), activate(b)]).await.unwrap();
+    let renewed = env.mint(Kind::Collections, APP, "user-0");
+    let renew = |row: &crate::harness::Row, expected: &str| Write::Row {
+        id: row.id,
+        expected: KeyText::new(expected.to_owned()),
+        at,
+        change: Change::Renew {
+            key: KeyText::new(renewed.clone()),
+            facts: facts(&renewed),
+            next_at: at + DAY as i64,
+        },
+        event: Some(Event::new(row.id, at, EventKind::Renewed)),
+    };
+    let one_kind = [
+        renew(a, &a.key),
+        renew(b, "a key the row no longer holds"),
+        Write::Event(Event::new(b.id, at, EventKind::TokenError)),
+    ];
+    assert_eq!(store.apply(&one_kind).await.unwrap(), [true, false, true]);
+    let retry = Write::Row {
+        id: a.id,
+        expected: KeyText::new(renewed.clone()),
+        at,
+        change: Change::Retry {
+            at: at + 60,
+            reason: "test".to_owned(),
+            refused_ms: None,
+        },
+        event: Some(Event::new(a.id, at, EventKind::TokenError)),
+    };
+    let two_kinds = [retry, renew(b, "a key the row no longer holds")];
+    assert_eq!(store.apply(&two_kinds).await.unwrap(), [true, false]);
+    store.close().await;
+
+    assert_eq!(
+        outcomes(&env, a.id).await,
+        ["accepted", "renewed", "token_error"]
+    );
+    assert_eq!(
+        outcomes(&env, b.id).await,
+        ["accepted", "superseded", "token_error", "superseded"]
+    );
+    let rows = env.rows().await;
+    assert_eq!(
+        (rows[0].key.as_str(), rows[0].renewals),
+        (renewed.as_str(), 1)
+    );
+    assert_eq!(
+        (rows[1].key.as_str(), rows[1].renewals),
+        (b.key.as_str(), 0)
+    );
+    let (retired,): (i64,) = on_backend!(
+        env.db,
+        "SELECT COUNT(*) FROM store_key_lineage WHERE key_id = ?",
+        |pool, sql| sqlx::query_as(sql)
+            .bind(a.id)
+            .fetch_one(pool)
+            .await
+            .unwrap()
+    );
+    assert_eq!(
+        retired, 1,
+        "the renewed key's predecessor is in the lineage"
+    );
+    let (others,): (i64,) = on_backend!(
+        env.db,
+        "SELECT COUNT(*) FROM store_key_lineage WHERE key_id <> ?",
+        |pool, sql| sqlx::query_as(sql)
+            .bind(a.id)
+            .fetch_one(pool)
+            .await
+            .unwrap()
+    );
+    assert_eq!(others, 0, "a renewal that did not apply retired nothing");
+}
+
+async fn outcomes(env: &TestEnv, id: i64) -> Vec<String> {
+    let all = env.outcomes(id).await;
+    all.into_iter().map(|(o, _, _)| o).collect()
+}
+
+fn facts(key: &str) -> KeyFacts {
+    claims::decode(key).unwrap().facts()
+}
+
 crate::backend::on_both_databases!(
+    a_batch_records_what_it_applied_and_what_it_did_not,
     a_backend_write_during_a_renewal_wins,
     sigterm_mid_renewal_leaves_a_consistent_database_and_a_restart_carries_on,
 );
