@@ -72,6 +72,8 @@ pub struct Checker {
     gate: IngestGate,
     /// The look under way and when it began.
     running: Option<(JoinHandle<Result<usize, DaemonError>>, Instant)>,
+    /// Whether a look has ended since the start.
+    ended: bool,
 }
 
 /// What a look needs, shared with the loop.
@@ -89,6 +91,12 @@ impl Checker {
 
     pub fn running(&self) -> bool {
         self.running.is_some()
+    }
+
+    /// Whether a look has ended (found keys, none, or failed) since the start: counts of keys
+    /// taken before that would show as pending the keys stored while the daemon was down.
+    pub fn ended_once(&self) -> bool {
+        self.ended
     }
 
     /// Starts a look at up to `renew.batch_size` pending rows if one is due and none runs.
@@ -129,6 +137,7 @@ impl Checker {
         let joined = look.await;
         let started = *started;
         self.running = None;
+        self.ended = true;
         let result = joined.unwrap_or_else(|e| {
             tracing::error!(error = %e, "checking new keys failed; they are checked at a later look");
             Ok(0)

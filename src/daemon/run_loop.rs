@@ -250,8 +250,10 @@ impl Loop {
                 () = woken(self.wake.as_deref()) => self.checker.signalled(),
                 looked = self.checker.finished(self.config.renew.batch_size), if self.checker.running() => {
                     // Keys it accepted may be due, and a full batch means more wait; a look that
-                    // found nothing needs no pass (on SQLite every pass looks).
-                    full_pass = self.checked(looked);
+                    // found nothing needs no pass (on SQLite every pass looks), unless the
+                    // STATUS line waits for it.
+                    full_pass = self.checked(looked)
+                        || (self.notifier.enabled() && self.last_status.is_none());
                 }
                 () = self.engine.server_time().learned(), if self.awaiting_time => {}
             }
@@ -447,6 +449,7 @@ impl Loop {
     async fn update_status(&mut self) {
         if !self.notifier.enabled()
             || !self.engine.server_time().known()
+            || !self.checker.ended_once()
             || self.last_status.is_some_and(|t| t.elapsed() < STATUS_EVERY)
         {
             return;
