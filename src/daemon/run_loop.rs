@@ -236,6 +236,9 @@ impl Loop {
                 self.spawn_ready();
             }
             full_pass = true;
+            // The first STATUS waits for the first look for new keys, which then makes a pass.
+            let status_waits =
+                self.notifier.enabled() && self.last_status.is_none() && !self.checker.ended_once();
             tokio::select! {
                 () = shutdown.cancelled() => break,
                 Some(joined) = self.tasks.join_next_with_id(), if !self.tasks.is_empty() => {
@@ -252,8 +255,7 @@ impl Loop {
                     // Keys it accepted may be due, and a full batch means more wait; a look that
                     // found nothing needs no pass (on SQLite every pass looks), unless the
                     // STATUS line waits for it.
-                    full_pass = self.checked(looked)
-                        || (self.notifier.enabled() && self.last_status.is_none());
+                    full_pass = self.checked(looked) || status_waits;
                 }
                 () = self.engine.server_time().learned(), if self.awaiting_time => {}
             }

@@ -1,6 +1,7 @@
 //! The one writer per database (group commit). Attempts and ingest hand it their writes; it
-//! applies whatever has arrived as one transaction (bounded by [`MAX_BATCH`] rows), so a backlog
-//! costs one fsync per batch instead of one per key. A renewed key is held until it is durable:
+//! applies whatever has arrived as one transaction (bounded by [`MAX_BATCH`] rows; while writes
+//! stream in, a batch waits a few milliseconds for more), so a backlog costs one fsync per
+//! batch instead of one per key. A renewed key is held until it is durable:
 //! the writer retries a failing batch, keeps the leases of the rows it holds, and past
 //! `spool_after` appends the renewals to the spool file, which the next start applies.
 
@@ -133,6 +134,7 @@ pub fn spawn(
         stopping_since: None,
         held: held.clone(),
         spooled: Vec::new(),
+        last_batch: 0,
     };
     let task = tokio::spawn(writer.run(rx));
     (WriterHandle { tx, held }, task)
@@ -152,6 +154,8 @@ struct Writer {
     held: Arc<Mutex<HashSet<i64>>>,
     /// Renewals in the spool file, still to be applied to the database.
     spooled: Vec<Write>,
+    /// How many writes the last batch held.
+    last_batch: usize,
 }
 
 impl Writer {
@@ -191,21 +195,26 @@ impl Writer {
         }
     }
 
-    /// Waits up to [`GATHER`] for more writes to join a batch that is not full: a commit costs
-    /// the database about the same for one row as for fifty, and an attempt's call slot is free
-    /// once its answer is in, so the wait costs no renewal any time. Not while stopping.
-    async fn gather(&self, rx: &mut mpsc::Receiver<Job>, batch: &mut Vec<Job>) {
-        if self.stopping.is_cancelled() {
+    /// Waits up to [`GATHER`] for more writes to join a batch that is not full, while writes
+    /// come in streams (this batch or the last held more than one: a drain): a commit costs the
+    /// database about the same for one row as for fifty, and an attempt's call slot is free once
+    /// its answer is in, so the wait costs no renewal any time. A lone write (the CLI's `renew`,
+    /// one key at a time; a quiet daemon) goes at once, and so does everything while stopping.
+    async fn gather(&mut self, rx: &mut mpsc::Receiver<Job>, batch: &mut Vec<Job>) {
+        let streaming = batch.len() > 1 || self.last_batch > 1;
+        self.last_batch = batch.len();
+        if self.stopping.is_cancelled() || !streaming {
             return;
         }
         let until = tokio::time::Instant::now() + GATHER;
         while batch.len() < MAX_BATCH {
             let room = MAX_BATCH - batch.len();
             match tokio::time::timeout_at(until, rx.recv_many(batch, room)).await {
-                Ok(0) | Err(_) => return,
+                Ok(0) | Err(_) => break,
                 Ok(_) => {}
             }
         }
+        self.last_batch = batch.len();
     }
 
     /// Applies one batch. If the database refuses it, only the renewals are kept (anything else
