@@ -417,7 +417,8 @@ impl Loop {
                 }
                 Ok(None) => safety.canary_found(&app, false).await,
                 Err(crate::storage::DbError::Held) => {
-                    // Another replica holds them (renewing them, perhaps): ask again next pass.
+                    // Healthy keys exist, but each is held (renewing, perhaps) or renewed too
+                    // recently to be a canary: ask again at the next canary interval.
                     safety.canary_found(&app, true).await;
                     safety.canary_done(&app);
                 }

@@ -256,7 +256,60 @@ async fn a_key_with_no_other_to_ask_is_flagged_only_after_hours_of_refusals(db: 
     );
 }
 
+/// "No other key to ask" lets the guard conclude that every key of an application is refused
+/// (the alarm; a lone key flagged after hours). A search that finds healthy keys only renewed
+/// moments ago, or held by an attempt, must not say so: right after a burst of renewals, a few
+/// genuine revocations raised the credential alarm that way.
+async fn a_canary_search_finding_only_young_or_held_keys_is_not_no_other_key(db: Db) {
+    let env = TestEnv::on(db).await;
+    env.add_due_users(2).await;
+    let store = storekeyd::storage::connect(&env.config.database_url(), &env.config.db_options())
+        .await
+        .unwrap();
+    let now = env.clock.now();
+    // Both checked; user-1 refused; user-0 healthy but renewed just now.
+    set(&env, "state = 'active', client_id = 'app', user_id = 'u', issued_at = ?, expires_at = ? + 86400, next_attempt_at = ? + 3600", now).await;
+    set(
+        &env,
+        "refusals = CASE WHEN user_ref = 'user-1' THEN 1 ELSE 0 END",
+        now,
+    )
+    .await;
+    let search = || store.claim_canary("app", now - 3600, now, now + 600);
+    assert!(
+        matches!(search().await, Err(storekeyd::storage::DbError::Held)),
+        "a young healthy key is a key to ask later"
+    );
+    // Old enough: it is the canary.
+    set(&env, "issued_at = ? - 7200", now).await;
+    let canary = search().await.unwrap().expect("the healthy key");
+    assert!(canary.canary);
+    // Held by that attempt now: still not "no other key".
+    assert!(matches!(
+        search().await,
+        Err(storekeyd::storage::DbError::Held)
+    ));
+    // Every key refused: no other key to ask.
+    set(&env, "refusals = 1, lease_until = NULL", now).await;
+    assert!(search().await.unwrap().is_none());
+    store.close().await;
+}
+
+/// `UPDATE store_keys SET {assignments}`, with `at` bound to each `?` in them.
+async fn set(env: &TestEnv, assignments: &str, at: i64) {
+    let sql = format!("UPDATE store_keys SET {assignments}");
+    let binds = sql.matches('?').count();
+    crate::backend::on_backend!(env.db, sql, |pool, sql| {
+        let mut q = sqlx::query(sql);
+        for _ in 0..binds {
+            q = q.bind(at);
+        }
+        q.execute(pool).await.unwrap().rows_affected()
+    });
+}
+
 crate::backend::on_both_databases!(
+    a_canary_search_finding_only_young_or_held_keys_is_not_no_other_key,
     a_small_application_with_a_broken_credential_loses_no_key_across_a_restart,
     a_wave_of_genuine_revocations_is_told_apart_by_a_canary,
     a_key_with_no_other_to_ask_is_flagged_only_after_hours_of_refusals,

@@ -72,22 +72,17 @@ impl PgStore {
         })
     }
 
-    /// Whether a canary candidate exists at all, held or not.
-    async fn canary_exists(
-        &self,
-        client_id: &str,
-        issued_before: i64,
-        valid_past: i64,
-    ) -> Result<bool> {
+    /// Whether a healthy key of the application exists at all, held or too young to be a
+    /// canary now.
+    async fn canary_exists(&self, client_id: &str, valid_past: i64) -> Result<bool> {
         self.timed(async {
             let (exists,): (bool,) = sqlx::query_as(
                 "SELECT EXISTS (SELECT 1 FROM store_keys
                                 WHERE state = 'active' AND client_id = $1 AND refusals = 0
-                                  AND attempts = 0 AND expires_at > $2 AND issued_at <= $3)",
+                                  AND attempts = 0 AND expires_at > $2)",
             )
             .bind(client_id)
             .bind(valid_past)
-            .bind(issued_before)
             .fetch_one(&self.pool)
             .await?;
             Ok(exists)
@@ -281,12 +276,10 @@ impl Storage for PgStore {
             .transpose()?;
         match &mut row {
             Some(r) => r.canary = true,
-            // Another replica holding every candidate is not "no other key to ask": that
-            // would let a lone refused key be flagged while healthy keys exist.
-            None if self
-                .canary_exists(client_id, issued_before, lease_until)
-                .await? =>
-            {
+            // Every candidate held (by another replica, or an attempt here) or renewed moments
+            // ago is not "no other key to ask": that would let a lone refused key be flagged,
+            // or raise the credential alarm, while healthy keys exist.
+            None if self.canary_exists(client_id, lease_until).await? => {
                 return Err(DbError::Held);
             }
             None => {}

@@ -13,8 +13,8 @@ use sqlx::SqlitePool;
 use sqlx::sqlite::SqliteRow;
 
 use super::{
-    Alarm, Claim, ClaimedRow, ClearScope, EventRecord, KeyStats, KeySummary, NewKey, PendingRow,
-    Result, Storage, Write, rows,
+    Alarm, Claim, ClaimedRow, ClearScope, DbError, EventRecord, KeyStats, KeySummary, NewKey,
+    PendingRow, Result, Storage, Write, rows,
 };
 use crate::policy::claims::{KeyText, Kind};
 
@@ -240,8 +240,14 @@ impl Storage for SqliteStore {
             .as_ref()
             .map(|r| rows::claimed(r, lease_until))
             .transpose()?;
-        if let Some(r) = &mut row {
-            r.canary = true;
+        match &mut row {
+            Some(r) => r.canary = true,
+            // Held by an attempt, or renewed moments ago: not "no other key to ask" (see
+            // `Storage::claim_canary`).
+            None if read::canary_exists(&self.pool, client_id, lease_until).await? => {
+                return Err(DbError::Held);
+            }
+            None => {}
         }
         Ok(row)
     }

@@ -130,3 +130,22 @@ pub(super) async fn events(
         .map(rows::event)
         .collect::<std::result::Result<_, _>>()?)
 }
+
+/// Whether a healthy key of the application exists at all, held or too young to be a canary now
+/// (see `Storage::claim_canary`).
+pub(super) async fn canary_exists(
+    pool: &SqlitePool,
+    client_id: &str,
+    valid_past: i64,
+) -> Result<bool> {
+    let (exists,): (bool,) = sqlx::query_as(
+        "SELECT EXISTS (SELECT 1 FROM store_keys INDEXED BY store_keys_due_client
+                        WHERE state = 'active' AND client_id = ? AND refusals = 0
+                          AND attempts = 0 AND expires_at > ?)",
+    )
+    .bind(client_id)
+    .bind(valid_past)
+    .fetch_one(pool)
+    .await?;
+    Ok(exists)
+}
