@@ -200,8 +200,10 @@ pub struct Guard {
     /// this often.
     #[serde(with = "human")]
     pub canary_interval: Duration,
-    /// A canary is a key issued at least this long ago: renewing a key renewed moments ago
-    /// proves as much but gains nothing, and the Store may answer with the same expiry.
+    /// A canary is preferably a key issued at least this long ago: renewing a key renewed
+    /// moments ago proves as much but gains nothing, and the Store may answer with the same
+    /// expiry. A younger key is asked only when no older one is free (keys a backend re-stores
+    /// at every login may all be young): that, or no evidence at all.
     #[serde(with = "human")]
     pub canary_min_age: Duration,
     /// A refused key whose application has no other key to test the credential with is flagged

@@ -417,8 +417,8 @@ impl Loop {
                 }
                 Ok(None) => safety.canary_found(&app, false).await,
                 Err(crate::storage::DbError::Held) => {
-                    // Healthy keys exist, but each is held (renewing, perhaps) or renewed too
-                    // recently to be a canary: ask again at the next canary interval.
+                    // Healthy keys exist, but attempts hold each (renewing them, perhaps): ask
+                    // again at the next canary interval.
                     safety.canary_found(&app, true).await;
                     safety.canary_done(&app);
                 }

@@ -109,13 +109,20 @@ impl RevocationGuard {
         let a = self.apps.entry(app.to_owned()).or_default();
         a.last_success_ms = Some(a.last_success_ms.map_or(started_ms, |t| t.max(started_ms)));
         a.canary.none_to_ask = false;
-        match a.alarm_since {
+        // Refusals from before it are answered: the credential worked after them.
+        a.refusals.retain(|(t, _)| *t > started_ms);
+        let change = match a.alarm_since {
             Some(since) if started_ms > since => {
                 a.alarm_since = None;
                 Some(AlarmChange::Cleared)
             }
             _ => None,
+        };
+        // The evidence a canary would bring is in: none is asked for until the next refusal.
+        if a.alarm_since.is_none() && a.refusals.is_empty() {
+            a.canary.wanted = false;
         }
+        change
     }
 
     /// Raises the alarm for `app` without a refusal: one recorded by an earlier run, or by the

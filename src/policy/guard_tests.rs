@@ -172,6 +172,29 @@ fn canaries_are_one_at_a_time_and_stop_once_evidence_is_in() {
 }
 
 #[test]
+fn a_renewal_begun_after_the_refusals_ends_the_call_for_a_canary() {
+    let t = 1_000 * HOUR;
+    let mut g = guard();
+    g.refused("a", 1, Refusals::default(), false, t);
+    assert_eq!(g.canaries_due(t), ["a"]);
+    g.canary_found("a", true, t);
+    // The canary's attempt ended without an answer (a timeout): still wanted.
+    g.canary_done("a", t + 1);
+    // Begun before the refusal: proves nothing.
+    g.success("a", t - 1);
+    assert_eq!(g.canaries_due(t + 2 * MIN), ["a"]);
+    g.canary_found("a", true, t + 2 * MIN);
+    g.canary_done("a", t + 2 * MIN + 1);
+    // An ordinary renewal begun after the refusal: the evidence is in, and no canary is spent
+    // on a key renewed moments ago.
+    g.success("a", t + 20);
+    assert!(g.canaries_due(t + 4 * MIN).is_empty());
+    // The next refusal asks again.
+    g.refused("a", 2, Refusals::default(), false, t + 5 * MIN);
+    assert_eq!(g.canaries_due(t + 5 * MIN), ["a"]);
+}
+
+#[test]
 fn an_alarm_from_an_earlier_run_defers_everything_and_asks_for_a_canary() {
     let t = 1_000 * HOUR;
     let mut g = guard();

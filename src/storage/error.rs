@@ -28,8 +28,8 @@ pub enum DbError {
     Scheme { url: String },
     #[error("database: no answer within {}; is the server reachable?", humantime::format_duration(*.0))]
     Timeout(std::time::Duration),
-    /// Keys to claim exist, but each is held by an attempt or (a canary) too young now.
-    #[error("database: every candidate row is held or not yet eligible")]
+    /// Keys to claim exist, but an attempt (of this process or another) holds each of them now.
+    #[error("database: every candidate row is held by an attempt")]
     Held,
 }
 

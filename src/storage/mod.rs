@@ -194,11 +194,11 @@ pub trait Storage: Send + Sync + std::fmt::Debug {
     /// Reserves one active key whatever its due time, unless an attempt holds it.
     async fn claim_row(&self, id: i64, now: i64, lease_until: i64) -> Result<Option<ClaimedRow>>;
     /// Reserves the healthy key of application `client_id` that is due soonest (active, never
-    /// refused or failed since it last renewed, not held, issued at `issued_before` or earlier,
-    /// valid past `lease_until`), to renew it early as a canary. `Ok(None)` only where the
-    /// application has no other healthy key at all; [`DbError::Held`] where it has some but
-    /// none can be a canary now (held by an attempt, or renewed too recently): "no other key to
-    /// ask" lets the guard conclude that every key it has is refused.
+    /// refused or failed since it last renewed, not held, valid past `lease_until`), to renew
+    /// it early as a canary: one issued at `issued_before` or earlier if any is free, else a
+    /// younger one. `Ok(None)` only where the application has no other healthy key at all;
+    /// [`DbError::Held`] where attempts hold every one: "no other key to ask" lets the guard
+    /// conclude that every key it has is refused.
     async fn claim_canary(
         &self,
         client_id: &str,

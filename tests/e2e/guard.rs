@@ -259,15 +259,16 @@ async fn a_key_with_no_other_to_ask_is_flagged_only_after_hours_of_refusals(db: 
 /// "No other key to ask" lets the guard conclude that every key of an application is refused
 /// (the alarm; a lone key flagged after hours). A search that finds healthy keys only renewed
 /// moments ago, or held by an attempt, must not say so: right after a burst of renewals, a few
-/// genuine revocations raised the credential alarm that way.
+/// genuine revocations raised the credential alarm that way. A young key is a canary when no
+/// older one is free (it proves as much); keys all held are "held", asked again later.
 async fn a_canary_search_finding_only_young_or_held_keys_is_not_no_other_key(db: Db) {
     let env = TestEnv::on(db).await;
-    env.add_due_users(2).await;
+    env.add_due_users(3).await;
     let store = storekeyd::storage::connect(&env.config.database_url(), &env.config.db_options())
         .await
         .unwrap();
     let now = env.clock.now();
-    // Both checked; user-1 refused; user-0 healthy but renewed just now.
+    // All checked, renewed just now; user-1 refused; user-2 older, and due later than user-0.
     set(&env, "state = 'active', client_id = 'app', user_id = 'u', issued_at = ?, expires_at = ? + 86400, next_attempt_at = ? + 3600", now).await;
     set(
         &env,
@@ -275,23 +276,22 @@ async fn a_canary_search_finding_only_young_or_held_keys_is_not_no_other_key(db:
         now,
     )
     .await;
+    set(&env, "issued_at = issued_at - CASE WHEN user_ref = 'user-2' THEN 7200 ELSE 0 END, next_attempt_at = next_attempt_at + CASE WHEN user_ref = 'user-2' THEN 60 ELSE 0 END", now).await;
+    let rows = env.rows().await;
     let search = || store.claim_canary("app", now - 3600, now, now + 600);
+    let older = search().await.unwrap().expect("a canary");
+    assert_eq!(older.id, rows[2].id, "an older key goes first");
+    let young = search()
+        .await
+        .unwrap()
+        .expect("the young key, none older being free");
+    assert_eq!((young.id, young.canary), (rows[0].id, true));
     assert!(
         matches!(search().await, Err(storekeyd::storage::DbError::Held)),
-        "a young healthy key is a key to ask later"
+        "every healthy key held by an attempt"
     );
-    // Old enough: it is the canary.
-    set(&env, "issued_at = ? - 7200", now).await;
-    let canary = search().await.unwrap().expect("the healthy key");
-    assert!(canary.canary);
-    // Held by that attempt now: still not "no other key".
-    assert!(matches!(
-        search().await,
-        Err(storekeyd::storage::DbError::Held)
-    ));
-    // Every key refused: no other key to ask.
     set(&env, "refusals = 1, lease_until = NULL", now).await;
-    assert!(search().await.unwrap().is_none());
+    assert!(search().await.unwrap().is_none(), "every key refused");
     store.close().await;
 }
 

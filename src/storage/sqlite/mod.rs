@@ -229,27 +229,28 @@ impl Storage for SqliteStore {
                          ORDER BY next_attempt_at LIMIT 1)
              RETURNING {CLAIMED}"
         );
-        let row = sqlx::query(sqlx::AssertSqlSafe(sql))
-            .bind(lease_until)
-            .bind(client_id)
-            .bind(now)
-            .bind(issued_before)
-            .fetch_optional(&self.pool)
-            .await?;
-        let mut row = row
-            .as_ref()
-            .map(|r| rows::claimed(r, lease_until))
-            .transpose()?;
-        match &mut row {
-            Some(r) => r.canary = true,
-            // Held by an attempt, or renewed moments ago: not "no other key to ask" (see
-            // `Storage::claim_canary`).
-            None if read::canary_exists(&self.pool, client_id, lease_until).await? => {
-                return Err(DbError::Held);
+        // A key renewed moments ago proves as much as an older one; it is taken only when no
+        // older key is free, and then it is this or no evidence at all.
+        for issued in [issued_before, i64::MAX] {
+            let row = sqlx::query(sqlx::AssertSqlSafe(sql.as_str()))
+                .bind(lease_until)
+                .bind(client_id)
+                .bind(now)
+                .bind(issued)
+                .fetch_optional(&self.pool)
+                .await?;
+            if let Some(row) = row {
+                let mut row = rows::claimed(&row, lease_until)?;
+                row.canary = true;
+                return Ok(Some(row));
             }
-            None => {}
         }
-        Ok(row)
+        // Every healthy key held by an attempt: not "no other key to ask" (see
+        // `Storage::claim_canary`).
+        if read::canary_exists(&self.pool, client_id, lease_until).await? {
+            return Err(DbError::Held);
+        }
+        Ok(None)
     }
 
     async fn due_rows(&self, now: i64, limit: u32) -> Result<Vec<ClaimedRow>> {

@@ -131,8 +131,8 @@ pub(super) async fn events(
         .collect::<std::result::Result<_, _>>()?)
 }
 
-/// Whether a healthy key of the application exists at all, held or too young to be a canary now
-/// (see `Storage::claim_canary`).
+/// Whether a healthy key of the application exists at all, held or not (see
+/// `Storage::claim_canary`).
 pub(super) async fn canary_exists(
     pool: &SqlitePool,
     client_id: &str,
