@@ -118,10 +118,7 @@ impl PgStore {
                     .await?)
             })
             .await?;
-        Ok(row
-            .as_ref()
-            .map(|r| rows::claimed(r, lease_until))
-            .transpose()?)
+        claimed_row(row.as_ref(), lease_until)
     }
 
     async fn timed<T>(&self, call: impl Future<Output = Result<T>>) -> Result<T> {
@@ -136,6 +133,10 @@ fn claimed_rows(rows: &[PgRow], lease_until: i64) -> Result<Vec<ClaimedRow>> {
         .iter()
         .map(|r| rows::claimed(r, lease_until))
         .collect::<std::result::Result<_, _>>()?)
+}
+
+fn claimed_row(row: Option<&PgRow>, lease_until: i64) -> Result<Option<ClaimedRow>> {
+    Ok(row.map(|r| rows::claimed(r, lease_until)).transpose()?)
 }
 
 /// A lease's length in seconds, from the caller's `now` and `lease_until`.
@@ -270,10 +271,7 @@ impl Storage for PgStore {
                     .await?)
             })
             .await?;
-        Ok(row
-            .as_ref()
-            .map(|r| rows::claimed(r, lease_until))
-            .transpose()?)
+        claimed_row(row.as_ref(), lease_until)
     }
 
     async fn claim_canary(
