@@ -70,10 +70,18 @@ impl IngestGate {
 #[derive(Debug, Default)]
 pub struct Checker {
     gate: IngestGate,
-    /// The look under way and when it began.
-    running: Option<(JoinHandle<Result<usize, DaemonError>>, Instant)>,
+    /// The look under way.
+    running: Option<Look>,
     /// Whether a look has ended since the start.
     ended: bool,
+}
+
+#[derive(Debug)]
+struct Look {
+    task: JoinHandle<Result<usize, DaemonError>>,
+    started: Instant,
+    /// How many rows it may take.
+    limit: usize,
 }
 
 /// What a look needs, shared with the loop.
@@ -115,8 +123,8 @@ impl Checker {
             parts.writer.clone(),
             parts.config.clone(),
         );
-        let look = tokio::spawn(async move {
-            let batch = config.renew.batch_size;
+        let batch = config.renew.batch_size;
+        let task = tokio::spawn(async move {
             let look = ingest_pending(&*storage, &writer, &config, now, batch);
             // Every query and write has a timeout of its own; this bounds the sum, so a look
             // that hangs anyway is reported and the next one starts.
@@ -125,17 +133,21 @@ impl Checker {
                 .unwrap_or(Err(DaemonError::Db(DbError::Timeout(LOOK_TIMEOUT))))
         });
         self.gate.started();
-        self.running = Some((look, started));
+        self.running = Some(Look {
+            task,
+            started,
+            limit: batch as usize,
+        });
     }
 
     /// Resolves when the running look ends (never, if none runs) with how many keys it checked,
     /// or its error; a look that found a full batch makes the next one due at once. Cancel-safe.
-    pub async fn finished(&mut self, batch: u32) -> Result<usize, DaemonError> {
-        let Some((look, started)) = &mut self.running else {
+    pub async fn finished(&mut self) -> Result<usize, DaemonError> {
+        let Some(look) = &mut self.running else {
             return std::future::pending().await;
         };
-        let joined = look.await;
-        let started = *started;
+        let joined = (&mut look.task).await;
+        let (started, limit) = (look.started, look.limit);
         self.running = None;
         self.ended = true;
         let result = joined.unwrap_or_else(|e| {
@@ -143,7 +155,7 @@ impl Checker {
             Ok(0)
         });
         match &result {
-            Ok(found) => self.gate.looked(*found, batch as usize, started),
+            Ok(found) => self.gate.looked(*found, limit, started),
             Err(_) => self.gate.failed(),
         }
         result
@@ -153,8 +165,8 @@ impl Checker {
     /// written, and the rest are looked at again (at once after a start on SQLite; on
     /// PostgreSQL once the look's 60 s hold on them ends).
     pub fn stop(&mut self) {
-        if let Some((look, _)) = self.running.take() {
-            look.abort();
+        if let Some(look) = self.running.take() {
+            look.task.abort();
         }
     }
 }

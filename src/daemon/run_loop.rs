@@ -251,7 +251,7 @@ impl Loop {
                 }
                 () = tokio::time::sleep_until(deadline) => {}
                 () = woken(self.wake.as_deref()) => self.checker.signalled(),
-                looked = self.checker.finished(self.config.renew.batch_size), if self.checker.running() => {
+                looked = self.checker.finished(), if self.checker.running() => {
                     // Keys it accepted may be due, and a full batch means more wait; a look that
                     // found nothing needs no pass (on SQLite every pass looks), unless the
                     // STATUS line waits for it.

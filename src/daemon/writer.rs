@@ -202,16 +202,14 @@ impl Writer {
     /// one key at a time; a quiet daemon) goes at once, and so does everything while stopping.
     async fn gather(&mut self, rx: &mut mpsc::Receiver<Job>, batch: &mut Vec<Job>) {
         let streaming = batch.len() > 1 || self.last_batch > 1;
-        self.last_batch = batch.len();
-        if self.stopping.is_cancelled() || !streaming {
-            return;
-        }
-        let until = tokio::time::Instant::now() + GATHER;
-        while batch.len() < MAX_BATCH {
-            let room = MAX_BATCH - batch.len();
-            match tokio::time::timeout_at(until, rx.recv_many(batch, room)).await {
-                Ok(0) | Err(_) => break,
-                Ok(_) => {}
+        if streaming && !self.stopping.is_cancelled() {
+            let until = tokio::time::Instant::now() + GATHER;
+            while batch.len() < MAX_BATCH {
+                let room = MAX_BATCH - batch.len();
+                match tokio::time::timeout_at(until, rx.recv_many(batch, room)).await {
+                    Ok(0) | Err(_) => break,
+                    Ok(_) => {}
+                }
             }
         }
         self.last_batch = batch.len();

@@ -205,7 +205,38 @@ pub trait Storage: Send + Sync + std::fmt::Debug {
         issued_before: i64,
         now: i64,
         lease_until: i64,
+    ) -> Result<Option<ClaimedRow>> {
+        // A key renewed moments ago proves as much as an older one; it is taken only when no
+        // older key is free, and then it is this or no evidence at all.
+        for issued in [issued_before, i64::MAX] {
+            if let Some(mut row) = self
+                .claim_healthy_key(client_id, issued, now, lease_until)
+                .await?
+            {
+                row.canary = true;
+                return Ok(Some(row));
+            }
+        }
+        // Attempts (here or in another replica) holding every healthy key is not "no other key
+        // to ask": that would let a lone refused key be flagged, or raise the credential
+        // alarm, while healthy keys exist.
+        if self.healthy_key_exists(client_id, lease_until).await? {
+            return Err(DbError::Held);
+        }
+        Ok(None)
+    }
+    /// For [`Storage::claim_canary`]: reserves the soonest due healthy key of `client_id`
+    /// issued at `issued_before` or earlier, valid past `lease_until`, if one is free.
+    async fn claim_healthy_key(
+        &self,
+        client_id: &str,
+        issued_before: i64,
+        now: i64,
+        lease_until: i64,
     ) -> Result<Option<ClaimedRow>>;
+    /// For [`Storage::claim_canary`]: whether `client_id` has a healthy key valid past
+    /// `valid_past` at all, held or not.
+    async fn healthy_key_exists(&self, client_id: &str, valid_past: i64) -> Result<bool>;
     /// Active keys due now, without reserving them (a dry run).
     async fn due_rows(&self, now: i64, limit: u32) -> Result<Vec<ClaimedRow>>;
     /// When the earliest active key of `kinds` is next due (an index lookup, not a scan).

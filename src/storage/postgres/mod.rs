@@ -72,55 +72,6 @@ impl PgStore {
         })
     }
 
-    /// Whether a healthy key of the application exists at all, held or not.
-    async fn canary_exists(&self, client_id: &str, valid_past: i64) -> Result<bool> {
-        self.timed(async {
-            let (exists,): (bool,) = sqlx::query_as(
-                "SELECT EXISTS (SELECT 1 FROM store_keys
-                                WHERE state = 'active' AND client_id = $1 AND refusals = 0
-                                  AND attempts = 0 AND expires_at > $2)",
-            )
-            .bind(client_id)
-            .bind(valid_past)
-            .fetch_one(&self.pool)
-            .await?;
-            Ok(exists)
-        })
-        .await
-    }
-
-    /// Claims the soonest due healthy key issued at `issued_before` or earlier, if one is free.
-    async fn claim_canary_issued(
-        &self,
-        client_id: &str,
-        issued_before: i64,
-        now: i64,
-        lease_until: i64,
-    ) -> Result<Option<ClaimedRow>> {
-        // Soonest due: renewing it early costs the least. Valid past the claim's lease.
-        let sql = format!(
-            "UPDATE store_keys AS k SET next_attempt_at = $1, lease_until = {DB_NOW} + $4
-             WHERE k.id = (SELECT id FROM store_keys
-                           WHERE state = 'active' AND client_id = $2 AND refusals = 0
-                             AND attempts = 0 AND expires_at > $1 AND issued_at <= $3
-                             AND (lease_until IS NULL OR lease_until <= {DB_NOW})
-                           ORDER BY next_attempt_at LIMIT 1 FOR UPDATE SKIP LOCKED)
-             RETURNING {CLAIMED}"
-        );
-        let row = self
-            .timed(async {
-                Ok(sqlx::query(sqlx::AssertSqlSafe(sql))
-                    .bind(lease_until)
-                    .bind(client_id)
-                    .bind(issued_before)
-                    .bind(lease_secs(now, lease_until))
-                    .fetch_optional(&self.pool)
-                    .await?)
-            })
-            .await?;
-        claimed_row(row.as_ref(), lease_until)
-    }
-
     async fn timed<T>(&self, call: impl Future<Output = Result<T>>) -> Result<T> {
         tokio::time::timeout(self.call_timeout, call)
             .await
@@ -274,31 +225,51 @@ impl Storage for PgStore {
         claimed_row(row.as_ref(), lease_until)
     }
 
-    async fn claim_canary(
+    async fn healthy_key_exists(&self, client_id: &str, valid_past: i64) -> Result<bool> {
+        self.timed(async {
+            let (exists,): (bool,) = sqlx::query_as(
+                "SELECT EXISTS (SELECT 1 FROM store_keys
+                                WHERE state = 'active' AND client_id = $1 AND refusals = 0
+                                  AND attempts = 0 AND expires_at > $2)",
+            )
+            .bind(client_id)
+            .bind(valid_past)
+            .fetch_one(&self.pool)
+            .await?;
+            Ok(exists)
+        })
+        .await
+    }
+
+    async fn claim_healthy_key(
         &self,
         client_id: &str,
         issued_before: i64,
         now: i64,
         lease_until: i64,
     ) -> Result<Option<ClaimedRow>> {
-        // A key renewed moments ago proves as much as an older one; it is taken only when no
-        // older key is free, and then it is this or no evidence at all.
-        for issued in [issued_before, i64::MAX] {
-            if let Some(mut row) = self
-                .claim_canary_issued(client_id, issued, now, lease_until)
-                .await?
-            {
-                row.canary = true;
-                return Ok(Some(row));
-            }
-        }
-        // Another replica (or an attempt here) holding every healthy key is not "no other key
-        // to ask": that would let a lone refused key be flagged, or raise the credential
-        // alarm, while healthy keys exist.
-        if self.canary_exists(client_id, lease_until).await? {
-            return Err(DbError::Held);
-        }
-        Ok(None)
+        // Soonest due: renewing it early costs the least. Valid past the claim's lease.
+        let sql = format!(
+            "UPDATE store_keys AS k SET next_attempt_at = $1, lease_until = {DB_NOW} + $4
+             WHERE k.id = (SELECT id FROM store_keys
+                           WHERE state = 'active' AND client_id = $2 AND refusals = 0
+                             AND attempts = 0 AND expires_at > $1 AND issued_at <= $3
+                             AND (lease_until IS NULL OR lease_until <= {DB_NOW})
+                           ORDER BY next_attempt_at LIMIT 1 FOR UPDATE SKIP LOCKED)
+             RETURNING {CLAIMED}"
+        );
+        let row = self
+            .timed(async {
+                Ok(sqlx::query(sqlx::AssertSqlSafe(sql))
+                    .bind(lease_until)
+                    .bind(client_id)
+                    .bind(issued_before)
+                    .bind(lease_secs(now, lease_until))
+                    .fetch_optional(&self.pool)
+                    .await?)
+            })
+            .await?;
+        claimed_row(row.as_ref(), lease_until)
     }
 
     async fn due_rows(&self, now: i64, limit: u32) -> Result<Vec<ClaimedRow>> {

@@ -13,8 +13,8 @@ use sqlx::SqlitePool;
 use sqlx::sqlite::SqliteRow;
 
 use super::{
-    Alarm, Claim, ClaimedRow, ClearScope, DbError, EventRecord, KeyStats, KeySummary, NewKey,
-    PendingRow, Result, Storage, Write, rows,
+    Alarm, Claim, ClaimedRow, ClearScope, EventRecord, KeyStats, KeySummary, NewKey, PendingRow,
+    Result, Storage, Write, rows,
 };
 use crate::policy::claims::{KeyText, Kind};
 
@@ -209,7 +209,7 @@ impl Storage for SqliteStore {
             .transpose()?)
     }
 
-    async fn claim_canary(
+    async fn claim_healthy_key(
         &self,
         client_id: &str,
         issued_before: i64,
@@ -229,28 +229,21 @@ impl Storage for SqliteStore {
                          ORDER BY next_attempt_at LIMIT 1)
              RETURNING {CLAIMED}"
         );
-        // A key renewed moments ago proves as much as an older one; it is taken only when no
-        // older key is free, and then it is this or no evidence at all.
-        for issued in [issued_before, i64::MAX] {
-            let row = sqlx::query(sqlx::AssertSqlSafe(sql.as_str()))
-                .bind(lease_until)
-                .bind(client_id)
-                .bind(now)
-                .bind(issued)
-                .fetch_optional(&self.pool)
-                .await?;
-            if let Some(row) = row {
-                let mut row = rows::claimed(&row, lease_until)?;
-                row.canary = true;
-                return Ok(Some(row));
-            }
-        }
-        // Every healthy key held by an attempt: not "no other key to ask" (see
-        // `Storage::claim_canary`).
-        if read::canary_exists(&self.pool, client_id, lease_until).await? {
-            return Err(DbError::Held);
-        }
-        Ok(None)
+        let row = sqlx::query(sqlx::AssertSqlSafe(sql))
+            .bind(lease_until)
+            .bind(client_id)
+            .bind(now)
+            .bind(issued_before)
+            .fetch_optional(&self.pool)
+            .await?;
+        Ok(row
+            .as_ref()
+            .map(|r| rows::claimed(r, lease_until))
+            .transpose()?)
+    }
+
+    async fn healthy_key_exists(&self, client_id: &str, valid_past: i64) -> Result<bool> {
+        read::healthy_key_exists(&self.pool, client_id, valid_past).await
     }
 
     async fn due_rows(&self, now: i64, limit: u32) -> Result<Vec<ClaimedRow>> {

@@ -133,7 +133,7 @@ pub(super) async fn events(
 
 /// Whether a healthy key of the application exists at all, held or not (see
 /// `Storage::claim_canary`).
-pub(super) async fn canary_exists(
+pub(super) async fn healthy_key_exists(
     pool: &SqlitePool,
     client_id: &str,
     valid_past: i64,
