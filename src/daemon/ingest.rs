@@ -53,10 +53,14 @@ impl IngestGate {
         self.signalled = false;
     }
 
-    /// The look that began at `started` found `found` rows of at most `limit`.
-    pub fn looked(&mut self, found: usize, limit: usize, started: Instant) {
+    /// The look that began at `started` found `found` rows of at most `limit`. Returns whether
+    /// the next look is due at once: a full batch may leave more, and a key announced while it
+    /// ran may be one it missed. (A look that found nothing makes no pass of its own, so
+    /// without this such a key would wait for the poll.)
+    pub fn looked(&mut self, found: usize, limit: usize, started: Instant) -> bool {
         self.more = found >= limit;
         self.last = Some(started);
+        self.more || self.signalled
     }
 
     /// The look failed: the next pass looks again.
@@ -74,6 +78,15 @@ pub struct Checker {
     running: Option<Look>,
     /// Whether a look has ended since the start.
     ended: bool,
+}
+
+/// How a look ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Looked {
+    /// How many keys it checked.
+    pub found: usize,
+    /// Whether the next look is due at once ([`IngestGate::looked`]).
+    pub again: bool,
 }
 
 #[derive(Debug)]
@@ -140,9 +153,9 @@ impl Checker {
         });
     }
 
-    /// Resolves when the running look ends (never, if none runs) with how many keys it checked,
-    /// or its error; a look that found a full batch makes the next one due at once. Cancel-safe.
-    pub async fn finished(&mut self) -> Result<usize, DaemonError> {
+    /// Resolves when the running look ends (never, if none runs) with how many keys it checked
+    /// and whether the next look is due at once, or its error. Cancel-safe.
+    pub async fn finished(&mut self) -> Result<Looked, DaemonError> {
         let Some(look) = &mut self.running else {
             return std::future::pending().await;
         };
@@ -154,11 +167,16 @@ impl Checker {
             tracing::error!(error = %e, "checking new keys failed; they are checked at a later look");
             Ok(0)
         });
-        match &result {
-            Ok(found) => self.gate.looked(*found, limit, started),
-            Err(_) => self.gate.failed(),
+        match result {
+            Ok(found) => Ok(Looked {
+                found,
+                again: self.gate.looked(found, limit, started),
+            }),
+            Err(e) => {
+                self.gate.failed();
+                Err(e)
+            }
         }
-        result
     }
 
     /// At a stop the look under way is abandoned: its checks that reached the writer are
@@ -254,7 +272,7 @@ mod tests {
         let (poll, t0) = (Duration::from_secs(10), Instant::now());
         let mut gate = IngestGate::default();
         assert!(gate.due(true, poll, t0), "the first pass looks");
-        gate.looked(0, 100, t0);
+        assert!(!gate.looked(0, 100, t0));
         assert!(!gate.due(true, poll, t0 + Duration::from_secs(1)));
         assert!(
             gate.due(false, poll, t0 + Duration::from_secs(1)),
@@ -268,20 +286,23 @@ mod tests {
         assert!(gate.due(true, poll, t0 + Duration::from_secs(1)));
         gate.started();
         gate.signalled();
-        gate.looked(0, 100, t0);
+        assert!(
+            gate.looked(0, 100, t0),
+            "a key announced while a look that found nothing ran: look again at once"
+        );
         assert!(
             gate.due(true, poll, t0),
             "a key announced while the look ran may have been missed"
         );
         gate.started();
-        gate.looked(0, 100, t0);
+        assert!(!gate.looked(0, 100, t0));
         assert!(!gate.due(true, poll, t0));
         gate.failed();
         assert!(gate.due(true, poll, t0), "a failed look is tried again");
         gate.started();
-        gate.looked(100, 100, t0);
-        assert!(gate.due(true, poll, t0), "a full batch: more may wait");
-        gate.looked(3, 100, t0);
+        assert!(gate.looked(100, 100, t0), "a full batch: more may wait");
+        assert!(gate.due(true, poll, t0));
+        assert!(!gate.looked(3, 100, t0));
         assert!(!gate.due(true, poll, t0));
     }
 }

@@ -250,11 +250,15 @@ impl Loop {
                     full_pass = self.ready.len() < self.refill_at();
                 }
                 () = tokio::time::sleep_until(deadline) => {}
-                () = woken(self.wake.as_deref()) => self.checker.signalled(),
+                () = woken(self.wake.as_deref()) => {
+                    self.checker.signalled();
+                    // A look under way cannot start another; its end makes the pass.
+                    full_pass = !self.checker.running();
+                }
                 looked = self.checker.finished(), if self.checker.running() => {
-                    // Keys it accepted may be due, and a full batch means more wait; a look that
-                    // found nothing needs no pass (on SQLite every pass looks), unless the
-                    // STATUS line waits for it.
+                    // Keys it accepted may be due, and a full batch or a key announced meanwhile
+                    // means another look; a look that found nothing needs no pass (on SQLite
+                    // every pass looks), unless the STATUS line waits for it.
                     full_pass = self.checked(looked) || status_waits;
                 }
                 () = self.engine.server_time().learned(), if self.awaiting_time => {}
@@ -262,10 +266,11 @@ impl Loop {
         }
     }
 
-    /// Reports a look for new keys that ended; returns whether it found any.
-    fn checked(&self, looked: Result<usize, DaemonError>) -> bool {
+    /// Reports a look for new keys that ended; returns whether it calls for a pass: it found
+    /// keys, or the next look is due at once.
+    fn checked(&self, looked: Result<ingest::Looked, DaemonError>) -> bool {
         match looked {
-            Ok(found) => found > 0,
+            Ok(looked) => looked.found > 0 || looked.again,
             Err(e) => {
                 tracing::error!(error = %e, "could not check new keys; trying again at the next look");
                 if let DaemonError::Db(e) = &e {
