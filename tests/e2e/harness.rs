@@ -95,7 +95,8 @@ pub(crate) struct TestEnv {
     pub dir: TempDir,
     /// Where the running daemon serves /metrics, /healthz and /readyz.
     pub metrics_addr: Option<std::net::SocketAddr>,
-    /// How long `run_until` and `wait_until` wait (real time) before failing.
+    /// How long `run_until` and `wait_until` wait (real time) without the clock moving before
+    /// failing.
     pub patience: Duration,
     emu_stop: CancellationToken,
     daemon: Option<(CancellationToken, JoinHandle<Result<(), DaemonError>>)>,
@@ -318,33 +319,41 @@ impl TestEnv {
     }
 
     /// Polls `check` every 20 ms, moving the shared clock forward by up to `step` each time,
-    /// until it holds; panics with `what` after `patience` (30 s; 10 minutes for the long
-    /// versions). The clock stands still while a key is due and not yet acted on (see
-    /// [`TestEnv::advance_toward_next_due`]), so a slow machine slows the test, never fails it.
+    /// until it holds; panics with `what` once `patience` (30 s; 10 minutes for the long
+    /// versions) passes without the clock moving, or after ten times that in all. The clock
+    /// stands still while a key is due and not yet acted on (see
+    /// [`TestEnv::advance_toward_next_due`]), so a slow machine slows the test, never fails it:
+    /// hours of simulated time cost a loaded machine more than `patience`, but each step is
+    /// progress.
     pub(crate) async fn run_until<F, Fut>(&self, step: Duration, what: &str, mut check: F)
     where
         F: FnMut() -> Fut,
         Fut: std::future::Future<Output = bool>,
     {
-        let deadline = tokio::time::Instant::now() + self.patience;
+        let start = tokio::time::Instant::now();
+        let (mut stalled_at, give_up) = (start + self.patience, start + self.patience * 10);
         loop {
             if check().await {
                 return;
             }
+            let now = tokio::time::Instant::now();
             assert!(
-                tokio::time::Instant::now() < deadline,
+                now < stalled_at && now < give_up,
                 "timed out waiting for: {what}"
             );
-            self.advance_toward_next_due(step).await;
+            if self.advance_toward_next_due(step).await {
+                stalled_at = now + self.patience;
+            }
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }
 
     /// Moves the clock forward by `step`, but not while a key waits to be checked, is due or is
     /// being worked on: every key the clock made due gets its attempt before time moves on.
-    async fn advance_toward_next_due(&self, step: Duration) {
+    /// Returns whether it moved the clock.
+    async fn advance_toward_next_due(&self, step: Duration) -> bool {
         if step.is_zero() {
-            return;
+            return false;
         }
         let (pending, leased, due): (i64, i64, Option<i64>) = on_backend!(
             self.db,
@@ -356,9 +365,10 @@ impl TestEnv {
         );
         let now = self.clock.now();
         if pending > 0 || leased > 0 || due.is_some_and(|d| d <= now) {
-            return;
+            return false;
         }
         self.clock.advance(step);
+        true
     }
 
     /// Waits without moving the clock.
