@@ -25,13 +25,22 @@ const LOOK_TIMEOUT: Duration = Duration::from_secs(300);
 /// (PostgreSQL's `NOTIFY`), when signalled, while the last look found a full batch, and at
 /// least once a poll interval, since a signal is lost while the listener reconnects. During a
 /// drain the loop passes hundreds of times a second, and on PostgreSQL each look walks the
-/// pending index past the entries of rows checked since the last vacuum.
+/// pending index past the entries of rows checked since the last vacuum. After a failed look,
+/// on either database, the next waits out a backoff (1 s, doubling, at most the poll): it is
+/// due then even unsignalled, and not before, so a failing database is not asked at every pass.
 #[derive(Debug, Default)]
 pub struct IngestGate {
     signalled: bool,
     more: bool,
     last: Option<Instant>,
+    /// Looks that failed in a row.
+    failures: u32,
+    /// After a failure: when the next look is due.
+    retry_at: Option<Instant>,
 }
+
+/// The first wait after a failed look; it doubles with each failure in a row.
+const FIRST_RETRY: Duration = Duration::from_secs(1);
 
 impl IngestGate {
     pub fn signalled(&mut self) {
@@ -39,6 +48,9 @@ impl IngestGate {
     }
 
     pub fn due(&self, can_signal: bool, poll: Duration, now: Instant) -> bool {
+        if let Some(at) = self.retry_at {
+            return now >= at;
+        }
         !can_signal
             || self.signalled
             || self.more
@@ -60,12 +72,18 @@ impl IngestGate {
     pub fn looked(&mut self, found: usize, limit: usize, started: Instant) -> bool {
         self.more = found >= limit;
         self.last = Some(started);
+        self.failures = 0;
+        self.retry_at = None;
         self.more || self.signalled
     }
 
-    /// The look failed: the next pass looks again.
-    pub fn failed(&mut self) {
-        self.signalled = true;
+    /// The look failed at `now`; returns how long until the next is due.
+    pub fn failed(&mut self, now: Instant, poll: Duration) -> Duration {
+        self.failures = self.failures.saturating_add(1);
+        let doublings = (self.failures - 1).min(16);
+        let wait = FIRST_RETRY.saturating_mul(1 << doublings).min(poll);
+        self.retry_at = Some(now + wait);
+        wait
     }
 }
 
@@ -89,12 +107,23 @@ pub struct Looked {
     pub again: bool,
 }
 
+/// How a look failed.
+#[derive(Debug)]
+pub struct LookFailed {
+    /// Why; `None` where the look's task panicked (reported where it was caught).
+    pub error: Option<DaemonError>,
+    /// When the next look is due ([`IngestGate::failed`]).
+    pub retry_in: Duration,
+}
+
 #[derive(Debug)]
 struct Look {
     task: JoinHandle<Result<usize, DaemonError>>,
     started: Instant,
     /// How many rows it may take.
     limit: usize,
+    /// The poll interval: the longest wait after a failure.
+    poll: Duration,
 }
 
 /// What a look needs, shared with the loop.
@@ -123,12 +152,8 @@ impl Checker {
     /// Starts a look at up to `renew.batch_size` pending rows if one is due and none runs.
     /// `can_signal`: whether the database announces new keys.
     pub fn start(&mut self, parts: &CheckerParts, now: i64, can_signal: bool) {
-        let started = Instant::now();
-        if self.running.is_some()
-            || !self
-                .gate
-                .due(can_signal, parts.config.renew.poll_interval, started)
-        {
+        let (started, poll) = (Instant::now(), parts.config.renew.poll_interval);
+        if self.running.is_some() || !self.gate.due(can_signal, poll, started) {
             return;
         }
         let (storage, writer, config) = (
@@ -150,38 +175,40 @@ impl Checker {
             task,
             started,
             limit: batch as usize,
+            poll,
         });
     }
 
     /// Resolves when the running look ends (never, if none runs) with how many keys it checked
-    /// and whether the next look is due at once, or its error. Cancel-safe.
-    pub async fn finished(&mut self) -> Result<Looked, DaemonError> {
+    /// and whether the next look is due at once, or why it failed and when the next is due.
+    /// Cancel-safe.
+    pub async fn finished(&mut self) -> Result<Looked, LookFailed> {
         let Some(look) = &mut self.running else {
             return std::future::pending().await;
         };
         let joined = (&mut look.task).await;
-        let (started, limit) = (look.started, look.limit);
+        let (started, limit, poll) = (look.started, look.limit, look.poll);
         self.running = None;
         self.ended = true;
-        let result = joined.unwrap_or_else(|e| {
-            tracing::error!(error = %e, "checking new keys failed; they are checked at a later look");
-            Ok(0)
-        });
-        match result {
-            Ok(found) => Ok(Looked {
-                found,
-                again: self.gate.looked(found, limit, started),
-            }),
-            Err(e) => {
-                self.gate.failed();
-                Err(e)
+        let error = match joined {
+            Ok(Ok(found)) => {
+                let again = self.gate.looked(found, limit, started);
+                return Ok(Looked { found, again });
             }
-        }
+            Ok(Err(e)) => Some(e),
+            Err(e) => {
+                tracing::error!(error = %e, "checking new keys failed; they are checked at a later look");
+                None
+            }
+        };
+        let retry_in = self.gate.failed(Instant::now(), poll);
+        Err(LookFailed { error, retry_in })
     }
 
     /// At a stop the look under way is abandoned: its checks that reached the writer are
     /// written, and the rest are looked at again (at once after a start on SQLite; on
-    /// PostgreSQL once the look's 60 s hold on them ends).
+    /// PostgreSQL by the first look after the look's 60 s hold on them ends: a signal's or the
+    /// poll's).
     pub fn stop(&mut self) {
         if let Some(look) = self.running.take() {
             look.task.abort();
@@ -297,12 +324,46 @@ mod tests {
         gate.started();
         assert!(!gate.looked(0, 100, t0));
         assert!(!gate.due(true, poll, t0));
-        gate.failed();
-        assert!(gate.due(true, poll, t0), "a failed look is tried again");
         gate.started();
         assert!(gate.looked(100, 100, t0), "a full batch: more may wait");
         assert!(gate.due(true, poll, t0));
         assert!(!gate.looked(3, 100, t0));
         assert!(!gate.due(true, poll, t0));
+    }
+
+    #[test]
+    fn a_failed_look_is_tried_again_after_a_backoff_signalled_or_not() {
+        let (poll, t0) = (Duration::from_secs(10), Instant::now());
+        let secs = Duration::from_secs;
+        for can_signal in [true, false] {
+            let mut gate = IngestGate::default();
+            gate.started();
+            assert_eq!(gate.failed(t0, poll), secs(1));
+            assert!(!gate.due(can_signal, poll, t0), "not at every pass");
+            gate.signalled();
+            assert!(
+                !gate.due(can_signal, poll, t0 + Duration::from_millis(999)),
+                "a signal waits out the backoff"
+            );
+            assert!(gate.due(can_signal, poll, t0 + secs(1)));
+            gate.started();
+            assert_eq!(gate.failed(t0, poll), secs(2));
+            assert_eq!(gate.failed(t0, poll), secs(4));
+            assert_eq!(gate.failed(t0, poll), secs(8));
+            assert_eq!(gate.failed(t0, poll), poll, "never longer than the poll");
+            for _ in 0..100 {
+                gate.failed(t0, poll);
+            }
+            assert_eq!(gate.failed(t0, poll), poll);
+            gate.started();
+            assert!(!gate.looked(0, 100, t0 + poll));
+            assert_eq!(
+                gate.due(can_signal, poll, t0 + poll),
+                !can_signal,
+                "a look that worked ends the backoff"
+            );
+            gate.started();
+            assert_eq!(gate.failed(t0, poll), secs(1), "and starts it afresh");
+        }
     }
 }

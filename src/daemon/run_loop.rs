@@ -252,32 +252,35 @@ impl Loop {
                 () = tokio::time::sleep_until(deadline) => {}
                 () = woken(self.wake.as_deref()) => {
                     self.checker.signalled();
-                    // A look under way cannot start another; its end makes the pass.
+                    // A look under way cannot start another; its end makes the pass (after a
+                    // backoff, if it failed).
                     full_pass = !self.checker.running();
                 }
                 looked = self.checker.finished(), if self.checker.running() => {
                     // Keys it accepted may be due, and a full batch or a key announced meanwhile
                     // means another look; a look that found nothing needs no pass (on SQLite
-                    // every pass looks), unless the STATUS line waits for it.
-                    full_pass = self.checked(looked) || status_waits;
+                    // every pass looks), unless the STATUS line waits for it. After a failure
+                    // the pass that looks again comes after a backoff.
+                    full_pass = match looked {
+                        Ok(looked) => looked.found > 0 || looked.again,
+                        Err(failed) => {
+                            self.look_failed(failed.error);
+                            deadline = deadline.min(tokio::time::Instant::now() + failed.retry_in);
+                            false
+                        }
+                    } || status_waits;
                 }
                 () = self.engine.server_time().learned(), if self.awaiting_time => {}
             }
         }
     }
 
-    /// Reports a look for new keys that ended; returns whether it calls for a pass: it found
-    /// keys, or the next look is due at once.
-    fn checked(&self, looked: Result<ingest::Looked, DaemonError>) -> bool {
-        match looked {
-            Ok(looked) => looked.found > 0 || looked.again,
-            Err(e) => {
-                tracing::error!(error = %e, "could not check new keys; trying again at the next look");
-                if let DaemonError::Db(e) = &e {
-                    self.health.db_failed(e);
-                }
-                false
-            }
+    /// Reports a look for new keys that failed.
+    fn look_failed(&self, error: Option<DaemonError>) {
+        let Some(e) = error else { return };
+        tracing::error!(error = %e, "could not check new keys; trying again at the next look");
+        if let DaemonError::Db(e) = &e {
+            self.health.db_failed(e);
         }
     }
 

@@ -32,6 +32,140 @@ async fn a_new_key_is_checked_long_before_the_next_poll() {
     env.stop_daemon().await;
 }
 
+/// A key announced while a look for new keys runs, a look that then finds nothing (the key
+/// came after its snapshot), is checked at once: that look's end makes the pass that looks
+/// again. (It once made none, and the key waited for the poll, an hour here.) A trigger the test
+/// installs holds the look's statement, after its snapshot, on an advisory lock the test owns.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_key_announced_during_a_look_that_finds_nothing_is_checked_at_once() {
+    use sqlx::Connection as _;
+    use storekeyd::storage::contract::BackendPool;
+
+    let mut env = TestEnv::on(Db::Postgres).await;
+    env.config.renew.poll_interval = Duration::from_secs(3600);
+    env.add_user("alice").await;
+    env.spawn_daemon().await;
+    env.wait_until("alice checked", || async {
+        env.row("alice", Kind::Collections).await.state == "active"
+    })
+    .await;
+    let BackendPool::Postgres(admin) = env.db.any() else {
+        unreachable!("a PostgreSQL env")
+    };
+    let admin = admin.clone();
+    for sql in [
+        // Only the look's statement (it takes pending rows); a statement-level trigger fires
+        // even when the statement finds no row.
+        "CREATE FUNCTION test_hold_looks() RETURNS trigger LANGUAGE plpgsql AS $$
+         BEGIN
+             IF current_query() LIKE '%state = ''pending'' AND (lease_until IS NULL%' THEN
+                 PERFORM pg_advisory_xact_lock(4242);
+             END IF;
+             RETURN NULL;
+         END $$",
+        "CREATE TRIGGER test_hold_looks BEFORE UPDATE ON store_keys
+         FOR EACH STATEMENT EXECUTE FUNCTION test_hold_looks()",
+    ] {
+        sqlx::query(sql).execute(&admin).await.unwrap();
+    }
+    let mut holder = sqlx::PgConnection::connect(&env.config.database_url())
+        .await
+        .unwrap();
+    sqlx::query("SELECT pg_advisory_lock(4242)")
+        .execute(&mut holder)
+        .await
+        .unwrap();
+    // A signal with no new key: the daemon looks, and its look waits on the lock.
+    sqlx::query("SELECT pg_notify('storekeyd_keys', '')")
+        .execute(&admin)
+        .await
+        .unwrap();
+    env.wait_until("a look held on the lock", || async {
+        let waiting: i64 = sqlx::query_scalar(
+            "SELECT COUNT(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted
+             AND database = (SELECT oid FROM pg_database WHERE datname = current_database())",
+        )
+        .fetch_one(&admin)
+        .await
+        .unwrap();
+        waiting > 0
+    })
+    .await;
+    env.add_user("bob").await;
+    // The listener hands the signal to the loop within microseconds; this pause only makes
+    // sure it has before the look ends. Too short a pause could let the test miss the bug,
+    // never fail with the fix.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    sqlx::query("SELECT pg_advisory_unlock(4242)")
+        .execute(&mut holder)
+        .await
+        .unwrap();
+    env.wait_until("bob checked, not left for the poll", || async {
+        env.row("bob", Kind::Collections).await.state == "active"
+    })
+    .await;
+    env.stop_daemon().await;
+}
+
+/// A look for new keys that fails is tried again after a short backoff, not at the next poll
+/// (an hour here): a trigger the test installs makes the look's statement fail while a flag
+/// row exists, and counts the looks in a sequence (which a failure does not roll back).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_look_for_new_keys_is_tried_again_soon() {
+    use storekeyd::storage::contract::BackendPool;
+
+    let mut env = TestEnv::on(Db::Postgres).await;
+    env.config.renew.poll_interval = Duration::from_secs(3600);
+    env.add_user("alice").await;
+    env.spawn_daemon().await;
+    env.wait_until("alice checked", || async {
+        env.row("alice", Kind::Collections).await.state == "active"
+    })
+    .await;
+    let BackendPool::Postgres(admin) = env.db.any() else {
+        unreachable!("a PostgreSQL env")
+    };
+    let admin = admin.clone();
+    for sql in [
+        "CREATE SEQUENCE test_looks",
+        "CREATE TABLE test_fail_looks (x int)",
+        "INSERT INTO test_fail_looks VALUES (1)",
+        "CREATE FUNCTION test_fail_looks() RETURNS trigger LANGUAGE plpgsql AS $$
+         BEGIN
+             IF current_query() LIKE '%state = ''pending'' AND (lease_until IS NULL%' THEN
+                 PERFORM nextval('test_looks');
+                 IF EXISTS (SELECT 1 FROM test_fail_looks) THEN
+                     RAISE EXCEPTION 'a look made to fail by the test';
+                 END IF;
+             END IF;
+             RETURN NULL;
+         END $$",
+        "CREATE TRIGGER test_fail_looks BEFORE UPDATE ON store_keys
+         FOR EACH STATEMENT EXECUTE FUNCTION test_fail_looks()",
+    ] {
+        sqlx::query(sql).execute(&admin).await.unwrap();
+    }
+    env.add_user("bob").await;
+    env.wait_until("a look for bob failed", || async {
+        let (looks, called): (i64, bool) =
+            sqlx::query_as("SELECT last_value, is_called FROM test_looks")
+                .fetch_one(&admin)
+                .await
+                .unwrap();
+        called && looks >= 1
+    })
+    .await;
+    sqlx::query("DELETE FROM test_fail_looks")
+        .execute(&admin)
+        .await
+        .unwrap();
+    env.wait_until("bob checked after the failure, not at the poll", || async {
+        env.row("bob", Kind::Collections).await.state == "active"
+    })
+    .await;
+    env.stop_daemon().await;
+}
+
 /// What the emulator's renewal log and the rows say of a drain: users renewed more than once,
 /// never, and rows that do not hold the newest key the Store issued for their user.
 #[derive(Debug, Default, PartialEq, Eq)]

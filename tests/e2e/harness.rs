@@ -319,9 +319,9 @@ impl TestEnv {
     }
 
     /// Polls `check` every 20 ms, moving the shared clock forward by up to `step` each time,
-    /// until it holds; panics with `what` once `patience` (30 s; 10 minutes for the long
-    /// versions) passes without the clock moving, or after ten times that in all. The clock
-    /// stands still while a key is due and not yet acted on (see
+    /// until it holds; panics with `what` once `patience` (30 s unless the test sets it; 10
+    /// minutes for the long versions) passes without the clock moving, or after ten times that
+    /// in all. The clock stands still while a key is due and not yet acted on (see
     /// [`TestEnv::advance_toward_next_due`]), so a slow machine slows the test, never fails it:
     /// hours of simulated time cost a loaded machine more than `patience`, but each step is
     /// progress.
