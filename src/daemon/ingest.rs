@@ -77,6 +77,11 @@ impl IngestGate {
         self.more || self.signalled
     }
 
+    /// After a failed look: how long from `now` until the next is due.
+    pub fn retry_in(&self, now: Instant) -> Option<Duration> {
+        self.retry_at.map(|at| at.saturating_duration_since(now))
+    }
+
     /// The look failed at `now`; returns how long until the next is due.
     pub fn failed(&mut self, now: Instant, poll: Duration) -> Duration {
         self.failures = self.failures.saturating_add(1);
@@ -141,6 +146,15 @@ impl Checker {
 
     pub fn running(&self) -> bool {
         self.running.is_some()
+    }
+
+    /// After a failed look, while none runs: how long until the next is due. The loop sleeps
+    /// no longer, whatever woke it meanwhile.
+    pub fn retry_in(&self) -> Option<Duration> {
+        if self.running.is_some() {
+            return None;
+        }
+        self.gate.retry_in(Instant::now())
     }
 
     /// Whether a look has ended (found keys, none, or failed) since the start: counts of keys

@@ -42,6 +42,8 @@ const TOKEN_RECHECK: Duration = Duration::from_secs(300);
 const STATUS_EVERY: Duration = Duration::from_secs(60);
 /// The loop wakes at least this often, whatever the poll interval says.
 const LONGEST_SLEEP: Duration = Duration::from_secs(86_400);
+/// The shortest sleep a failed look's backoff asks of the loop.
+const MIN_RETRY_SLEEP: Duration = Duration::from_millis(100);
 /// How often spools left by other processes are looked for.
 const ORPHANS_EVERY: Duration = Duration::from_secs(60);
 
@@ -229,6 +231,12 @@ impl Loop {
                 self.notifier.pet();
                 self.update_status().await;
                 let wait = self.notifier.max_sleep().map_or(wait, |max| wait.min(max));
+                // A look that failed is tried again after its backoff, even if a pass (a signal,
+                // an answer) came in between. Not at once: a pass does not always start a look.
+                let wait = self
+                    .checker
+                    .retry_in()
+                    .map_or(wait, |retry| wait.min(retry.max(MIN_RETRY_SLEEP)));
                 // Bounded: an Instant overflows where a sleep would not (a poll of centuries).
                 deadline = tokio::time::Instant::now() + wait.min(LONGEST_SLEEP);
             } else {
@@ -264,7 +272,7 @@ impl Loop {
                     full_pass = match looked {
                         Ok(looked) => looked.found > 0 || looked.again,
                         Err(failed) => {
-                            self.look_failed(failed.error);
+                            self.look_failed(failed.error, failed.retry_in);
                             deadline = deadline.min(tokio::time::Instant::now() + failed.retry_in);
                             false
                         }
@@ -276,9 +284,9 @@ impl Loop {
     }
 
     /// Reports a look for new keys that failed.
-    fn look_failed(&self, error: Option<DaemonError>) {
+    fn look_failed(&self, error: Option<DaemonError>, retry_in: Duration) {
         let Some(e) = error else { return };
-        tracing::error!(error = %e, "could not check new keys; trying again at the next look");
+        tracing::error!(error = %e, ?retry_in, "could not check new keys; will try again");
         if let DaemonError::Db(e) = &e {
             self.health.db_failed(e);
         }

@@ -108,8 +108,9 @@ async fn a_key_announced_during_a_look_that_finds_nothing_is_checked_at_once() {
 }
 
 /// A look for new keys that fails is tried again after a short backoff, not at the next poll
-/// (an hour here): a trigger the test installs makes the look's statement fail while a flag
-/// row exists, and counts the looks in a sequence (which a failure does not roll back).
+/// (an hour here), even when a signal comes during the backoff: a trigger the test installs
+/// makes the look's statement fail while a flag row exists, and counts the looks in a sequence
+/// (which a failure does not roll back).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_failed_look_for_new_keys_is_tried_again_soon() {
     use storekeyd::storage::contract::BackendPool;
@@ -155,6 +156,15 @@ async fn a_failed_look_for_new_keys_is_tried_again_soon() {
         called && looks >= 1
     })
     .await;
+    env.wait_until("the loop told of the failure", || async {
+        env.get("/readyz").await.1.contains("fail  database")
+    })
+    .await;
+    // A signal within the backoff makes a pass, which must not cancel the retry.
+    sqlx::query("SELECT pg_notify('storekeyd_keys', '')")
+        .execute(&admin)
+        .await
+        .unwrap();
     sqlx::query("DELETE FROM test_fail_looks")
         .execute(&admin)
         .await
