@@ -1,26 +1,27 @@
 //! The run loop: ingest new keys, claim due ones, renew them with bounded concurrency, sleep
 //! until the next is due, and on shutdown drain in-flight attempts and unwritten results.
 
-use std::collections::{HashMap, HashSet, VecDeque};
+mod slots;
+
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use tokio::net::TcpListener;
 use tokio::sync::Notify;
-use tokio::task::{Id, JoinError, JoinSet};
+use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
-use super::attempt::{Engine, Settled};
-use super::writer::{MAX_BATCH, WriterGone};
-use super::{DaemonError, Service, fleet, ingest, refill_at, secs, status_line};
+use self::slots::Slots;
+use super::attempt::Engine;
+use super::{DaemonError, Service, fleet, ingest, secs, status_line};
 use crate::clock::Clock;
 use crate::config::Config;
 use crate::ops::credentials;
 use crate::ops::notify::Notifier;
 use crate::ops::observe::{self, Health, Observer};
 use crate::policy::claims::Kind;
-use crate::storage::{Claim, ClaimedRow, Storage};
+use crate::storage::Storage;
 
 /// Until the database signals a new key; never, where it cannot.
 async fn woken(wake: Option<&Notify>) {
@@ -111,15 +112,12 @@ pub async fn run(
         config: config.clone(),
     };
     let mut lp = Loop {
+        slots: Slots::new(engine.clone(), config.clone()),
         engine,
         config,
         storage: storage.clone(),
         health,
         notifier,
-        tasks: JoinSet::new(),
-        in_flight: HashMap::new(),
-        held: HashSet::new(),
-        ready: VecDeque::new(),
         last_prune: 0,
         clock_alarm: false,
         wake: storage.wakeups(),
@@ -185,13 +183,8 @@ struct Loop {
     notifier: Notifier,
     last_status: Option<Instant>,
     last_orphans: Option<Instant>,
-    tasks: JoinSet<Result<Settled, WriterGone>>,
-    /// The row each task works on, until its result is durable.
-    in_flight: HashMap<Id, Claim>,
-    /// The same rows, to look up.
-    held: HashSet<i64>,
-    /// Keys claimed and waiting for a call slot.
-    ready: VecDeque<ClaimedRow>,
+    /// Claimed keys waiting for a call slot, and the attempts under way.
+    slots: Slots,
     last_prune: i64,
     /// Whether the clock alarm is recorded as raised.
     clock_alarm: bool,
@@ -203,8 +196,6 @@ struct Loop {
     checker: ingest::Checker,
     checker_parts: ingest::CheckerParts,
 }
-
-type Joined = Result<(Id, Result<Settled, WriterGone>), JoinError>;
 
 impl Loop {
     async fn run_until(&mut self, shutdown: &CancellationToken) {
@@ -241,7 +232,7 @@ impl Loop {
                 deadline = tokio::time::Instant::now() + wait.min(LONGEST_SLEEP);
             } else {
                 // Slots freed up: refill them from the keys already claimed, no query needed.
-                self.spawn_ready();
+                self.slots.start_ready();
             }
             full_pass = true;
             // The first STATUS waits for the first look for new keys, which then makes a pass.
@@ -249,13 +240,13 @@ impl Loop {
                 self.notifier.enabled() && self.last_status.is_none() && !self.checker.ended_once();
             tokio::select! {
                 () = shutdown.cancelled() => break,
-                Some(joined) = self.tasks.join_next_with_id(), if !self.tasks.is_empty() => {
-                    self.finished(joined);
-                    self.reap();
+                joined = self.slots.next_finished(), if self.slots.attempts() > 0 => {
+                    self.slots.finished(joined);
+                    self.slots.reap();
                 }
-                () = self.engine.call_answered(), if !self.tasks.is_empty() => {
-                    self.reap();
-                    full_pass = self.ready.len() < self.refill_at();
+                () = self.engine.call_answered(), if self.slots.attempts() > 0 => {
+                    self.slots.reap();
+                    full_pass = self.slots.low();
                 }
                 () = tokio::time::sleep_until(deadline) => {}
                 () = woken(self.wake.as_deref()) => {
@@ -292,52 +283,6 @@ impl Loop {
         }
     }
 
-    /// Keys claimed and not yet started go when fewer than this many wait.
-    fn refill_at(&self) -> usize {
-        refill_at(self.concurrency())
-    }
-
-    /// `renew.concurrency`, or fewer where the rate limit could not serve that many attempts
-    /// within a claim's lease: the rest would only wait out their lease in the queue.
-    fn concurrency(&self) -> usize {
-        self.config
-            .renew
-            .concurrency
-            .min(self.engine.calls_within_lease())
-    }
-
-    /// Starts claimed keys while call slots are free. A key whose lease runs out before an
-    /// attempt could finish (four requests) is left alone: another process may claim it; it is
-    /// due again here too once the lease ends.
-    fn spawn_ready(&mut self) {
-        let needed = secs(self.config.http.request_timeout.saturating_mul(4));
-        while self.free_slots() > 0 {
-            let Some(row) = self.ready.pop_front() else {
-                return;
-            };
-            if self.engine.store_now().saturating_add(needed) < row.lease_until {
-                self.spawn(row);
-            } else {
-                self.not_attempted(&row);
-            }
-        }
-    }
-
-    /// Every attempt that finished meanwhile, before the next pass refills.
-    fn reap(&mut self) {
-        while let Some(joined) = self.tasks.try_join_next_with_id() {
-            self.finished(joined);
-        }
-    }
-
-    /// Free call slots, as long as the results waiting for the writer stay bounded too.
-    fn free_slots(&self) -> usize {
-        let concurrency = self.concurrency();
-        let calls = concurrency.saturating_sub(self.engine.calls_in_flight());
-        let tasks = (concurrency + MAX_BATCH).saturating_sub(self.tasks.len());
-        calls.min(tasks)
-    }
-
     /// One pass; returns how long to sleep before the next.
     async fn pass(&mut self) -> Result<Duration, DaemonError> {
         self.awaiting_time =
@@ -353,8 +298,11 @@ impl Loop {
         let now = self.engine.store_now();
         let config = self.config.clone();
         let renew = &config.renew;
-        let (batch, poll, concurrency) =
-            (renew.batch_size, renew.poll_interval, self.concurrency());
+        let (batch, poll, concurrency) = (
+            renew.batch_size,
+            renew.poll_interval,
+            self.slots.concurrency(),
+        );
         self.sync_clock_alarm().await;
         self.checker
             .start(&self.checker_parts, now, self.wake.is_some());
@@ -367,13 +315,13 @@ impl Loop {
             .collect();
         let lease_until = now + secs(renew.lease);
         self.claim_canaries(now, lease_until).await;
-        self.spawn_ready();
+        self.slots.start_ready();
         let mut full_claim = false;
-        // Claimed keys wait in `ready` for a free slot, so a slot is refilled the moment an
+        // Claimed keys wait in the queue for a free slot, so a slot is refilled the moment an
         // answer comes, not after a claim's commit. The queue is topped up when it runs low.
-        if self.ready.len() < self.refill_at() {
-            let want = concurrency + self.free_slots();
-            let limit = u32::try_from(want.saturating_sub(self.ready.len()).max(1))
+        if self.slots.low() {
+            let want = concurrency + self.slots.free();
+            let limit = u32::try_from(want.saturating_sub(self.slots.waiting()).max(1))
                 .unwrap_or(u32::MAX)
                 .min(batch);
             let rows = self
@@ -381,27 +329,23 @@ impl Loop {
                 .claim_due(now, lease_until, limit, &kinds)
                 .await?;
             full_claim = rows.len() == limit as usize;
-            for mut row in rows {
-                // Claimed again after its lease ran out in the queue: the fresh claim counts
-                // (and is still the canary it was).
-                if let Some(i) = self.ready.iter().position(|r| r.id == row.id) {
-                    row.canary |= self.ready.remove(i).is_some_and(|r| r.canary);
-                }
-                self.ready.push_back(row);
+            for row in rows {
+                self.slots.queue(row);
             }
-            self.spawn_ready();
+            self.slots.start_ready();
         }
         self.prune(now).await?;
         self.adopt_orphan_spools().await;
         self.engine
             .metrics()
             .in_flight
-            .store(self.tasks.len() as i64, Ordering::Relaxed);
-        // A look that finds a full batch wakes the loop when it ends.
-        if full_claim && self.ready.len() < self.refill_at() {
+            .store(self.slots.attempts() as i64, Ordering::Relaxed);
+        // A full claim may have left due keys behind. (A look that found a full batch wakes
+        // the loop itself when it ends.)
+        if full_claim && self.slots.low() {
             return Ok(Duration::ZERO);
         }
-        if !self.ready.is_empty() || self.free_slots() == 0 {
+        if self.slots.waiting() > 0 || self.slots.free() == 0 {
             // An answer wakes the loop.
             return Ok(poll);
         }
@@ -429,7 +373,7 @@ impl Loop {
                 Ok(Some(row)) => {
                     tracing::info!(app, row = row.id, key = %row.key.fingerprint(), "renewing a key early as a canary: is the credential working?");
                     safety.canary_found(&app, true).await;
-                    self.ready.push_front(row);
+                    self.slots.queue_first(row);
                 }
                 Ok(None) => safety.canary_found(&app, false).await,
                 Err(crate::storage::DbError::Held) => {
@@ -457,13 +401,6 @@ impl Loop {
         }
     }
 
-    /// A claimed key that will not be attempted here; a canary's application may ask again.
-    fn not_attempted(&self, row: &ClaimedRow) {
-        if row.canary {
-            self.engine.safety().canary_done(&row.facts.client_id);
-        }
-    }
-
     /// A one-line STATUS for `systemctl status`, refreshed at most once a minute (it counts keys).
     async fn update_status(&mut self) {
         if !self.notifier.enabled()
@@ -477,44 +414,6 @@ impl Loop {
         match self.storage.key_stats(self.engine.store_now()).await {
             Ok(stats) => self.notifier.status(&status_line(&stats)),
             Err(e) => self.notifier.status(&format!("database error: {e}")),
-        }
-    }
-
-    fn spawn(&mut self, row: ClaimedRow) {
-        let (id, claim) = (row.id, row.claim());
-        // Its lease ran out while the attempt or its write still runs (a wall-clock jump, a
-        // locked database), or its renewal waits in the spool: one attempt per key.
-        if self.held.contains(&id) || self.engine.writer().holds(id) {
-            self.not_attempted(&row);
-            return;
-        }
-        let engine = self.engine.clone();
-        let permit = engine.call_permit();
-        let handle = self
-            .tasks
-            .spawn(async move { engine.attempt(row, permit).await });
-        self.in_flight.insert(handle.id(), claim);
-        self.held.insert(id);
-    }
-
-    fn finished(&mut self, joined: Joined) {
-        let (task, result) = match joined {
-            Ok((task, result)) => (task, Ok(result)),
-            Err(e) => (e.id(), Err(e)),
-        };
-        let row = self.in_flight.remove(&task).map(|c| c.id);
-        if let Some(id) = row {
-            self.held.remove(&id);
-        }
-        match result {
-            Ok(Ok(_)) => {}
-            Ok(Err(e)) => {
-                tracing::error!(row, error = %e, "could not record a renewal result; will retry after the lease")
-            }
-            Err(e) if e.is_cancelled() => {}
-            Err(e) => {
-                tracing::error!(row, error = %e, "renewal task failed; will retry after the lease")
-            }
         }
     }
 
@@ -557,48 +456,10 @@ impl Loop {
         }
     }
 
-    /// Stop claiming; let in-flight attempts finish within the grace period (their results are
-    /// written or spooled by the writer); abort the rest and give their keys back.
+    /// Stop claiming: abandon the look under way, let in-flight attempts finish within the
+    /// grace period, and give the other keys back.
     async fn drain(&mut self) {
         self.checker.stop();
-        // Claimed but never started: due again at once, not after their lease.
-        let unstarted: Vec<Claim> = self.ready.drain(..).map(|r| r.claim()).collect();
-        if let Err(e) = self
-            .storage
-            .release(&unstarted, self.engine.store_now())
-            .await
-        {
-            tracing::warn!(error = %e, "could not release claimed keys; they are retried after their lease");
-        }
-        let in_flight = self.tasks.len();
-        if in_flight > 0 {
-            tracing::info!(in_flight, "shutting down; waiting for in-flight renewals");
-        }
-        let grace = self.config.renew.shutdown_grace;
-        let drained = tokio::time::timeout(grace, async {
-            while let Some(joined) = self.tasks.join_next_with_id().await {
-                self.finished(joined);
-            }
-        })
-        .await;
-        if drained.is_err() {
-            tracing::warn!(
-                left = self.tasks.len(),
-                "grace period over; abandoning the attempts still waiting for an answer"
-            );
-            self.tasks.abort_all();
-            while let Some(joined) = self.tasks.join_next_with_id().await {
-                if let Ok((task, _)) = &joined {
-                    // It finished after all; its result is recorded.
-                    if let Some(claim) = self.in_flight.remove(task) {
-                        self.held.remove(&claim.id);
-                    }
-                }
-            }
-            let claims: Vec<Claim> = self.in_flight.values().copied().collect();
-            if let Err(e) = self.storage.release(&claims, self.engine.store_now()).await {
-                tracing::warn!(error = %e, "could not release abandoned keys; they are retried after their lease");
-            }
-        }
+        self.slots.drain(&*self.storage).await;
     }
 }
