@@ -2,6 +2,7 @@
 //! until the next is due, and on shutdown drain in-flight attempts and unwritten results.
 
 mod slots;
+mod upkeep;
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -13,13 +14,13 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
 use self::slots::Slots;
+use self::upkeep::{Upkeep, observe_task, warm_tokens};
 use super::attempt::Engine;
 use super::{DaemonError, Service, fleet, ingest, secs, status_line};
 use crate::clock::Clock;
 use crate::config::Config;
-use crate::ops::credentials;
 use crate::ops::notify::Notifier;
-use crate::ops::observe::{self, Health, Observer};
+use crate::ops::observe::{Health, Observer};
 use crate::policy::claims::Kind;
 use crate::storage::Storage;
 
@@ -31,22 +32,12 @@ async fn woken(wake: Option<&Notify>) {
     }
 }
 
-/// Events older than the retention are pruned this often.
-const PRUNE_EVERY_SECS: i64 = 3600;
-/// Retired keys are remembered this long (three key lifetimes), so a re-stored one is refused.
-const LINEAGE_SECS: i64 = 90 * 86_400;
-/// At most this many thousand events are pruned per pass of the loop.
-const PRUNE_BATCHES_PER_PASS: u32 = 10;
-/// How often a failing application's credential is tried again outside renewals.
-const TOKEN_RECHECK: Duration = Duration::from_secs(300);
 /// How often the systemd STATUS line is recomputed.
 const STATUS_EVERY: Duration = Duration::from_secs(60);
 /// The loop wakes at least this often, whatever the poll interval says.
 const LONGEST_SLEEP: Duration = Duration::from_secs(86_400);
 /// The shortest sleep a failed look's backoff asks of the loop.
 const MIN_RETRY_SLEEP: Duration = Duration::from_millis(100);
-/// How often spools left by other processes are looked for.
-const ORPHANS_EVERY: Duration = Duration::from_secs(60);
 
 /// Runs until `shutdown` is cancelled, then lets in-flight renewals finish within
 /// `renew.shutdown_grace`, writes (or spools) every result the Store gave, and hands back the
@@ -118,15 +109,13 @@ pub async fn run(
         storage: storage.clone(),
         health,
         notifier,
-        last_prune: 0,
         clock_alarm: false,
         wake: storage.wakeups(),
         awaiting_time: false,
         checker: ingest::Checker::default(),
         checker_parts,
         last_status: None,
-        // The start applied them already.
-        last_orphans: Some(Instant::now()),
+        upkeep: Upkeep::new(),
     };
     lp.run_until(&shutdown).await;
     lp.notifier.stopping();
@@ -148,33 +137,6 @@ pub async fn run(
     Ok(())
 }
 
-async fn observe_task(listener: TcpListener, observer: Observer, stop: CancellationToken) {
-    if let Err(e) = observe::serve(listener, observer, stop).await {
-        tracing::error!(error = %e, "the metrics listener failed");
-    }
-}
-
-/// Fetches a token for every application at start, so that a broken credential shows in the
-/// logs and `/readyz` at once rather than at the first renewal; re-tries the failing ones, and
-/// warns of certificates that expire within `warn_within`.
-async fn warm_tokens(engine: Arc<Engine>, warn_within: Duration, stop: CancellationToken) {
-    loop {
-        engine.warm_tokens().await;
-        let now = engine.store_now();
-        for status in engine.credential_status() {
-            let warning = credentials::expiry_warning(&status, now, warn_within);
-            engine
-                .safety()
-                .certificate_expiry(&status.label, warning.as_deref())
-                .await;
-        }
-        tokio::select! {
-            () = stop.cancelled() => return,
-            () = tokio::time::sleep(TOKEN_RECHECK) => {}
-        }
-    }
-}
-
 struct Loop {
     engine: Arc<Engine>,
     config: Arc<Config>,
@@ -182,10 +144,10 @@ struct Loop {
     health: Arc<Health>,
     notifier: Notifier,
     last_status: Option<Instant>,
-    last_orphans: Option<Instant>,
     /// Claimed keys waiting for a call slot, and the attempts under way.
     slots: Slots,
-    last_prune: i64,
+    /// Pruning and orphaned spools, between passes.
+    upkeep: Upkeep,
     /// Whether the clock alarm is recorded as raised.
     clock_alarm: bool,
     /// Signalled when a backend wrote a key, where the database says so (PostgreSQL).
@@ -334,8 +296,10 @@ impl Loop {
             }
             self.slots.start_ready();
         }
-        self.prune(now).await?;
-        self.adopt_orphan_spools().await;
+        self.upkeep.prune(&*self.storage, &config, now).await?;
+        self.upkeep
+            .adopt_orphan_spools(&*self.storage, &config)
+            .await;
         self.engine
             .metrics()
             .in_flight
@@ -414,45 +378,6 @@ impl Loop {
         match self.storage.key_stats(self.engine.store_now()).await {
             Ok(stats) => self.notifier.status(&status_line(&stats)),
             Err(e) => self.notifier.status(&format!("database error: {e}")),
-        }
-    }
-
-    async fn prune(&mut self, now: i64) -> Result<(), DaemonError> {
-        if now - self.last_prune < PRUNE_EVERY_SECS {
-            return Ok(());
-        }
-        let before = now - secs(self.config.events.retention);
-        let (pruned, more) = self
-            .storage
-            .prune_events(before, PRUNE_BATCHES_PER_PASS)
-            .await?;
-        // A large backlog of old events is worked off over several passes.
-        if !more {
-            self.last_prune = now;
-            self.storage.prune_lineage(now - LINEAGE_SECS).await?;
-        }
-        if pruned > 0 {
-            tracing::debug!(events = pruned, more, "pruned old events");
-        }
-        Ok(())
-    }
-
-    /// Every minute, the spools that other processes left (a `storekeyd renew` that could not
-    /// write) are applied, so their keys are not renewed again from the retired ones.
-    async fn adopt_orphan_spools(&mut self) {
-        if self
-            .last_orphans
-            .is_some_and(|t| t.elapsed() < ORPHANS_EVERY)
-        {
-            return;
-        }
-        self.last_orphans = Some(Instant::now());
-        // Already cancelled: one try, no waiting on a busy database; the next minute tries again.
-        let once = CancellationToken::new();
-        once.cancel();
-        let dir = self.config.state_directory();
-        if let Err(e) = super::spool::recover(&*self.storage, &dir, &once).await {
-            tracing::warn!(error = %e, "could not apply a spool another process left; will try again");
         }
     }
 
