@@ -15,21 +15,61 @@ use crate::pgserver::PgServer;
 /// would otherwise look only at its next poll, an hour away.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_new_key_is_checked_long_before_the_next_poll() {
+    let (mut env, _) = idle_with_an_hourly_poll().await;
+    env.add_user("bob").await;
+    checked(&env, "bob", "bob checked, woken by the database").await;
+    env.stop_daemon().await;
+}
+
+/// A daemon on PostgreSQL, idle once it has checked alice: nothing is due for days and the
+/// next poll is an hour away. Returns it and a pool on its database.
+async fn idle_with_an_hourly_poll() -> (TestEnv, sqlx::PgPool) {
+    use storekeyd::storage::contract::BackendPool;
+
     let mut env = TestEnv::on(Db::Postgres).await;
     env.config.renew.poll_interval = Duration::from_secs(3600);
     env.add_user("alice").await;
     env.spawn_daemon().await;
-    env.wait_until("alice checked", || async {
-        env.row("alice", Kind::Collections).await.state == "active"
+    checked(&env, "alice", "alice checked").await;
+    let BackendPool::Postgres(admin) = env.db.any() else {
+        unreachable!("a PostgreSQL env")
+    };
+    let admin = admin.clone();
+    (env, admin)
+}
+
+/// Waits until `user`'s key is active.
+async fn checked(env: &TestEnv, user: &str, what: &str) {
+    env.wait_until(what, || async {
+        env.row(user, Kind::Collections).await.state == "active"
     })
     .await;
-    // Idle now: nothing is due for days and the next poll is an hour away.
-    env.add_user("bob").await;
-    env.wait_until("bob checked, woken by the database", || async {
-        env.row("bob", Kind::Collections).await.state == "active"
-    })
-    .await;
-    env.stop_daemon().await;
+}
+
+/// Installs a trigger, `name`, that runs `body` (PL/pgSQL) in the statement of each look for
+/// new keys (the one that takes pending rows; other statements pass). A statement-level
+/// trigger fires even when the statement finds no row, and after its snapshot is taken.
+async fn in_every_look(admin: &sqlx::PgPool, name: &str, body: &str) {
+    for sql in [
+        format!(
+            "CREATE FUNCTION {name}() RETURNS trigger LANGUAGE plpgsql AS $$
+             BEGIN
+                 IF current_query() LIKE '%state = ''pending'' AND (lease_until IS NULL%' THEN
+                     {body}
+                 END IF;
+                 RETURN NULL;
+             END $$"
+        ),
+        format!(
+            "CREATE TRIGGER {name} BEFORE UPDATE ON store_keys
+             FOR EACH STATEMENT EXECUTE FUNCTION {name}()"
+        ),
+    ] {
+        sqlx::query(sqlx::AssertSqlSafe(sql))
+            .execute(admin)
+            .await
+            .unwrap();
+    }
 }
 
 /// A key announced while a look for new keys runs, a look that then finds nothing (the key
@@ -39,35 +79,14 @@ async fn a_new_key_is_checked_long_before_the_next_poll() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_key_announced_during_a_look_that_finds_nothing_is_checked_at_once() {
     use sqlx::Connection as _;
-    use storekeyd::storage::contract::BackendPool;
 
-    let mut env = TestEnv::on(Db::Postgres).await;
-    env.config.renew.poll_interval = Duration::from_secs(3600);
-    env.add_user("alice").await;
-    env.spawn_daemon().await;
-    env.wait_until("alice checked", || async {
-        env.row("alice", Kind::Collections).await.state == "active"
-    })
+    let (mut env, admin) = idle_with_an_hourly_poll().await;
+    in_every_look(
+        &admin,
+        "test_hold_looks",
+        "PERFORM pg_advisory_xact_lock(4242);",
+    )
     .await;
-    let BackendPool::Postgres(admin) = env.db.any() else {
-        unreachable!("a PostgreSQL env")
-    };
-    let admin = admin.clone();
-    for sql in [
-        // Only the look's statement (it takes pending rows); a statement-level trigger fires
-        // even when the statement finds no row.
-        "CREATE FUNCTION test_hold_looks() RETURNS trigger LANGUAGE plpgsql AS $$
-         BEGIN
-             IF current_query() LIKE '%state = ''pending'' AND (lease_until IS NULL%' THEN
-                 PERFORM pg_advisory_xact_lock(4242);
-             END IF;
-             RETURN NULL;
-         END $$",
-        "CREATE TRIGGER test_hold_looks BEFORE UPDATE ON store_keys
-         FOR EACH STATEMENT EXECUTE FUNCTION test_hold_looks()",
-    ] {
-        sqlx::query(sql).execute(&admin).await.unwrap();
-    }
     let mut holder = sqlx::PgConnection::connect(&env.config.database_url())
         .await
         .unwrap();
@@ -100,10 +119,7 @@ async fn a_key_announced_during_a_look_that_finds_nothing_is_checked_at_once() {
         .execute(&mut holder)
         .await
         .unwrap();
-    env.wait_until("bob checked, not left for the poll", || async {
-        env.row("bob", Kind::Collections).await.state == "active"
-    })
-    .await;
+    checked(&env, "bob", "bob checked, not left for the poll").await;
     env.stop_daemon().await;
 }
 
@@ -113,39 +129,23 @@ async fn a_key_announced_during_a_look_that_finds_nothing_is_checked_at_once() {
 /// (which a failure does not roll back).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_failed_look_for_new_keys_is_tried_again_soon() {
-    use storekeyd::storage::contract::BackendPool;
-
-    let mut env = TestEnv::on(Db::Postgres).await;
-    env.config.renew.poll_interval = Duration::from_secs(3600);
-    env.add_user("alice").await;
-    env.spawn_daemon().await;
-    env.wait_until("alice checked", || async {
-        env.row("alice", Kind::Collections).await.state == "active"
-    })
-    .await;
-    let BackendPool::Postgres(admin) = env.db.any() else {
-        unreachable!("a PostgreSQL env")
-    };
-    let admin = admin.clone();
+    let (mut env, admin) = idle_with_an_hourly_poll().await;
     for sql in [
         "CREATE SEQUENCE test_looks",
         "CREATE TABLE test_fail_looks (x int)",
         "INSERT INTO test_fail_looks VALUES (1)",
-        "CREATE FUNCTION test_fail_looks() RETURNS trigger LANGUAGE plpgsql AS $$
-         BEGIN
-             IF current_query() LIKE '%state = ''pending'' AND (lease_until IS NULL%' THEN
-                 PERFORM nextval('test_looks');
-                 IF EXISTS (SELECT 1 FROM test_fail_looks) THEN
-                     RAISE EXCEPTION 'a look made to fail by the test';
-                 END IF;
-             END IF;
-             RETURN NULL;
-         END $$",
-        "CREATE TRIGGER test_fail_looks BEFORE UPDATE ON store_keys
-         FOR EACH STATEMENT EXECUTE FUNCTION test_fail_looks()",
     ] {
         sqlx::query(sql).execute(&admin).await.unwrap();
     }
+    in_every_look(
+        &admin,
+        "test_fail_looks",
+        "PERFORM nextval('test_looks');
+         IF EXISTS (SELECT 1 FROM test_fail_looks) THEN
+             RAISE EXCEPTION 'a look made to fail by the test';
+         END IF;",
+    )
+    .await;
     env.add_user("bob").await;
     env.wait_until("a look for bob failed", || async {
         let (looks, called): (i64, bool) =
@@ -169,9 +169,11 @@ async fn a_failed_look_for_new_keys_is_tried_again_soon() {
         .execute(&admin)
         .await
         .unwrap();
-    env.wait_until("bob checked after the failure, not at the poll", || async {
-        env.row("bob", Kind::Collections).await.state == "active"
-    })
+    checked(
+        &env,
+        "bob",
+        "bob checked after the failure, not at the poll",
+    )
     .await;
     env.stop_daemon().await;
 }
