@@ -26,3 +26,4 @@ mod sharing;
 mod soak;
 mod spool;
 mod systemd;
+mod wakeups;
