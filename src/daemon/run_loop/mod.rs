@@ -146,7 +146,7 @@ struct Loop {
     last_status: Option<Instant>,
     /// Claimed keys waiting for a call slot, and the attempts under way.
     slots: Slots,
-    /// Pruning and orphaned spools, between passes.
+    /// Pruning and orphaned spools, at the end of a full pass.
     upkeep: Upkeep,
     /// Whether the clock alarm is recorded as raised.
     clock_alarm: bool,

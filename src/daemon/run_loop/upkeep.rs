@@ -1,6 +1,6 @@
 //! What runs beside the renewals: old events and retired keys pruned and spools other processes
-//! left applied (between passes), tokens warmed and certificates watched, and the metrics
-//! listener (tasks of their own).
+//! left applied (at the end of a full pass, each at its own interval), tokens warmed and
+//! certificates watched, and the metrics listener (tasks of their own).
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -26,7 +26,7 @@ const TOKEN_RECHECK: Duration = Duration::from_secs(300);
 /// How often spools left by other processes are looked for.
 const ORPHANS_EVERY: Duration = Duration::from_secs(60);
 
-/// The loop's chores between passes, each at its own interval.
+/// The loop's chores at the end of a full pass, each at its own interval.
 pub(super) struct Upkeep {
     last_prune: i64,
     last_orphans: Instant,
