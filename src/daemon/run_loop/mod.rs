@@ -184,12 +184,6 @@ impl Loop {
                 self.notifier.pet();
                 self.update_status().await;
                 let wait = self.notifier.max_sleep().map_or(wait, |max| wait.min(max));
-                // A look that failed is tried again after its backoff, even if a pass (a signal,
-                // an answer) came in between. Not at once: a pass does not always start a look.
-                let wait = self
-                    .checker
-                    .retry_in()
-                    .map_or(wait, |retry| wait.min(retry.max(MIN_RETRY_SLEEP)));
                 // Bounded: an Instant overflows where a sleep would not (a poll of centuries).
                 deadline = tokio::time::Instant::now() + wait.min(LONGEST_SLEEP);
             } else {
@@ -200,6 +194,11 @@ impl Loop {
             // The first STATUS waits for the first look for new keys, which then makes a pass.
             let status_waits =
                 self.notifier.enabled() && self.last_status.is_none() && !self.checker.ended_once();
+            // A look that failed is tried again after its backoff, whatever woke the loop in
+            // between. Not at once: a pass does not always start a look.
+            let wake_at = self.checker.retry_in().map_or(deadline, |retry| {
+                deadline.min(tokio::time::Instant::now() + retry.max(MIN_RETRY_SLEEP))
+            });
             tokio::select! {
                 () = shutdown.cancelled() => break,
                 joined = self.slots.next_finished(), if self.slots.attempts() > 0 => {
@@ -210,7 +209,7 @@ impl Loop {
                     self.slots.reap();
                     full_pass = self.slots.low();
                 }
-                () = tokio::time::sleep_until(deadline) => {}
+                () = tokio::time::sleep_until(wake_at) => {}
                 () = woken(self.wake.as_deref()) => {
                     self.checker.signalled();
                     // A look under way cannot start another; its end makes the pass (after a
@@ -226,7 +225,6 @@ impl Loop {
                         Ok(looked) => looked.found > 0 || looked.again,
                         Err(failed) => {
                             self.look_failed(failed.error, failed.retry_in);
-                            deadline = deadline.min(tokio::time::Instant::now() + failed.retry_in);
                             false
                         }
                     } || status_waits;
