@@ -46,7 +46,7 @@ async fn run(n: u64) {
     let seed_secs = started.elapsed().as_secs_f64();
 
     let pending = time(20, || async {
-        db.pending(64).await.expect("pending").len()
+        db.pending(64, now).await.expect("pending").len()
     })
     .await;
     let next_due = time(20, || async {

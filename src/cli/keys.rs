@@ -8,6 +8,7 @@ use anyhow::Context as _;
 use storekeyd::clock::Clock;
 use storekeyd::config::Config;
 use storekeyd::ops::import::{self, Format, Line, Record};
+use storekeyd::ops::printable::{printable, printable_json};
 use storekeyd::ops::report::{Inspection, StatusReport};
 use storekeyd::policy::claims::{self, KeyText};
 use storekeyd::storage::{NewKey, Storage};
@@ -24,7 +25,10 @@ pub(super) async fn status(
     let window = within.unwrap_or(config.renew.margin);
     let report = StatusReport::build(db, Clock::system().now(), window, limit).await?;
     if json {
-        println!("{}", serde_json::to_string_pretty(&report)?);
+        println!(
+            "{}",
+            printable_json(&serde_json::to_string_pretty(&report)?)
+        );
     } else {
         print!("{}", report.render());
     }
@@ -62,7 +66,7 @@ pub(super) async fn inspect_row(
         ),
         Err(e) => {
             // The row is worth showing even when its key is garbage.
-            println!(
+            let row = format!(
                 "row #{} {} ({}): state {}, key {}",
                 summary.id,
                 summary.user_ref,
@@ -70,7 +74,11 @@ pub(super) async fn inspect_row(
                 summary.state,
                 key.fingerprint()
             );
-            println!("the stored key is not a Store ID key: {e}");
+            println!("{}", printable(&row));
+            println!(
+                "{}",
+                printable(&format!("the stored key is not a Store ID key: {e}"))
+            );
             Ok(Exit::Unhealthy)
         }
     }
@@ -78,7 +86,10 @@ pub(super) async fn inspect_row(
 
 fn print_inspection(inspection: &Inspection, json: bool) -> anyhow::Result<Exit> {
     if json {
-        println!("{}", serde_json::to_string_pretty(inspection)?);
+        println!(
+            "{}",
+            printable_json(&serde_json::to_string_pretty(inspection)?)
+        );
     } else {
         print!("{}", inspection.render(Clock::system().now()));
     }
@@ -102,12 +113,13 @@ pub(super) async fn add(
         Line::Skip => return Err(usage("nothing to add")),
     };
     db.store_keys(&[new_key(&record)]).await?;
-    println!(
+    let stored = format!(
         "stored {} key {} for {}; it is pending until the daemon checks it",
         record.kind,
         record.key.fingerprint(),
         record.user_ref
     );
+    println!("{}", printable(&stored));
     Ok(Exit::Ok)
 }
 
@@ -147,7 +159,7 @@ pub(super) async fn import(
             Line::Reject(why) => {
                 rejected += 1;
                 progress.clear();
-                eprintln!("line {number}: {why}");
+                eprintln!("line {number}: {}", printable(&why));
             }
         }
         if batch.len() >= IMPORT_BATCH {

@@ -11,6 +11,7 @@ use storekeyd::daemon::{Service, ingest};
 use storekeyd::ops::credentials;
 use storekeyd::ops::metrics::Metrics;
 use storekeyd::ops::observe::Health;
+use storekeyd::ops::printable::printable;
 use storekeyd::policy::checks;
 use storekeyd::policy::claims::Kind;
 use storekeyd::remote::entra::TokenClient;
@@ -83,7 +84,7 @@ pub(super) async fn check(config: &Config) -> anyhow::Result<Exit> {
             Mark::Warn => "warn",
             Mark::Fail => "FAIL",
         };
-        println!("{mark}  {what}");
+        println!("{mark}  {}", printable(&what));
     };
     report(
         Mark::Ok,
@@ -292,7 +293,7 @@ async fn renew_one(engine: &Engine, db: &dyn Storage, claimed: ClaimedRow) -> an
                 .to_owned()
         }
     };
-    println!("#{id} {user} {kind}: {what}");
+    println!("{}", printable(&format!("#{id} {user} {kind}: {what}")));
     Ok(settled == Settled::Renewed)
 }
 
@@ -310,7 +311,10 @@ async fn dry_run_row(
     let claims = match checks::check(summary.kind.as_str(), &key, engine.store_now(), config) {
         Ok(claims) => claims,
         Err(flag) => {
-            println!("#{id}: would not renew: {}", flag.reason);
+            println!(
+                "{}",
+                printable(&format!("#{id}: would not renew: {}", flag.reason))
+            );
             return Ok(Exit::Unhealthy);
         }
     };
@@ -333,8 +337,11 @@ async fn dry_run_row(
 async fn dry_run_one(engine: &Engine, claimed: &ClaimedRow) -> bool {
     let result = engine.dry_run(claimed).await;
     match &result {
-        Ok(plan) => println!("#{}: would {plan}", claimed.id),
-        Err(why) => println!("#{}: would not renew: {why}", claimed.id),
+        Ok(plan) => println!("{}", printable(&format!("#{}: would {plan}", claimed.id))),
+        Err(why) => println!(
+            "{}",
+            printable(&format!("#{}: would not renew: {why}", claimed.id))
+        ),
     }
     result.is_ok()
 }

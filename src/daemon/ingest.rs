@@ -15,7 +15,7 @@ use crate::daemon::writer::{WriterHandle, Written};
 use crate::policy::checks;
 use crate::policy::schedule;
 use crate::policy::state::EventKind;
-use crate::storage::{Change, DbError, Event, PendingRow, Storage, Write};
+use crate::storage::{Change, DbError, Event, Oversized, PendingRow, Storage, Write};
 
 /// A look at new keys that takes longer than this is abandoned and reported.
 const LOOK_TIMEOUT: Duration = Duration::from_secs(300);
@@ -238,9 +238,19 @@ pub async fn ingest_pending(
     now: i64,
     limit: u32,
 ) -> Result<usize, DaemonError> {
-    let rows = storage.pending(limit).await?;
+    let look = storage.pending(limit, now).await?;
+    for Oversized { id, bytes } in &look.oversized {
+        tracing::warn!(
+            row = id,
+            bytes,
+            state = "invalid",
+            "key flagged: longer than a Store key can be, not read"
+        );
+    }
+    let taken = look.len();
+    let rows = look.rows;
     if rows.is_empty() {
-        return Ok(0);
+        return Ok(taken);
     }
     let writes: Vec<Write> = rows.iter().map(|row| verdict(row, config, now)).collect();
     // What to log for the flags, taken before the writes go (no copy of the keys).
@@ -252,7 +262,7 @@ pub async fn ingest_pending(
             tracing::warn!(row = id, key = %key, state, reason, "key flagged");
         }
     }
-    Ok(rows.len())
+    Ok(taken)
 }
 
 fn flag_of(write: &Write) -> Option<(i64, &'static str, String)> {

@@ -5,5 +5,6 @@ pub mod import;
 pub mod metrics;
 pub mod notify;
 pub mod observe;
+pub mod printable;
 pub mod report;
 pub mod telemetry;

@@ -7,6 +7,7 @@ use serde::Serialize;
 
 use crate::clock::utc;
 use crate::config::Config;
+use crate::ops::printable::printable;
 use crate::policy::claims::{Claims, KeyText, Kind};
 use crate::policy::schedule;
 use crate::storage::{Alarm, DbError, KeyStats, KeySummary, State, Storage};
@@ -59,7 +60,7 @@ impl StatusReport {
         } else {
             let _ = writeln!(out, "alarms: {}", self.alarms.len());
             for a in &self.alarms {
-                let (name, detail) = (&a.name, &a.detail);
+                let (name, detail) = (printable(&a.name), printable(&a.detail));
                 let _ = writeln!(out, "  {name} since {}\n    {detail}", when(a.since, now));
             }
             out.push('\n');
@@ -117,13 +118,13 @@ impl StatusReport {
                 out,
                 "  #{:<6} {:<20} {:<12} {:<14} key {}  expires {exp}",
                 r.id,
-                r.user_ref,
+                printable(&r.user_ref),
                 r.kind,
                 r.state,
-                r.key_fp.as_deref().unwrap_or("-"),
+                printable(r.key_fp.as_deref().unwrap_or("-")),
             );
             if let Some(reason) = &r.reason {
-                let _ = writeln!(out, "           {reason}");
+                let _ = writeln!(out, "           {}", printable(reason));
             }
         }
         if (rows.len() as i64) < total {
@@ -182,7 +183,7 @@ impl Inspection {
     pub fn render(&self, now: i64) -> String {
         let mut out = String::new();
         let line = |out: &mut String, name: &str, value: &str| {
-            let _ = writeln!(out, "{name:<14}{value}");
+            let _ = writeln!(out, "{name:<14}{}", printable(value));
         };
         line(&mut out, "fingerprint", &self.fingerprint);
         line(&mut out, "kind", &self.kind);

@@ -26,6 +26,15 @@ WHERE store_keys.key IS DISTINCT FROM excluded.key;";
 pub const PG_READ_KEY: &str = "SELECT key FROM store_keys
 WHERE user_ref = $1 AND kind = $2 AND state IN ('pending', 'active');";
 
+/// What a backend's PostgreSQL role needs for [`PG_UPSERT_KEY`] and [`PG_READ_KEY`], and no
+/// more: run by the schema's owner, with `game_backend` the backend's role. Every other column
+/// (claims, schedule, lease) and every other table stays storekeyd's; a trigger refuses a
+/// `state` other than `pending` from a role that may not write the lease.
+pub const PG_BACKEND_GRANTS: &str = "GRANT SELECT (user_ref, kind, key, state),
+      INSERT (user_ref, kind, key),
+      UPDATE (key, state, reason, updated_at)
+   ON store_keys TO game_backend;";
+
 /// A connection to either database, as a backend holds one.
 #[derive(Debug, Clone)]
 pub enum BackendPool {

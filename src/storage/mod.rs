@@ -20,7 +20,7 @@ use sqlx::migrate::{Migration, MigrationType, Migrator};
 pub use crate::policy::state::{EventKind, State};
 pub use error::DbError;
 
-use crate::policy::claims::{KeyFacts, KeyText, Kind};
+use crate::policy::claims::{KeyFacts, KeyText, Kind, MAX_KEY_LEN};
 pub use crate::policy::guard::Refusals;
 
 pub type Result<T, E = DbError> = std::result::Result<T, E>;
@@ -181,7 +181,9 @@ pub trait Storage: Send + Sync + std::fmt::Debug {
 
     /// Keys written by a backend and not yet checked, oldest first. Where several processes
     /// share the database, each row goes to one of them (a short lease) until it is checked.
-    async fn pending(&self, limit: u32) -> Result<Vec<PendingRow>>;
+    /// A key longer than a Store key can be is never read: its row is flagged `invalid` here,
+    /// with its event, at `now`, on its length alone, and the value emptied.
+    async fn pending(&self, limit: u32, now: i64) -> Result<PendingLook>;
     /// Reserves up to `limit` due keys of `kinds`, most overdue first, until `lease_until`. Two
     /// claimers never get the same row.
     async fn claim_due(
@@ -300,6 +302,44 @@ pub struct PendingRow {
     /// As the backend wrote it; ingest compares it with the key's `aud`.
     pub kind: String,
     pub key: KeyText,
+}
+
+/// What a look for new keys found: the rows to check, and those flagged for their length alone.
+#[derive(Debug, Default)]
+pub struct PendingLook {
+    pub rows: Vec<PendingRow>,
+    pub oversized: Vec<Oversized>,
+}
+
+impl PendingLook {
+    /// Every row the look took, checked or flagged.
+    pub fn len(&self) -> usize {
+        self.rows.len() + self.oversized.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// A pending row flagged `invalid` because its key is longer than [`MAX_KEY_LEN`] bytes; the
+/// value was never read, and is not kept (the row's `key` is emptied).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Oversized {
+    pub id: i64,
+    pub bytes: i64,
+}
+
+/// [`MAX_KEY_LEN`] as the databases compare it.
+pub(crate) const MAX_KEY_BYTES: i64 = MAX_KEY_LEN as i64;
+
+/// The reason an oversized key's row is flagged with, around its length in bytes: the words of
+/// [`crate::policy::claims::KeyError::TooLong`], which the database fills in.
+pub(crate) fn oversized_reason() -> (&'static str, String) {
+    (
+        "not a Store ID key: key is ",
+        format!(" bytes, more than the {MAX_KEY_LEN} a Store key can be (the value is not kept)"),
+    )
 }
 
 /// A due row reserved for one attempt, with the claims ingest stored for it.

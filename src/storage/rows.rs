@@ -4,7 +4,7 @@
 
 use sqlx::{ColumnIndex, Decode, Row, Type};
 
-use super::{ClaimedRow, EventKind, EventRecord, KeySummary, Refusals, State};
+use super::{ClaimedRow, EventKind, EventRecord, KeySummary, PendingRow, Refusals, State};
 use crate::policy::claims::{KeyFacts, KeyText, Kind};
 
 /// An error naming the column and (the start of) the value it could not take.
@@ -142,4 +142,24 @@ pub(crate) fn alarms(rows: Vec<(String, String, i64, Option<String>)>) -> Vec<su
             owner,
         })
         .collect()
+}
+
+/// A pending row as a look reads it: `id, kind, the key's bytes (NULL past the limit), its
+/// length`. Rows whose key was not read come back as ids, to be flagged.
+pub(crate) fn pending(
+    rows: Vec<(i64, String, Option<Vec<u8>>, i64)>,
+) -> (Vec<PendingRow>, Vec<i64>) {
+    let mut read = Vec::with_capacity(rows.len());
+    let mut oversized = Vec::new();
+    for (id, kind, key, _bytes) in rows {
+        match key {
+            Some(key) => read.push(PendingRow {
+                id,
+                kind,
+                key: KeyText::from_bytes(key),
+            }),
+            None => oversized.push(id),
+        }
+    }
+    (read, oversized)
 }

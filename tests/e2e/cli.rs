@@ -240,3 +240,57 @@ async fn check_and_migrate_and_bad_config() {
             .contains("config: `renew.margin`: expected a duration")
     );
 }
+
+/// A player controls a key's claims and a backend its user reference: an escape sequence or a
+/// newline there is printed escaped by `status`, `inspect` and their JSON, never raw (it could
+/// rewrite the operator's terminal, or forge a line of the report).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stored_text_reaches_the_terminal_escaped() {
+    use storekeyd::emulator::keymint;
+    use storekeyd::policy::claims::{
+        AUD_COLLECTIONS, CLAIM_CLIENT_ID, CLAIM_REFRESH_URI, CLAIM_USER_ID,
+    };
+    let mut env = TestEnv::new().await;
+    let now = env.clock.now();
+    let hostile = "\u{1b}]0;pwned\u{7}\u{1b}[2J\u{9b}31m\u{202e}";
+    let key = keymint::encode_claims(&serde_json::json!({
+        "aud": AUD_COLLECTIONS, "iat": now, "exp": now + 30 * 86_400,
+        CLAIM_CLIENT_ID: format!("app-{hostile}"),
+        CLAIM_USER_ID: format!("user-{hostile}"),
+        CLAIM_REFRESH_URI: format!("https://evil/{hostile}"),
+    }));
+    let user_ref = format!("mallory{hostile}\nforged line");
+    env.store(&user_ref, Kind::Collections, &key).await;
+    env.spawn_daemon().await;
+    env.wait_until("the key flagged misconfigured", || async {
+        env.count("misconfigured").await == 1
+    })
+    .await;
+    env.stop_daemon().await;
+    for args in [
+        &["status"][..],
+        &["status", "--json"],
+        &["inspect", "--row", "1"],
+        &["inspect", "--json", "--row", "1"],
+    ] {
+        let out = env.cli(args, "").await;
+        let raw: Vec<char> = out
+            .stdout
+            .chars()
+            .filter(|&c| (c.is_control() && c != '\n') || c == '\u{202e}')
+            .collect();
+        assert!(raw.is_empty(), "{args:?} printed {raw:?}: {}", out.stdout);
+        assert!(
+            out.stdout.contains("mallory") && !out.stdout.contains("\nforged line"),
+            "{args:?}: {}",
+            out.stdout
+        );
+    }
+    let out = env.cli(&["inspect", "-"], &key).await;
+    assert!(
+        out.stdout.contains("user-\\u{1b}]0;pwned\\u{7}"),
+        "{}",
+        out.stdout
+    );
+    assert!(!out.stdout.contains('\u{1b}'), "{}", out.stdout);
+}

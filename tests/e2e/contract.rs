@@ -1,6 +1,8 @@
 //! The backend contract in README.md is the SQL the code and the tests use.
 
-use storekeyd::storage::contract::{PG_READ_KEY, PG_UPSERT_KEY, READ_KEY, UPSERT_KEY};
+use storekeyd::storage::contract::{
+    PG_BACKEND_GRANTS, PG_READ_KEY, PG_UPSERT_KEY, READ_KEY, UPSERT_KEY,
+};
 
 use crate::harness::{Db, on_backend};
 
@@ -13,6 +15,17 @@ fn readme_documents_the_exact_backend_statements() {
             "README.md must contain, verbatim:\n{sql}"
         );
     }
+    // The grants sit in a list item: the same lines, indented.
+    let unindented = |text: &str| {
+        text.lines()
+            .map(str::trim_start)
+            .collect::<Vec<_>>()
+            .join("\n")
+    };
+    assert!(
+        unindented(readme).contains(&unindented(PG_BACKEND_GRANTS)),
+        "README.md must contain the backend's grants:\n{PG_BACKEND_GRANTS}"
+    );
 }
 
 /// A replayed login writes back a key the row was already renewed past: the newer key stays, and

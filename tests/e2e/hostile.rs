@@ -171,3 +171,67 @@ async fn a_claim_holding_nul_neither_fails_its_batch_nor_stalls_the_others(db: D
 crate::backend::on_both_databases!(
     a_claim_holding_nul_neither_fails_its_batch_nor_stalls_the_others
 );
+
+/// A backend row holding a 128 MiB "key" is flagged `invalid` by its length without the daemon
+/// reading it (it read the whole value, and copied it, before the 16 KiB limit applied), and
+/// the other keys renew meanwhile.
+async fn an_oversized_row_is_flagged_without_being_read(db: Db) {
+    use crate::harness::{sigterm, spawn_process};
+    const BYTES: i64 = 128 << 20;
+    let env = TestEnv::on(db).await;
+    env.add_due_user("alice").await;
+    let insert = match db {
+        Db::Sqlite => {
+            "INSERT INTO store_keys (user_ref, kind, key)
+             VALUES ('huge', 'collections', replace(hex(zeroblob(? / 2)), '0', 'x'))"
+        }
+        Db::Postgres => {
+            "INSERT INTO store_keys (user_ref, kind, key)
+             VALUES ('huge', 'collections', repeat('x', CAST(? AS INTEGER)))"
+        }
+    };
+    crate::backend::on_backend!(env.db, insert, |pool, sql| {
+        sqlx::query(sql).bind(BYTES).execute(pool).await.unwrap();
+    });
+    let mut daemon = spawn_process(&env.write_config());
+    let reason = || async {
+        crate::backend::on_backend!(
+            env.db,
+            "SELECT reason FROM store_keys WHERE user_ref = 'huge' AND state = 'invalid'",
+            |pool, sql| sqlx::query_as::<_, (Option<String>,)>(sql)
+                .fetch_optional(pool)
+                .await
+                .unwrap()
+        )
+        .and_then(|(r,)| r)
+    };
+    env.wait_until("the huge row flagged and alice renewed", || async {
+        reason().await.is_some() && env.row("alice", Kind::Collections).await.renewals == 1
+    })
+    .await;
+    let peak = peak_memory(daemon.id().unwrap());
+    sigterm(&daemon);
+    daemon.wait().await.unwrap();
+    let reason = reason().await.unwrap();
+    assert!(
+        reason.contains(&format!("key is {BYTES} bytes, more than the 16384")),
+        "{reason}"
+    );
+    assert!(
+        peak < BYTES as u64 / 2,
+        "the daemon's peak memory was {peak} bytes: it read the row"
+    );
+}
+
+/// A process's peak resident memory, in bytes (`VmHWM`).
+fn peak_memory(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let kb: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap();
+    kb * 1024
+}
+
+crate::backend::on_both_databases!(an_oversized_row_is_flagged_without_being_read);

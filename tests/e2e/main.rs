@@ -21,6 +21,7 @@ mod hygiene;
 mod observe;
 mod outage;
 mod pgserver;
+mod privilege;
 mod renewal;
 mod sharing;
 mod soak;

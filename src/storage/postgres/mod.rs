@@ -22,7 +22,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::{
     Alarm, Claim, ClaimedRow, ClearScope, DbError, DbOptions, EventRecord, KeyStats, KeySummary,
-    NewKey, PendingRow, Result, Storage, Write, rows,
+    MAX_KEY_BYTES, NewKey, PendingLook, Result, Storage, Write, rows,
 };
 use crate::policy::claims::{KeyText, Kind};
 
@@ -129,32 +129,36 @@ impl Storage for PgStore {
         self.pool.close().await;
     }
 
-    async fn pending(&self, limit: u32) -> Result<Vec<PendingRow>> {
+    async fn pending(&self, limit: u32, now: i64) -> Result<PendingLook> {
+        // `octet_length` reads a value's size, not the (toasted) value.
         let sql = format!(
             "UPDATE store_keys AS k SET lease_until = {DB_NOW} + $2
              WHERE k.id IN (SELECT id FROM store_keys
                             WHERE state = 'pending' AND (lease_until IS NULL OR lease_until <= {DB_NOW})
                             ORDER BY id LIMIT $1 FOR UPDATE SKIP LOCKED)
-             RETURNING k.id, k.kind, convert_to(k.key, 'UTF8')"
+             RETURNING k.id, k.kind,
+                       CASE WHEN octet_length(k.key) <= $3 THEN convert_to(k.key, 'UTF8') END,
+                       octet_length(k.key)::bigint"
         );
-        let mut rows: Vec<(i64, String, Vec<u8>)> = self
+        let mut rows: Vec<(i64, String, Option<Vec<u8>>, i64)> = self
             .timed(async {
                 Ok(sqlx::query_as(sqlx::AssertSqlSafe(sql))
                     .bind(i64::from(limit))
                     .bind(PENDING_LEASE_SECS)
+                    .bind(MAX_KEY_BYTES)
                     .fetch_all(&self.pool)
                     .await?)
             })
             .await?;
         rows.sort_by_key(|r| r.0);
-        Ok(rows
-            .into_iter()
-            .map(|(id, kind, key)| PendingRow {
-                id,
-                kind,
-                key: KeyText::from_bytes(key),
-            })
-            .collect())
+        let (rows, oversized) = rows::pending(rows);
+        let oversized = if oversized.is_empty() {
+            Vec::new()
+        } else {
+            self.timed(write::flag_oversized(&self.pool, &oversized, now))
+                .await?
+        };
+        Ok(PendingLook { rows, oversized })
     }
 
     async fn claim_due(

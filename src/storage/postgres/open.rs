@@ -70,7 +70,7 @@ pub(super) async fn check_schema(pool: &PgPool) -> Result<()> {
 /// The schema, embedded in the binary from `migrations/postgres`. sqlx takes an advisory lock
 /// while it migrates, so replicas starting together migrate once.
 pub fn migrator() -> Migrator {
-    let migrations: [(i64, &'static str, &'static str); 2] = [
+    let migrations: [(i64, &'static str, &'static str); 3] = [
         (
             1,
             "init",
@@ -80,6 +80,11 @@ pub fn migrator() -> Migrator {
             2,
             "lighter renewals",
             include_str!("../../../migrations/postgres/0002_lighter_renewals.sql"),
+        ),
+        (
+            3,
+            "pinned search path",
+            include_str!("../../../migrations/postgres/0003_pinned_search_path.sql"),
         ),
     ];
     crate::storage::embedded(&migrations)

@@ -10,7 +10,7 @@ use sqlx::{PgPool, Postgres, Transaction};
 use crate::policy::fleet::CREDENTIAL_PREFIX as CREDENTIAL_ALARM_PREFIX;
 use crate::storage::batch::{self, Applied, ChangeKind};
 use crate::storage::contract::PG_UPSERT_KEY;
-use crate::storage::{NewKey, Result, Write};
+use crate::storage::{MAX_KEY_BYTES, NewKey, Oversized, Result, Write, oversized_reason};
 
 use super::DB_NOW;
 
@@ -255,6 +255,41 @@ pub(super) async fn prune_events(
         .rows_affected())
     })
     .await
+}
+
+/// Flags `invalid` those of `ids` still pending with a key over the limit, each with its event,
+/// in one statement, judging the key by its length alone (never read or detoasted). The
+/// condition is the compare-and-swap: whatever the row holds by now, if it is that long it is
+/// no Store key. The value is not kept, as on SQLite.
+pub(super) async fn flag_oversized(pool: &PgPool, ids: &[i64], now: i64) -> Result<Vec<Oversized>> {
+    let (before, after) = oversized_reason();
+    let flagged: Vec<(i64, i64)> = sqlx::query_as(
+        "WITH old AS (
+             SELECT id, octet_length(key)::bigint AS bytes FROM store_keys
+             WHERE id = ANY($1) AND state = 'pending' AND octet_length(key) > $5
+             FOR UPDATE),
+         flagged AS (
+             UPDATE store_keys AS k SET key = '', state = 'invalid',
+                 reason = $2 || old.bytes || $3, key_fp = NULL,
+                 next_attempt_at = NULL, lease_until = NULL, updated_at = $4
+             FROM old WHERE k.id = old.id
+             RETURNING k.id, old.bytes, k.reason),
+         events AS (
+             INSERT INTO store_key_events (key_id, at, outcome, detail)
+             SELECT id, $4, 'invalid', reason FROM flagged)
+         SELECT id, bytes FROM flagged ORDER BY id",
+    )
+    .bind(ids)
+    .bind(before)
+    .bind(after)
+    .bind(now)
+    .bind(MAX_KEY_BYTES)
+    .fetch_all(pool)
+    .await?;
+    Ok(flagged
+        .into_iter()
+        .map(|(id, bytes)| Oversized { id, bytes })
+        .collect())
 }
 
 #[cfg(test)]

@@ -13,8 +13,8 @@ use sqlx::SqlitePool;
 use sqlx::sqlite::SqliteRow;
 
 use super::{
-    Alarm, Claim, ClaimedRow, ClearScope, EventRecord, KeyStats, KeySummary, NewKey, PendingRow,
-    Result, Storage, Write, rows,
+    Alarm, Claim, ClaimedRow, ClearScope, EventRecord, KeyStats, KeySummary, MAX_KEY_BYTES, NewKey,
+    PendingLook, Result, Storage, Write, rows,
 };
 use crate::policy::claims::{KeyText, Kind};
 
@@ -133,23 +133,26 @@ impl Storage for SqliteStore {
         self.writer.close().await;
     }
 
-    async fn pending(&self, limit: u32) -> Result<Vec<PendingRow>> {
+    async fn pending(&self, limit: u32, now: i64) -> Result<PendingLook> {
         // The partial index holds the pending rows in id order: no sort of every pending row.
-        let rows: Vec<(i64, String, Vec<u8>)> = sqlx::query_as(
-            "SELECT id, kind, CAST(key AS BLOB) FROM store_keys INDEXED BY store_keys_pending
-             WHERE state = 'pending' ORDER BY id LIMIT ?",
+        // `octet_length` reads a value's size, not the value.
+        let rows: Vec<(i64, String, Option<Vec<u8>>, i64)> = sqlx::query_as(
+            "SELECT id, kind, CASE WHEN octet_length(key) <= ?2 THEN CAST(key AS BLOB) END,
+                    octet_length(key)
+             FROM store_keys INDEXED BY store_keys_pending
+             WHERE state = 'pending' ORDER BY id LIMIT ?1",
         )
         .bind(limit)
+        .bind(MAX_KEY_BYTES)
         .fetch_all(&self.pool)
         .await?;
-        Ok(rows
-            .into_iter()
-            .map(|(id, kind, key)| PendingRow {
-                id,
-                kind,
-                key: KeyText::from_bytes(key),
-            })
-            .collect())
+        let (rows, oversized) = rows::pending(rows);
+        let oversized = if oversized.is_empty() {
+            Vec::new()
+        } else {
+            write::flag_oversized(&self.pool, &oversized, now).await?
+        };
+        Ok(PendingLook { rows, oversized })
     }
 
     async fn claim_due(

@@ -10,7 +10,7 @@ use sqlx::{SqliteConnection, SqlitePool};
 use crate::policy::fleet::CREDENTIAL_PREFIX as CREDENTIAL_ALARM_PREFIX;
 use crate::storage::batch::{self, Applied, ChangeKind};
 use crate::storage::contract::UPSERT_KEY;
-use crate::storage::{NewKey, Result, Write};
+use crate::storage::{MAX_KEY_BYTES, NewKey, Oversized, Result, Write, oversized_reason};
 
 /// One transaction for the whole batch: one fsync, however many rows.
 pub(super) async fn apply(pool: &SqlitePool, writes: &[Write]) -> Result<Vec<bool>> {
@@ -241,6 +241,61 @@ pub(super) async fn leave(pool: &SqlitePool, replica: &str) -> Result<()> {
     .await?;
     tx.commit().await?;
     Ok(())
+}
+
+/// Flags `invalid` those of `ids` still pending with a key over the limit, each with its event,
+/// judging the key by its length alone. The condition is the compare-and-swap: whatever the row
+/// holds by now, if it is that long it is no Store key. The value is not kept: SQLite rewrites
+/// a whole row on any update (and the key triggers read the old key), so the row is deleted and
+/// written again without it, which only walks the value's pages.
+pub(super) async fn flag_oversized(
+    pool: &SqlitePool,
+    ids: &[i64],
+    now: i64,
+) -> Result<Vec<Oversized>> {
+    let (before, after) = oversized_reason();
+    let ids = serde_json::to_string(ids).unwrap_or_else(|_| "[]".to_owned());
+    let mut tx = pool.begin_with("BEGIN IMMEDIATE").await?;
+    let rows: Vec<(i64, String, String, i64, i64)> = sqlx::query_as(
+        "SELECT id, user_ref, kind, octet_length(key), created_at FROM store_keys
+         WHERE id IN (SELECT value FROM json_each(?1)) AND state = 'pending'
+           AND octet_length(key) > ?2",
+    )
+    .bind(ids)
+    .bind(MAX_KEY_BYTES)
+    .fetch_all(&mut *tx)
+    .await?;
+    let mut flagged = Vec::with_capacity(rows.len());
+    for (id, user_ref, kind, bytes, created_at) in rows {
+        let reason = format!("{before}{bytes}{after}");
+        sqlx::query("DELETE FROM store_keys WHERE id = ?")
+            .bind(id)
+            .execute(&mut *tx)
+            .await?;
+        sqlx::query(
+            "INSERT INTO store_keys (id, user_ref, kind, key, state, reason, created_at, updated_at)
+             VALUES (?1, ?2, ?3, '', 'invalid', ?4, ?5, ?6)",
+        )
+        .bind(id)
+        .bind(user_ref)
+        .bind(kind)
+        .bind(&reason)
+        .bind(created_at)
+        .bind(now)
+        .execute(&mut *tx)
+        .await?;
+        sqlx::query(
+            "INSERT INTO store_key_events (key_id, at, outcome, detail) VALUES (?, ?, 'invalid', ?)",
+        )
+        .bind(id)
+        .bind(now)
+        .bind(&reason)
+        .execute(&mut *tx)
+        .await?;
+        flagged.push(Oversized { id, bytes });
+    }
+    tx.commit().await?;
+    Ok(flagged)
 }
 
 #[cfg(test)]
