@@ -22,10 +22,11 @@ async fn locked_env(spool_after: Duration) -> (TestEnv, sqlx::SqliteConnection) 
     (env, backend)
 }
 
-/// The spool files in the state directory (`storekeyd-<pid>.spool`).
+/// The spool files in the state directory's `spool/` (`storekeyd-<pid>-<random>.spool`).
 fn spools(env: &TestEnv) -> Vec<std::path::PathBuf> {
-    std::fs::read_dir(env.dir.path())
-        .unwrap()
+    std::fs::read_dir(env.dir.path().join("spool"))
+        .into_iter()
+        .flatten()
         .flatten()
         .map(|e| e.path())
         .filter(|p| p.extension().is_some_and(|x| x == "spool"))

@@ -1,9 +1,15 @@
 //! The spool: renewed keys the database would not take, in an append-only file of JSON lines
-//! (mode 0600, fsync'd after every entry) in the state directory, one file per process
+//! (mode 0600, fsync'd after every entry) in `spool/` under the state directory (mode 0700: the
+//! state directory itself is shared with the backend's group), one file per process
 //! (`storekeyd-<pid>-<random>.spool`), held under an exclusive lock while its process lives, so
 //! that a `storekeyd renew` and the daemon never remove each other's entries. The daemon applies
 //! every file whose lock it can take (its process is gone), by compare-and-swap like any write:
 //! at start before it claims anything, and every minute while it runs.
+//!
+//! A spool is applied only if it is what storekeyd writes: a regular file (opened without
+//! following a link and without blocking, so a FIFO or a link to `/dev/zero` is refused, not
+//! waited on or read forever) of the service's own user, mode 0600, of a bounded size, read a
+//! batch at a time with bounded lines.
 
 use std::io::Write as _;
 use std::path::{Path, PathBuf};
@@ -13,12 +19,20 @@ use base64::engine::general_purpose::STANDARD;
 use serde::{Deserialize, Serialize};
 use tokio_util::sync::CancellationToken;
 
+mod files;
+
+use files::{MAX_FILE, Reader, open_checked, private_dir, sync_dir};
+
 use crate::policy::claims::{KeyFacts, KeyText};
 use crate::storage::{Change, DbError, Event, Storage, Write};
 
-/// Spool files are `storekeyd-<pid>.spool` in the state directory.
+/// Spool files are `storekeyd-<pid>-<random>.spool` in [`DIR`] under the state directory.
 const PREFIX: &str = "storekeyd-";
 const SUFFIX: &str = ".spool";
+/// The spools' own directory, which only the service's user may enter.
+const DIR: &str = "spool";
+/// Entries applied per transaction, so recovery holds a batch in memory, not a file.
+const BATCH: usize = 1024;
 
 #[derive(Debug)]
 pub struct Spool {
@@ -56,14 +70,15 @@ pub enum SpoolError {
 }
 
 impl Spool {
-    /// A spool of this process's own in `dir` (created at its first entry).
+    /// A spool of this process's own under the state directory `dir` (created, with its
+    /// private directory, at its first entry).
     pub fn for_process(dir: &Path) -> Self {
         let name = format!(
             "{PREFIX}{}-{:08x}{SUFFIX}",
             std::process::id(),
             fastrand::u32(..)
         );
-        Spool::at(dir.join(name))
+        Spool::at(dir.join(DIR).join(name))
     }
 
     fn at(path: PathBuf) -> Self {
@@ -109,7 +124,11 @@ impl Spool {
     /// as this process holds it.
     fn create(&self) -> std::io::Result<std::fs::File> {
         use std::os::unix::fs::OpenOptionsExt as _;
+        if let Some(dir) = self.path.parent() {
+            private_dir(dir)?;
+        }
         let file = std::fs::OpenOptions::new()
+            .read(true)
             .append(true)
             .create_new(true)
             .mode(0o600)
@@ -135,36 +154,57 @@ impl Spool {
         }
     }
 
-    /// Every entry, in order. A line that does not parse (cut short by a crash: its append never
-    /// returned, so nobody took it as written) is skipped and counted.
-    pub fn read(&self) -> Result<(Vec<Write>, usize), SpoolError> {
-        let text = match std::fs::read_to_string(&self.path) {
-            Ok(t) => t,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok((Vec::new(), 0)),
-            Err(source) => {
-                return Err(SpoolError::Io {
-                    path: self.path.display().to_string(),
-                    source,
-                });
+    /// Every entry, in order (tests; recovery reads a batch at a time).
+    #[cfg(test)]
+    fn read(&self) -> Result<(Vec<Write>, usize), SpoolError> {
+        let mut reader = self.reader()?;
+        let (mut writes, mut skipped) = (Vec::new(), 0);
+        loop {
+            let (batch, s) = reader.next_batch(BATCH)?;
+            skipped += s;
+            if batch.is_empty() {
+                return Ok((writes, skipped));
             }
-        };
-        let mut writes = Vec::new();
-        let mut skipped = 0;
-        for line in text.lines().filter(|l| !l.trim().is_empty()) {
-            match serde_json::from_str::<Entry>(line)
-                .map_err(|e| e.to_string())
-                .and_then(write)
-            {
-                Ok(w) => writes.push(w),
-                Err(_) => skipped += 1,
-            }
+            writes.extend(batch);
         }
-        Ok((writes, skipped))
     }
 
-    /// The spools in `dir` whose process is gone: the ones whose lock can be taken. Each comes
-    /// back locked (by this process) until it is applied and removed.
+    /// Reads the entries from the start of the file this spool holds.
+    fn reader(&self) -> Result<Reader, SpoolError> {
+        let failed = |source| SpoolError::Io {
+            path: self.path.display().to_string(),
+            source,
+        };
+        let held = self
+            .file
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        // The file this process holds (and locks), read from its start: appends go to its end
+        // whatever the offset.
+        let mut file = match held.as_ref() {
+            Some(file) => file.try_clone().map_err(failed)?,
+            None => open_checked(&self.path, false).map_err(failed)?,
+        };
+        std::io::Seek::seek(&mut file, std::io::SeekFrom::Start(0)).map_err(failed)?;
+        Ok(Reader {
+            path: self.path.display().to_string(),
+            lines: std::io::BufReader::new(std::io::Read::take(file, MAX_FILE)),
+        })
+    }
+
+    /// The spools under the state directory `dir` whose process is gone: the ones whose lock
+    /// can be taken. Each comes back locked (by this process) until it is applied and removed.
+    /// The state directory itself is looked in too, for what a version before `spool/` left.
     fn orphans(dir: &Path) -> Result<Vec<Spool>, SpoolError> {
+        let mut orphans = Vec::new();
+        for dir in [dir.join(DIR), dir.to_owned()] {
+            orphans.extend(Spool::orphans_in(&dir)?);
+        }
+        orphans.sort_by(|a, b| a.path.cmp(&b.path));
+        Ok(orphans)
+    }
+
+    fn orphans_in(dir: &Path) -> Result<Vec<Spool>, SpoolError> {
         let entries = match std::fs::read_dir(dir) {
             Ok(e) => e,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
@@ -185,10 +225,10 @@ impl Spool {
                 continue;
             }
             let path = entry.path();
-            let file = match std::fs::OpenOptions::new().append(true).open(&path) {
+            let file = match open_checked(&path, true) {
                 Ok(f) => f,
                 Err(e) => {
-                    tracing::error!(spool = %path.display(), error = %e, "cannot open a spool file; its renewed keys are not written until it can be read");
+                    tracing::error!(spool = %path.display(), error = %e, "refusing a spool file; its renewed keys, if any, are not written until it is storekeyd's own");
                     continue;
                 }
             };
@@ -201,7 +241,6 @@ impl Spool {
                 file: std::sync::Mutex::new(Some(file)),
             });
         }
-        orphans.sort_by(|a, b| a.path.cmp(&b.path));
         Ok(orphans)
     }
 }
@@ -249,13 +288,6 @@ fn write(e: Entry) -> Result<Write, String> {
     })
 }
 
-fn sync_dir(path: &Path) -> std::io::Result<()> {
-    match path.parent() {
-        Some(dir) if !dir.as_os_str().is_empty() => std::fs::File::open(dir)?.sync_all(),
-        _ => Ok(()),
-    }
-}
-
 #[derive(Debug, thiserror::Error)]
 pub enum RecoverError {
     #[error(transparent)]
@@ -288,39 +320,63 @@ async fn recover_one(
     spool: &Spool,
     stop: &CancellationToken,
 ) -> Result<usize, RecoverError> {
-    let (writes, skipped) = match spool.read() {
-        Ok(read) => read,
+    let mut reader = match spool.reader() {
+        Ok(reader) => reader,
         Err(e) => {
             tracing::error!(error = %e, "cannot read a spool file; its renewed keys are not written until it can be read");
             return Ok(0);
         }
     };
-    if skipped > 0 {
-        tracing::warn!(spool = %spool.path().display(), lines = skipped, "skipping spool lines that do not parse (an append cut short)");
+    let (mut keys, mut written, mut skipped) = (0, 0, 0);
+    loop {
+        let (writes, s) = match reader.next_batch(BATCH) {
+            Ok(batch) => batch,
+            Err(e) => {
+                tracing::error!(error = %e, "cannot read a spool file; its renewed keys are not written until it can be read");
+                return Ok(written);
+            }
+        };
+        skipped += s;
+        if writes.is_empty() {
+            break;
+        }
+        // Applied again after a crash, a batch's writes lose their compare-and-swap: harmless.
+        let applied = apply_retrying(storage, &writes, stop).await?;
+        keys += writes.len();
+        written += applied.iter().filter(|ok| **ok).count();
     }
-    let applied = loop {
-        match storage.apply(&writes).await {
-            Ok(applied) => break applied,
+    if skipped > 0 {
+        tracing::warn!(spool = %spool.path().display(), lines = skipped, "skipped spool lines that do not parse (an append cut short)");
+    }
+    spool.clear().map_err(|source| RecoverError::Clear {
+        path: spool.path().display().to_string(),
+        source,
+    })?;
+    tracing::info!(
+        spool = %spool.path().display(),
+        keys,
+        written,
+        superseded = keys - written,
+        "applied the renewals an earlier run spooled"
+    );
+    Ok(written)
+}
+
+async fn apply_retrying(
+    storage: &dyn Storage,
+    writes: &[Write],
+    stop: &CancellationToken,
+) -> Result<Vec<bool>, RecoverError> {
+    loop {
+        match storage.apply(writes).await {
+            Ok(applied) => return Ok(applied),
             Err(e) if e.is_busy() && !stop.is_cancelled() => {
                 tracing::warn!(error = %e, "database busy; retrying the spooled renewals");
                 tokio::time::sleep(std::time::Duration::from_millis(500)).await;
             }
             Err(e) => return Err(e.into()),
         }
-    };
-    spool.clear().map_err(|source| RecoverError::Clear {
-        path: spool.path().display().to_string(),
-        source,
-    })?;
-    let written = applied.iter().filter(|ok| **ok).count();
-    tracing::info!(
-        spool = %spool.path().display(),
-        keys = writes.len(),
-        written,
-        superseded = writes.len() - written,
-        "applied the renewals an earlier run spooled"
-    );
-    Ok(written)
+    }
 }
 
 #[cfg(test)]
@@ -415,5 +471,98 @@ mod tests {
         assert_eq!(orphans.len(), 1);
         assert_eq!(orphans[0].path(), path);
         assert_eq!(orphans[0].read().unwrap().0.len(), 1);
+    }
+
+    /// A member of the state directory's group can put anything there: only files storekeyd
+    /// wrote are taken, at once (no FIFO waited on, no `/dev/zero` read), and a spool an earlier
+    /// version left beside the database is still applied.
+    #[test]
+    fn only_a_spool_storekeyd_wrote_is_taken() {
+        use std::os::unix::fs::PermissionsExt as _;
+        let dir = tempfile::tempdir().unwrap();
+        let own = Spool::for_process(dir.path());
+        own.append(&renewal(1)).unwrap();
+        let own_path = own.path().to_owned();
+        drop(own);
+        let spools = dir.path().join(DIR);
+        let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+        assert_eq!(
+            mode(&spools),
+            0o700,
+            "the spools' directory is the service's alone"
+        );
+        // What an earlier version left beside the database: taken.
+        let legacy = dir.path().join("storekeyd-1-00000000.spool");
+        std::fs::copy(&own_path, &legacy).unwrap();
+        std::fs::set_permissions(&legacy, std::fs::Permissions::from_mode(0o600)).unwrap();
+        // Planted: a FIFO, a link to /dev/zero, a file others may read, a long line.
+        // Not the mkfifo command: a fork while another test holds a spool would hold its lock.
+        rustix::fs::mknodat(
+            rustix::fs::CWD,
+            spools.join("storekeyd-2-fifo.spool"),
+            rustix::fs::FileType::Fifo,
+            rustix::fs::Mode::from_raw_mode(0o600),
+            0,
+        )
+        .unwrap();
+        std::os::unix::fs::symlink("/dev/zero", dir.path().join("storekeyd-3-zero.spool")).unwrap();
+        let open = dir.path().join("storekeyd-4-open.spool");
+        std::fs::copy(&own_path, &open).unwrap();
+        std::fs::set_permissions(&open, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let long = spools.join("storekeyd-5-long.spool");
+        let mut text = "x".repeat(files::MAX_LINE * 3);
+        text.push_str(&std::fs::read_to_string(&own_path).unwrap());
+        std::fs::write(&long, text).unwrap();
+        std::fs::set_permissions(&long, std::fs::Permissions::from_mode(0o600)).unwrap();
+
+        if rustix::process::geteuid().is_root() {
+            // Another user's file, mode 0600 and all.
+            let foreign = spools.join("storekeyd-6-foreign.spool");
+            std::fs::copy(legacy.clone(), &foreign).unwrap();
+            std::os::unix::fs::chown(&foreign, Some(65534), Some(65534)).unwrap();
+        }
+
+        let orphans = Spool::orphans(dir.path()).unwrap();
+        let mut taken: Vec<_> = orphans.iter().map(|s| s.path().to_owned()).collect();
+        taken.sort();
+        let mut expected = vec![own_path, legacy, long];
+        expected.sort();
+        assert_eq!(taken, expected);
+        for spool in &orphans {
+            let (writes, skipped) = spool.read().unwrap();
+            assert_eq!(writes.len(), 1, "{}", spool.path().display());
+            let long_line = spool.path().ends_with("storekeyd-5-long.spool");
+            assert_eq!(
+                skipped,
+                usize::from(long_line),
+                "{}",
+                spool.path().display()
+            );
+        }
+    }
+
+    #[test]
+    fn the_spools_directory_is_closed_if_open_and_refused_if_not_ours() {
+        use std::os::unix::fs::PermissionsExt as _;
+        let dir = tempfile::tempdir().unwrap();
+        let spools = dir.path().join(DIR);
+        std::fs::create_dir(&spools).unwrap();
+        std::fs::set_permissions(&spools, std::fs::Permissions::from_mode(0o2770)).unwrap();
+        Spool::for_process(dir.path()).append(&renewal(1)).unwrap();
+        let mode = std::fs::metadata(&spools).unwrap().permissions().mode();
+        assert_eq!(mode & 0o7777, 0o700);
+
+        let other = tempfile::tempdir().unwrap();
+        let elsewhere = tempfile::tempdir().unwrap();
+        std::os::unix::fs::symlink(elsewhere.path(), other.path().join(DIR)).unwrap();
+        let e = Spool::for_process(other.path())
+            .append(&renewal(1))
+            .unwrap_err();
+        assert!(
+            e.to_string()
+                .contains("must be a directory of the service's own user"),
+            "{e}"
+        );
+        assert_eq!(std::fs::read_dir(elsewhere.path()).unwrap().count(), 0);
     }
 }
