@@ -2,6 +2,7 @@
 
 pub mod credentials;
 pub mod import;
+pub mod listener;
 pub mod metrics;
 pub mod notify;
 pub mod observe;

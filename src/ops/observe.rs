@@ -23,6 +23,14 @@ use crate::storage::{DbError, KeyStats, Storage};
 /// Database-derived gauges are recomputed at most this often, however often Prometheus scrapes:
 /// counting by state and kind reads an index of the whole table (about 50 ms at a million keys).
 const KEY_STATS_TTL: Duration = Duration::from_secs(30);
+/// Readiness asks the database at most this often (the rest of it is in memory): a client
+/// hammering `/readyz` or `/metrics` costs the database nothing more.
+const SCHEMA_CHECK_TTL: Duration = Duration::from_secs(1);
+
+/// One readiness check's result: why it fails, if it does.
+type Check = Result<(), String>;
+/// Every readiness check with its result.
+type Checks = Vec<(String, Check)>;
 
 /// Liveness: the run loop beats on every pass.
 #[derive(Debug)]
@@ -86,6 +94,7 @@ pub struct Observer {
     clock: Clock,
     health: Arc<Health>,
     cache: Arc<Mutex<Option<(Instant, KeyStats)>>>,
+    schema: Arc<Mutex<Option<(Instant, Check)>>>,
 }
 
 impl Observer {
@@ -103,7 +112,22 @@ impl Observer {
             clock,
             health,
             cache: Arc::default(),
+            schema: Arc::default(),
         }
+    }
+
+    /// Whether the database answers with the expected schema, at most [`SCHEMA_CHECK_TTL`] old;
+    /// callers meanwhile wait for the one check under way.
+    async fn schema_check(&self) -> Check {
+        let mut cache = self.schema.lock().await;
+        if let Some((at, result)) = cache.as_ref()
+            && at.elapsed() < SCHEMA_CHECK_TTL
+        {
+            return result.clone();
+        }
+        let result = self.storage.check_schema().await.map_err(|e| e.to_string());
+        *cache = Some((Instant::now(), result.clone()));
+        result
     }
 
     /// Key statistics, from a cache no older than [`KEY_STATS_TTL`].
@@ -120,9 +144,9 @@ impl Observer {
     }
 
     /// Every readiness check with its result; ready when all pass.
-    pub async fn readiness(&self) -> Vec<(String, Result<(), String>)> {
+    pub async fn readiness(&self) -> Checks {
         let mut checks = Vec::new();
-        let db = self.storage.check_schema().await.map_err(|e| e.to_string());
+        let db = self.schema_check().await;
         let db = db.and_then(|()| match self.health.db_error() {
             Some(e) => Err(format!("the last write failed: {e}")),
             None => Ok(()),
@@ -158,9 +182,7 @@ pub async fn serve(
     observer: Observer,
     shutdown: CancellationToken,
 ) -> std::io::Result<()> {
-    axum::serve(listener, router(observer))
-        .with_graceful_shutdown(async move { shutdown.cancelled().await })
-        .await
+    crate::ops::listener::serve(listener, router(observer), shutdown).await
 }
 
 async fn metrics(State(o): State<Observer>) -> Response {

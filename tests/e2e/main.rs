@@ -27,4 +27,5 @@ mod sharing;
 mod soak;
 mod spool;
 mod systemd;
+mod tls;
 mod wakeups;

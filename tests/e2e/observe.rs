@@ -124,3 +124,72 @@ crate::backend::on_both_databases!(
     metrics_describe_renewals_and_keys_without_key_material,
     health_and_readiness_report_each_check,
 );
+
+/// A local user holding idle connections to the metrics port, more than the daemon has
+/// descriptors (256 here), neither stalls renewals nor keeps a scrape from being answered: the
+/// listener takes 64 at a time and drops each that sends no request within 5 s. Before, every
+/// connection was taken and held, and the process ran out of descriptors.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_connections_to_the_metrics_port_starve_nothing() {
+    let mut env = TestEnv::new().await;
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    env.config.metrics.listen = format!("127.0.0.1:{port}").parse().unwrap();
+    env.config.renew.concurrency = 16;
+    // The idle connections go 64 every 5 s: about 25 s for the scrape's turn.
+    env.patience = std::time::Duration::from_secs(120);
+    let config = env.write_config();
+    let mut daemon = tokio::process::Command::new("sh")
+        .args(["-c", r#"ulimit -n 256 && exec "$0" run --config "$1""#])
+        .arg(env!("CARGO_BIN_EXE_storekeyd"))
+        .arg(&config)
+        .env("STOREKEYD_LOG", "off")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    // A connection per request: a pooled one, taken before the idle ones came, proves nothing.
+    let client = reqwest::Client::builder()
+        .pool_max_idle_per_host(0)
+        .timeout(std::time::Duration::from_secs(2))
+        .build()
+        .unwrap();
+    let url = |path: &str| format!("http://127.0.0.1:{port}{path}");
+    env.wait_until("the daemon answers", || async {
+        client.get(url("/healthz")).send().await.is_ok()
+    })
+    .await;
+
+    let mut idle = Vec::new();
+    for _ in 0..300 {
+        idle.push(
+            tokio::net::TcpStream::connect(("127.0.0.1", port))
+                .await
+                .unwrap(),
+        );
+    }
+    env.add_due_users(20).await;
+    env.wait_until(
+        "every key renewed while the connections are held",
+        || async { env.rows().await.iter().all(|r| r.renewals == 1) },
+    )
+    .await;
+    env.wait_until(
+        "a scrape answered while the connections are held",
+        || async {
+            client
+                .get(url("/metrics"))
+                .send()
+                .await
+                .is_ok_and(|r| r.status().is_success())
+        },
+    )
+    .await;
+    drop(idle);
+    crate::harness::sigterm(&daemon);
+    daemon.wait().await.unwrap();
+}

@@ -9,10 +9,33 @@ pub(crate) struct PgServer {
     dir: tempfile::TempDir,
     bin: PathBuf,
     port: u16,
+    /// Server settings beyond the defaults (`-c name=value …`).
+    settings: String,
 }
 
 impl PgServer {
     pub(crate) fn start_new() -> PgServer {
+        PgServer::start_new_with(|_| String::new())
+    }
+
+    /// With TLS on, serving `cert` (PEM) and its `key`.
+    pub(crate) fn start_new_with_tls(cert: &str, key: &str) -> PgServer {
+        PgServer::start_new_with(|dir| {
+            let (cert_path, key_path) = (dir.join("server.crt"), dir.join("server.key"));
+            std::fs::write(&cert_path, cert).unwrap();
+            std::fs::write(&key_path, key).unwrap();
+            use std::os::unix::fs::PermissionsExt as _;
+            std::fs::set_permissions(&key_path, std::fs::Permissions::from_mode(0o600)).unwrap();
+            format!(
+                " -c ssl=on -c ssl_cert_file={} -c ssl_key_file={}",
+                cert_path.display(),
+                key_path.display()
+            )
+        })
+    }
+
+    /// `settings` makes the server's extra settings from its directory (before initdb).
+    fn start_new_with(settings: impl FnOnce(&std::path::Path) -> String) -> PgServer {
         let bin = std::fs::read_dir("/usr/lib/postgresql")
             .expect("PostgreSQL's binaries in /usr/lib/postgresql")
             .filter_map(Result::ok)
@@ -25,7 +48,13 @@ impl PgServer {
             .local_addr()
             .unwrap()
             .port();
-        let server = PgServer { dir, bin, port };
+        let settings = settings(dir.path());
+        let server = PgServer {
+            dir,
+            bin,
+            port,
+            settings,
+        };
         if as_root() {
             // The server refuses to run as root: it runs as `postgres`, in a directory it owns.
             run(Command::new("chown")
@@ -57,9 +86,10 @@ impl PgServer {
 
     pub(crate) fn start(&self) {
         let options = format!(
-            "-p {} -k {} -c listen_addresses=127.0.0.1 -c fsync=off",
+            "-p {} -k {} -c listen_addresses=127.0.0.1 -c fsync=off{}",
             self.port,
-            self.dir.path().display()
+            self.dir.path().display(),
+            self.settings
         );
         run(self
             .command("pg_ctl")
@@ -77,6 +107,10 @@ impl PgServer {
             .args(["-w", "-s", "-m", "fast", "-D"])
             .arg(self.data())
             .arg("stop"));
+    }
+
+    pub(crate) fn port(&self) -> u16 {
+        self.port
     }
 
     pub(crate) fn admin_url(&self) -> String {

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use sqlx::PgPool;
-use sqlx::postgres::PgListener;
+use sqlx::postgres::{PgConnectOptions, PgListener, PgPoolOptions};
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
@@ -20,7 +20,7 @@ const RECONNECT: Duration = Duration::from_secs(1);
 #[derive(Debug, Clone)]
 pub(super) enum Source {
     Pool(PgPool),
-    Url(String),
+    Url(Box<PgConnectOptions>),
 }
 
 /// Starts the listener; it ends when `stop` is cancelled.
@@ -62,7 +62,12 @@ async fn listen(source: Source, wake: Arc<Notify>) {
 async fn subscribe(source: &Source) -> Result<PgListener, sqlx::Error> {
     let mut listener = match source {
         Source::Pool(pool) => PgListener::connect_with(pool).await?,
-        Source::Url(url) => PgListener::connect(url).await?,
+        Source::Url(options) => {
+            let pool = PgPoolOptions::new()
+                .max_connections(1)
+                .connect_lazy_with((**options).clone());
+            PgListener::connect_with(&pool).await?
+        }
     };
     listener.listen(CHANNEL).await?;
     Ok(listener)

@@ -55,7 +55,7 @@ impl PgStore {
     pub fn connect(url: &str, options: &DbOptions) -> Result<PgStore> {
         let pool = open::pool(url, options)?;
         let listen = match &options.listen_url {
-            Some(url) => listen::Source::Url(url.clone()),
+            Some(url) => listen::Source::Url(Box::new(open::connect_options(url)?)),
             None => listen::Source::Pool(pool.clone()),
         };
         Ok(PgStore {

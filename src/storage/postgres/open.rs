@@ -7,18 +7,52 @@ use std::time::Duration;
 
 use sqlx::PgPool;
 use sqlx::migrate::Migrator;
-use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions, PgSslMode};
 
 use crate::storage::{DbError, DbOptions, Result};
+
+/// How to reach the server `url` names. A server reached over the network gets TLS with its
+/// certificate verified against the system's roots and its name (`verify-full`) unless the URL
+/// or `PGSSLMODE` says otherwise: sqlx's own default, `prefer`, takes any certificate or none.
+/// Loopback and a Unix socket keep that default.
+pub(super) fn connect_options(url: &str) -> Result<PgConnectOptions> {
+    let options = PgConnectOptions::from_str(url).map_err(|source| DbError::Open {
+        url: crate::storage::redact_url(url),
+        source,
+    })?;
+    let explicit = std::env::var_os("PGSSLMODE").is_some() || names_ssl_mode(url);
+    Ok(if explicit || is_local(&options) {
+        options
+    } else {
+        options.ssl_mode(PgSslMode::VerifyFull)
+    })
+}
+
+fn names_ssl_mode(url: &str) -> bool {
+    sqlx_core::Url::parse(url).is_ok_and(|u| {
+        u.query_pairs()
+            .any(|(key, _)| key == "sslmode" || key == "ssl-mode")
+    })
+}
+
+/// Loopback or a Unix socket: nothing between the two ends to trust.
+fn is_local(options: &PgConnectOptions) -> bool {
+    let host = options
+        .get_host()
+        .trim_start_matches('[')
+        .trim_end_matches(']');
+    options.get_socket().is_some()
+        || host.starts_with('/')
+        || host.eq_ignore_ascii_case("localhost")
+        || host
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback())
+}
 
 /// Connections are opened when needed and checked before use: after a server restart the pool
 /// drops the dead ones instead of failing a query on each.
 pub(super) fn pool(url: &str, options: &DbOptions) -> Result<PgPool> {
-    let connect = PgConnectOptions::from_str(url)
-        .map_err(|source| DbError::Open {
-            url: crate::storage::redact_url(url),
-            source,
-        })?
+    let connect = connect_options(url)?
         .application_name("storekeyd")
         .options(server_timeouts(options.busy_timeout));
     Ok(PgPoolOptions::new()
@@ -88,4 +122,49 @@ pub fn migrator() -> Migrator {
         ),
     ];
     crate::storage::embedded(&migrations)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn mode(url: &str) -> PgSslMode {
+        connect_options(url).unwrap().get_ssl_mode()
+    }
+
+    #[test]
+    fn a_server_over_the_network_is_verified_unless_the_url_says_otherwise() {
+        if std::env::var_os("PGSSLMODE").is_some() {
+            return;
+        }
+        assert!(matches!(
+            mode("postgres://u@db.internal/keys"),
+            PgSslMode::VerifyFull
+        ));
+        assert!(matches!(
+            mode("postgres://u@10.0.0.5:5432/keys"),
+            PgSslMode::VerifyFull
+        ));
+        assert!(matches!(
+            mode("postgres://u@db.internal/keys?hostaddr=127.0.0.1"),
+            PgSslMode::VerifyFull
+        ));
+        assert!(matches!(
+            mode("postgres://u@db.internal/keys?sslmode=verify-ca"),
+            PgSslMode::VerifyCa
+        ));
+        assert!(matches!(
+            mode("postgres://u@db.internal/keys?sslmode=disable"),
+            PgSslMode::Disable
+        ));
+        for local in [
+            "postgres://u@localhost/keys",
+            "postgres://u@127.0.0.1:5432/keys",
+            "postgres://u@[::1]/keys",
+            "postgres://u@%2Frun%2Fpostgresql/keys",
+            "postgres:///keys?host=/run/postgresql",
+        ] {
+            assert!(matches!(mode(local), PgSslMode::Prefer), "{local}");
+        }
+    }
 }
