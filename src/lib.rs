@@ -12,4 +12,5 @@ pub mod emulator;
 pub mod ops;
 pub mod policy;
 pub mod remote;
+pub mod secret_file;
 pub mod storage;

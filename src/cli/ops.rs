@@ -325,6 +325,7 @@ async fn dry_run_row(
         attempts: 0,
         refusals: storekeyd::storage::Refusals::default(),
         canary: false,
+        proven: false,
         lease_until: i64::MAX,
     };
     Ok(if dry_run_one(engine, &row).await {

@@ -20,13 +20,14 @@ pub use application::{
 
 pub const ENV_PREFIX: &str = "STOREKEYD_";
 /// The top-level settings, which an override's name must start with.
-const SETTINGS: [&str; 16] = [
+const SETTINGS: [&str; 17] = [
     "database_url",
     "state_directory",
     "database_busy_timeout",
     "database_pool_size",
     "database_connect_timeout",
     "database_listen_url",
+    "database_password_file",
     "endpoints",
     "entra",
     "applications",
@@ -62,6 +63,9 @@ pub struct Config {
     /// PostgreSQL: a direct URL for the listener for new keys, where `database_url` goes through
     /// PgBouncer in transaction mode (which cannot hold a `LISTEN`).
     pub database_listen_url: Option<String>,
+    /// PostgreSQL: a file holding the password (mode 0600, or a systemd credential: a relative
+    /// name is looked up in `$CREDENTIALS_DIRECTORY`), so that it need not be in the URL.
+    pub database_password_file: Option<PathBuf>,
     pub endpoints: Endpoints,
     pub entra: Entra,
     pub applications: Vec<Application>,
@@ -259,6 +263,7 @@ impl Default for Config {
             database_pool_size: crate::storage::DbOptions::default().pool_size,
             database_connect_timeout: crate::storage::DbOptions::default().connect_timeout,
             database_listen_url: None,
+            database_password_file: None,
             endpoints: Endpoints::default(),
             entra: Entra::default(),
             applications: Vec::new(),
@@ -481,6 +486,14 @@ impl Config {
                 "expected a `postgres://` URL (the listener is for PostgreSQL only)",
             ));
         }
+        if self.database_password_file.is_some()
+            && Backend::of(&self.database_url()) != Some(Backend::Postgres)
+        {
+            return Err(field_error(
+                "database_password_file",
+                "a password file is for a `postgres://` database_url only",
+            ));
+        }
         if !(2..=1000).contains(&self.database_pool_size) {
             return Err(field_error(
                 "database_pool_size",
@@ -615,6 +628,7 @@ impl Config {
             pool_size: self.database_pool_size,
             connect_timeout: self.database_connect_timeout,
             listen_url: self.database_listen_url.clone(),
+            password_file: self.database_password_file.clone(),
         }
     }
 

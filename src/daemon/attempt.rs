@@ -389,7 +389,13 @@ impl Engine {
         };
         let verdict = self
             .safety
-            .refused(&facts.client_id, row.id, row.refusals, row.canary)
+            .refused(
+                &facts.client_id,
+                row.id,
+                row.refusals,
+                row.canary,
+                row.proven,
+            )
             .await;
         let answer = Answer::Refused {
             detail: detail.clone(),

@@ -262,9 +262,16 @@ impl Safety {
 
     /// A key of `app` refused twice with AuthenticationTokenInvalid: revoked, or is it us?
     /// `prior`: its earlier refusals; `canary`: it was renewed early to test the credential.
-    pub async fn refused(&self, app: &str, key_id: i64, prior: Refusals, canary: bool) -> Verdict {
+    pub async fn refused(
+        &self,
+        app: &str,
+        key_id: i64,
+        prior: Refusals,
+        canary: bool,
+        proven: bool,
+    ) -> Verdict {
         let (verdict, change) =
-            lock(&self.guard).refused(app, key_id, prior, canary, self.time.now_ms());
+            lock(&self.guard).refused(app, key_id, prior, canary, proven, self.time.now_ms());
         if change == Some(AlarmChange::Raised) {
             self.credential_alarm_raised(app).await;
         }

@@ -20,6 +20,12 @@ fn flag(state: State, reason: impl Into<String>) -> Flag {
     }
 }
 
+/// The longest a key the Store issues lives: 30 days today, 90 before; a day more for slack.
+pub const MAX_LIFETIME_SECS: i64 = 91 * 86_400;
+/// How far ahead of the Store's clock (as storekeyd knows it) a key's `iat` may be: clock skew
+/// among the Store's own servers (its `nbf` runs an hour before `iat`), with room to spare.
+pub const MAX_FUTURE_IAT_SECS: i64 = 6 * 3600;
+
 /// The checks of DESIGN.md's ingest step. Pure: the row, the time and the config in.
 pub fn check(
     declared_kind: &str,
@@ -46,6 +52,27 @@ pub fn check(
     }
     if claims.expires_at <= claims.issued_at {
         return Err(flag(State::Invalid, "key's exp is not after its iat"));
+    }
+    // Claims are unsigned text: bounded to what the Store issues, a forged `iat` of 1 cannot
+    // make a key look issued long ago (due at once, first in line, a canary's age).
+    if claims.expires_at - claims.issued_at > MAX_LIFETIME_SECS {
+        return Err(flag(
+            State::Invalid,
+            format!(
+                "key's exp is more than {} days after its iat; the Store issues no key that lives so long",
+                MAX_LIFETIME_SECS / 86_400
+            ),
+        ));
+    }
+    if claims.issued_at > now.saturating_add(MAX_FUTURE_IAT_SECS) {
+        return Err(flag(
+            State::Invalid,
+            format!(
+                "key's iat {} is more than {} hours ahead of the Store's clock; the Store issues no such key",
+                utc(claims.issued_at),
+                MAX_FUTURE_IAT_SECS / 3600
+            ),
+        ));
     }
     if claims.expires_at <= now {
         return Err(flag(
@@ -163,6 +190,51 @@ mod tests {
                 .unwrap_err()
                 .state,
             State::Invalid
+        );
+    }
+
+    /// A player can write any claims: one "issued" in 1970 (due at once, a canary's age) or far
+    /// ahead of the Store's clock is no key the Store issued.
+    #[test]
+    fn claims_are_bounded_to_what_the_store_issues() {
+        const T: i64 = 1_000_000_000;
+        let c = config();
+        let check_at = |issued, lifetime, now| {
+            check(
+                "collections",
+                &key(&KeySpec::collections("app", issued, lifetime)),
+                now,
+                &c,
+            )
+        };
+        let ninety = 90 * 86_400;
+        assert!(
+            check_at(T - 10, ninety, T).is_ok(),
+            "the Store issued 90-day keys"
+        );
+        let forged = check_at(7200, T + 86_400 - 7200, T).unwrap_err();
+        assert_eq!(forged.state, State::Invalid);
+        assert!(
+            forged.reason.contains("more than 91 days after its iat"),
+            "{}",
+            forged.reason
+        );
+        assert_eq!(
+            check_at(T - 86_400, 50 * 365 * 86_400, T)
+                .unwrap_err()
+                .state,
+            State::Invalid
+        );
+        assert!(
+            check_at(T + 2 * 3600, 30 * 86_400, T).is_ok(),
+            "an hour or two of skew"
+        );
+        let ahead = check_at(T + 7 * 3600, 30 * 86_400, T).unwrap_err();
+        assert_eq!(ahead.state, State::Invalid);
+        assert!(
+            ahead.reason.contains("ahead of the Store's clock"),
+            "{}",
+            ahead.reason
         );
     }
 

@@ -55,8 +55,9 @@ pub const ALARM: &str = "the Store is refusing keys of this application while no
 
 #[derive(Debug, Default)]
 struct App {
-    /// (when, key) of refusals since the last renewal began, within the window.
-    refusals: VecDeque<(i64, i64)>,
+    /// (when, key, whether the Store renewed that key before) of refusals since the last
+    /// renewal began, within the window.
+    refusals: VecDeque<(i64, i64, bool)>,
     /// When the latest successful renewal began.
     last_success_ms: Option<i64>,
     alarm_since: Option<i64>,
@@ -77,11 +78,28 @@ impl App {
         let window = i64::try_from(window.as_millis()).unwrap_or(i64::MAX);
         let since = self.last_success_ms.unwrap_or(i64::MIN);
         self.refusals
-            .retain(|(t, _)| *t > since && now.saturating_sub(*t) <= window);
+            .retain(|(t, _, _)| *t > since && now.saturating_sub(*t) <= window);
     }
 
     fn distinct_refused(&self) -> usize {
-        let mut keys: Vec<i64> = self.refusals.iter().map(|(_, k)| *k).collect();
+        self.distinct(|_| true)
+    }
+
+    /// Distinct refused keys that count towards a wave: those the Store renewed before, for
+    /// anyone can store a key that was never genuine. Until a renewal of the application has
+    /// been seen, every key counts (with no evidence either way, the alarm is the safe side).
+    fn wave(&self) -> usize {
+        let seen_success = self.last_success_ms.is_some();
+        self.distinct(|proven| proven || !seen_success)
+    }
+
+    fn distinct(&self, counts: impl Fn(bool) -> bool) -> usize {
+        let mut keys: Vec<i64> = self
+            .refusals
+            .iter()
+            .filter(|(_, _, proven)| counts(*proven))
+            .map(|(_, k, _)| *k)
+            .collect();
         keys.sort_unstable();
         keys.dedup();
         keys.len()
@@ -110,7 +128,7 @@ impl RevocationGuard {
         a.last_success_ms = Some(a.last_success_ms.map_or(started_ms, |t| t.max(started_ms)));
         a.canary.none_to_ask = false;
         // Refusals from before it are answered: the credential worked after them.
-        a.refusals.retain(|(t, _)| *t > started_ms);
+        a.refusals.retain(|(t, _, _)| *t > started_ms);
         let change = match a.alarm_since {
             Some(since) if started_ms > since => {
                 a.alarm_since = None;
@@ -143,33 +161,35 @@ impl RevocationGuard {
 
     /// A key of `app` was refused twice (the second time with a fresh access token). `prior` is
     /// what the database remembers of its earlier refusals; `canary`: the key was renewed early
-    /// to test the credential.
+    /// to test the credential; `proven`: the Store renewed this key before, so it was genuine.
     pub fn refused(
         &mut self,
         app: &str,
         key_id: i64,
         prior: Refusals,
         canary: bool,
+        proven: bool,
         now: i64,
     ) -> (Verdict, Option<AlarmChange>) {
         let policy = self.policy;
         let a = self.apps.entry(app.to_owned()).or_default();
         a.prune(now, policy.window);
-        a.refusals.push_back((now, key_id));
+        a.refusals.push_back((now, key_id, proven));
         a.canary.wanted = true;
         if a.alarm_since.is_some() {
             return (Verdict::Defer(ALARM), None);
         }
-        // A canary is a key that renewed before: refused right after another key was, with
-        // nothing renewed since it was asked for, it points at us. So do many keys at once, and
-        // every key of a small application.
+        // A canary the Store renewed before, refused right after another key was, with nothing
+        // renewed since it was asked for, points at us. So do many such keys at once, and every
+        // key of a small application. A key that never renewed may be forged: its refusal
+        // raises nothing by itself.
         let renewed_since_asked = a
             .last_success_ms
             .zip(a.canary.last_ms)
             .is_some_and(|(success, asked)| success > asked);
         let refused = a.distinct_refused();
-        if (canary && !renewed_since_asked)
-            || refused >= policy.threshold
+        if (canary && proven && !renewed_since_asked)
+            || a.wave() >= policy.threshold
             || (a.canary.none_to_ask && refused >= 2)
         {
             a.alarm_since = Some(now);

@@ -34,7 +34,9 @@ pub fn renewal_time(claims: &KeyFacts, policy: &Policy, now: i64, jitter_draw: f
     // A quarter of the lifetime, but never more than max_age (a key valid for decades still
     // renews on Microsoft's cadence).
     let floor = iat + ((exp - iat).max(0) / 4).min(secs(policy.max_age));
-    target.saturating_sub(jitter).max(floor)
+    // Never before now: a key that looks long overdue (its `iat` is unsigned text) waits its
+    // turn behind the keys already due.
+    target.saturating_sub(jitter).max(floor).max(now)
 }
 
 /// What to do after an attempt that may succeed later (throttled, transient, unexpected).

@@ -13,6 +13,11 @@ pub enum DbError {
         path: String,
         source: std::io::Error,
     },
+    #[error("database_password_file `{}`: {why}", .path.display())]
+    PasswordFile {
+        path: std::path::PathBuf,
+        why: String,
+    },
     #[error("database: migration failed: {0}")]
     Migrate(#[from] sqlx::migrate::MigrateError),
     #[error("database: {0}")]

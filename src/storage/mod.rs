@@ -40,6 +40,8 @@ pub struct DbOptions {
     /// PostgreSQL: where the listener for new keys connects, if not where the pool does (a
     /// direct connection past PgBouncer in transaction mode).
     pub listen_url: Option<String>,
+    /// PostgreSQL: a file holding the password, read at connect.
+    pub password_file: Option<std::path::PathBuf>,
 }
 
 impl Default for DbOptions {
@@ -49,6 +51,7 @@ impl Default for DbOptions {
             pool_size: 10,
             connect_timeout: Duration::from_secs(5),
             listen_url: None,
+            password_file: None,
         }
     }
 }
@@ -208,11 +211,18 @@ pub trait Storage: Send + Sync + std::fmt::Debug {
         now: i64,
         lease_until: i64,
     ) -> Result<Option<ClaimedRow>> {
-        // A key renewed moments ago proves as much as an older one; it is taken only when no
+        // A key the Store renewed first: a refusal of one that never renewed proves nothing
+        // (a player may have forged it), so it is asked only where no renewed key is free. A
+        // key renewed moments ago proves as much as an older one; it is taken only when no
         // older key is free, and then it is this or no evidence at all.
-        for issued in [issued_before, i64::MAX] {
+        for (proven, issued) in [
+            (true, issued_before),
+            (true, i64::MAX),
+            (false, issued_before),
+            (false, i64::MAX),
+        ] {
             if let Some(mut row) = self
-                .claim_healthy_key(client_id, issued, now, lease_until)
+                .claim_healthy_key(client_id, issued, proven, now, lease_until)
                 .await?
             {
                 row.canary = true;
@@ -228,11 +238,13 @@ pub trait Storage: Send + Sync + std::fmt::Debug {
         Ok(None)
     }
     /// For [`Storage::claim_canary`]: reserves the soonest due healthy key of `client_id`
-    /// issued at `issued_before` or earlier, valid past `lease_until`, if one is free.
+    /// issued at `issued_before` or earlier (one the Store renewed, if `proven`), valid past
+    /// `lease_until`, if one is free.
     async fn claim_healthy_key(
         &self,
         client_id: &str,
         issued_before: i64,
+        proven: bool,
         now: i64,
         lease_until: i64,
     ) -> Result<Option<ClaimedRow>>;
@@ -354,6 +366,9 @@ pub struct ClaimedRow {
     pub refusals: Refusals,
     /// Claimed to test the application's credential, ahead of its time.
     pub canary: bool,
+    /// The Store has renewed the key the row holds (it issued a successor): proof the key is
+    /// genuine, which its unsigned claims are not.
+    pub proven: bool,
     /// Unix time the claim's lease ends: past it another process may claim the key.
     pub lease_until: i64,
 }

@@ -20,7 +20,7 @@ pub(crate) fn decode_error(column: &str, value: &str) -> sqlx::Error {
 }
 
 /// A claimed row: `id, key_bytes, attempts, refusals, refused_first_ms, refused_last_ms, kind,
-/// client_id, user_id, issued_at, expires_at`.
+/// client_id, user_id, issued_at, expires_at, last_renewed_at`.
 pub(crate) fn claimed<R>(row: &R, lease_until: i64) -> Result<ClaimedRow, sqlx::Error>
 where
     R: Row,
@@ -61,6 +61,7 @@ where
             last_ms: row.try_get("refused_last_ms")?,
         },
         canary: false,
+        proven: row.try_get::<Option<i64>, _>("last_renewed_at")?.is_some(),
         lease_until,
     })
 }

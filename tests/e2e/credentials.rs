@@ -403,16 +403,37 @@ async fn certificate_files_come_from_the_credentials_directory() {
         "{stdout}"
     );
     // systemd's credential files show the ACL mask in their group bits (0440): the directory
-    // is the service's alone, so that is no exposure.
+    // is the service's alone, and writable by no one, so that is no exposure.
     std::fs::set_permissions(
         creds.join("entra-cert.key"),
         std::fs::Permissions::from_mode(0o440),
     )
     .unwrap();
+    let dir_mode = |mode| {
+        std::fs::set_permissions(&creds, std::fs::Permissions::from_mode(mode)).unwrap();
+    };
+    dir_mode(0o500);
     assert_eq!(check().await.status.code(), Some(0));
-    // The same mode outside it is refused.
+    // A directory someone can write into is not one systemd made: no exemption there.
+    dir_mode(0o700);
+    let out = check().await;
+    assert_eq!(
+        out.status.code(),
+        Some(3),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    // The same mode outside it is refused, also when named through it (`../`).
     let outside = env.dir.path().join("entra-cert.key");
     std::fs::rename(creds.join("entra-cert.key"), &outside).unwrap();
+    dir_mode(0o500);
+    let app = env.config.applications.last_mut().unwrap();
+    app.private_key_file = Some("../entra-cert.key".into());
+    env.write_config();
+    let out = check().await;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(3), "{stdout}");
+    assert!(stdout.contains("(mode 440)"), "{stdout}");
     let app = env.config.applications.last_mut().unwrap();
     app.private_key_file = Some(outside);
     env.write_config();

@@ -15,6 +15,7 @@ mod demo;
 mod emulator_identity;
 mod flags;
 mod fleet;
+mod forged;
 mod guard;
 mod hostile;
 mod hygiene;

@@ -15,12 +15,26 @@ pub(crate) struct PgServer {
 
 impl PgServer {
     pub(crate) fn start_new() -> PgServer {
-        PgServer::start_new_with(|_| String::new())
+        PgServer::start_new_with(&["-A", "trust"], |_| String::new())
+    }
+
+    /// Connections over TCP must give `postgres`'s password (SCRAM); the socket trusts.
+    pub(crate) fn start_new_with_password(password: &str) -> PgServer {
+        let file = tempfile::NamedTempFile::new().unwrap();
+        std::fs::write(file.path(), password).unwrap();
+        if as_root() {
+            run(Command::new("chown").arg("postgres").arg(file.path()));
+        }
+        let pwfile = format!("--pwfile={}", file.path().display());
+        PgServer::start_new_with(
+            &["--auth-local=trust", "--auth-host=scram-sha-256", &pwfile],
+            |_| String::new(),
+        )
     }
 
     /// With TLS on, serving `cert` (PEM) and its `key`.
     pub(crate) fn start_new_with_tls(cert: &str, key: &str) -> PgServer {
-        PgServer::start_new_with(|dir| {
+        PgServer::start_new_with(&["-A", "trust"], |dir| {
             let (cert_path, key_path) = (dir.join("server.crt"), dir.join("server.key"));
             std::fs::write(&cert_path, cert).unwrap();
             std::fs::write(&key_path, key).unwrap();
@@ -35,7 +49,10 @@ impl PgServer {
     }
 
     /// `settings` makes the server's extra settings from its directory (before initdb).
-    fn start_new_with(settings: impl FnOnce(&std::path::Path) -> String) -> PgServer {
+    fn start_new_with(
+        auth: &[&str],
+        settings: impl FnOnce(&std::path::Path) -> String,
+    ) -> PgServer {
         let bin = std::fs::read_dir("/usr/lib/postgresql")
             .expect("PostgreSQL's binaries in /usr/lib/postgresql")
             .filter_map(Result::ok)
@@ -63,7 +80,8 @@ impl PgServer {
         }
         run(server
             .command("initdb")
-            .args(["-A", "trust", "-U", "postgres", "--no-sync", "-D"])
+            .args(auth)
+            .args(["-U", "postgres", "--no-sync", "-D"])
             .arg(server.data()));
         server.start();
         server

@@ -71,3 +71,42 @@ async fn a_server_over_the_network_must_prove_its_name() {
         .close()
         .await;
 }
+
+/// The database's password from a file (a systemd credential), not the URL: the server takes it,
+/// a file others may read is refused by name, and the password is in no error.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_database_password_comes_from_a_private_file() {
+    use std::os::unix::fs::PermissionsExt as _;
+    const PASSWORD: &str = "correct-horse-battery-staple";
+    let server = PgServer::start_new_with_password(PASSWORD);
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("pg.password");
+    std::fs::write(&file, format!("{PASSWORD}\n")).unwrap();
+    std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let url = format!("postgres://postgres@127.0.0.1:{}/postgres", server.port());
+    let options = |password_file: Option<std::path::PathBuf>| DbOptions {
+        connect_timeout: std::time::Duration::from_secs(2),
+        password_file,
+        ..DbOptions::default()
+    };
+
+    storage::open(&url, &options(Some(file.clone())))
+        .await
+        .expect("the password file's password is taken")
+        .close()
+        .await;
+    assert!(
+        storage::open(&url, &options(None)).await.is_err(),
+        "the server must ask for a password"
+    );
+    std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let refused = match storage::open(&url, &options(Some(file.clone()))).await {
+        Ok(_) => panic!("a password file others may read was taken"),
+        Err(e) => e.to_string(),
+    };
+    assert!(
+        refused.contains("pg.password") && refused.contains("mode 644"),
+        "{refused}"
+    );
+    assert!(!refused.contains(PASSWORD), "{refused}");
+}

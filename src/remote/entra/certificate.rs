@@ -7,6 +7,7 @@ use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use sha2::{Digest, Sha256};
 use x509_cert::Certificate;
 use x509_cert::der::Decode as _;
+use zeroize::Zeroizing;
 
 use crate::config::AssertionAlgorithm;
 
@@ -168,10 +169,14 @@ fn private_key(pem: &str, name: &str) -> Result<RsaKeyPair, CertificateError> {
     Err(CertificateError::NoKey(name.to_owned()))
 }
 
+/// A PEM block's label and DER bytes, wiped when dropped.
+type PemBlock = (String, Zeroizing<Vec<u8>>);
+
 /// Every PEM block in `text` as (label, DER). Text around and between blocks (openssl's "Bag
 /// Attributes") is ignored; a legacy encrypted block (with `Proc-Type`) is reported as encrypted.
-/// Errors name lines, never their text: the file may be a private key.
-fn pem_blocks(text: &str) -> Result<Vec<(String, Vec<u8>)>, String> {
+/// Errors name lines, never their text: the file may be a private key, which is also why every
+/// copy of a block's text and bytes is wiped when dropped.
+fn pem_blocks(text: &str) -> Result<Vec<PemBlock>, String> {
     let mut blocks = Vec::new();
     let mut lines = text.lines().enumerate();
     while let Some((n, line)) = lines.next() {
@@ -184,7 +189,7 @@ fn pem_blocks(text: &str) -> Result<Vec<(String, Vec<u8>)>, String> {
             .filter(|l| is_label(l))
             .ok_or_else(|| format!("line {}: a damaged BEGIN line", n + 1))?;
         let end_line = format!("-----END {label}-----");
-        let mut body = vec![format!("-----BEGIN {label}-----")];
+        let mut body = Zeroizing::new(vec![format!("-----BEGIN {label}-----")]);
         let mut ended = false;
         for (_, line) in lines.by_ref() {
             let line = line.trim();
@@ -204,13 +209,16 @@ fn pem_blocks(text: &str) -> Result<Vec<(String, Vec<u8>)>, String> {
             .iter()
             .any(|l| l.starts_with("Proc-Type:") && l.contains("ENCRYPTED"))
         {
-            blocks.push(("ENCRYPTED PRIVATE KEY".to_owned(), Vec::new()));
+            blocks.push((
+                "ENCRYPTED PRIVATE KEY".to_owned(),
+                Zeroizing::new(Vec::new()),
+            ));
             continue;
         }
-        let pem = body.join("\n") + "\n";
+        let pem = Zeroizing::new(body.join("\n") + "\n");
         let (_, der) = x509_cert::der::pem::decode_vec(pem.as_bytes())
             .map_err(|_| format!("the `{label}` block of line {} is not valid base64", n + 1))?;
-        blocks.push((label.to_owned(), der));
+        blocks.push((label.to_owned(), Zeroizing::new(der)));
     }
     Ok(blocks)
 }

@@ -10,6 +10,7 @@ use secrecy::{ExposeSecret as _, SecretString};
 
 use super::certificate::{CertificateError, SigningCertificate};
 use crate::config::{Application, CredentialKind, CredentialSource};
+use crate::secret_file::resolve;
 
 /// How an application proves itself to Entra ID, ready for one token request.
 pub enum Credential {
@@ -229,14 +230,6 @@ fn non_empty(app: &str, what: &'static str, text: &str) -> Result<SecretString, 
     Ok(SecretString::from(trimmed.to_owned()))
 }
 
-/// Relative paths are systemd credentials (`LoadCredential=`) when the service has them.
-fn resolve(file: &Path) -> PathBuf {
-    match std::env::var_os("CREDENTIALS_DIRECTORY") {
-        Some(dir) if file.is_relative() => Path::new(&dir).join(file),
-        _ => file.to_owned(),
-    }
-}
-
 const MAX_CREDENTIAL_BYTES: u64 = 1 << 20;
 
 /// The file's text and mode, from one open file (the mode is the file's that was read).
@@ -276,7 +269,8 @@ fn read_file(
 }
 
 /// A file with a secret in it must be its owner's alone, unless systemd handed it over: its
-/// credentials directory is the service's alone, and its files show an ACL mask (0440).
+/// credentials directory is the service's alone, and its files show an ACL mask (0440). The
+/// exemption holds only for a directory as systemd leaves it.
 fn read_private(app: &str, role: FileRole, path: &Path) -> Result<SecretString, CredentialError> {
     let (text, mode) = read_file(app, role, path)?;
     check_private(app, role, path, mode)?;
@@ -284,8 +278,7 @@ fn read_private(app: &str, role: FileRole, path: &Path) -> Result<SecretString, 
 }
 
 fn check_private(app: &str, role: FileRole, path: &Path, mode: u32) -> Result<(), CredentialError> {
-    let systemd = std::env::var_os("CREDENTIALS_DIRECTORY").is_some_and(|d| path.starts_with(d));
-    if mode & 0o077 != 0 && !systemd {
+    if !crate::secret_file::private_enough(path, mode) {
         return Err(CredentialError::Permissions {
             app: app.to_owned(),
             role,

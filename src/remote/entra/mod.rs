@@ -34,10 +34,15 @@ const REFRESH_AHEAD_SECS: i64 = 300;
 
 /// How long a failed token request answers for its application.
 const FAILURE_COOLDOWN: std::time::Duration = std::time::Duration::from_secs(5);
+/// A token minted this recently is as fresh as a new one: a refusal does not mint another. Any
+/// player can store keys the Store refuses; without this, each would cost a token request.
+const FRESH_FOR_SECS: i64 = 60;
 
 #[derive(Default)]
 struct Cached {
     token: Option<Arc<AccessToken>>,
+    /// When `token` was minted (Unix seconds).
+    minted_at: Option<i64>,
     /// A managed identity's token, exchanged for the application's token; it lives for hours.
     identity_token: Option<Arc<AccessToken>>,
     failed: Option<(Instant, String)>,
@@ -201,8 +206,10 @@ impl TokenClient {
         self.token_replacing(client_id, None).await
     }
 
-    /// A token other than `stale` (one the Store just refused). Waiters that saw the same
-    /// refusal share the one new token instead of each minting their own.
+    /// A token other than `stale` (one the Store just refused), unless `stale` was minted in the
+    /// last minute: then it is the fresh one, and no request is made (refusals of keys a player
+    /// forged must not each cost one). Waiters that saw the same refusal share the one new token
+    /// instead of each minting their own.
     pub async fn fresh_token(
         &self,
         client_id: &str,
@@ -222,9 +229,13 @@ impl TokenClient {
             .get(client_id)
             .ok_or_else(|| TokenError::UnknownApplication(client_id.to_owned()))?;
         let mut cached = entry.cached.lock().await;
+        let now = self.clock.now();
+        let fresh = cached
+            .minted_at
+            .is_some_and(|at| now.saturating_sub(at) < FRESH_FOR_SECS);
         if let Some(token) = cached.token.as_ref()
-            && token.expires_at - self.clock.now() > REFRESH_AHEAD_SECS
-            && Some(token.fingerprint) != stale
+            && token.expires_at - now > REFRESH_AHEAD_SECS
+            && (Some(token.fingerprint) != stale || fresh)
         {
             return Ok(token.clone());
         }
@@ -258,6 +269,7 @@ impl TokenClient {
         };
         cached.failed = None;
         cached.token = Some(token.clone());
+        cached.minted_at = Some(self.clock.now());
         Ok(token)
     }
 }

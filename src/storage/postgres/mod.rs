@@ -34,7 +34,7 @@ const DB_NOW: &str = "floor(extract(epoch FROM now()))::bigint";
 const PENDING_LEASE_SECS: i64 = 60;
 
 /// The columns a claim returns: the key and the claims ingest stored for it.
-const CLAIMED: &str = "k.id, convert_to(k.key, 'UTF8') AS key_bytes, k.attempts, k.refusals, k.refused_first_ms, k.refused_last_ms, k.kind, k.client_id, k.user_id, k.issued_at, k.expires_at";
+const CLAIMED: &str = "k.id, convert_to(k.key, 'UTF8') AS key_bytes, k.attempts, k.refusals, k.refused_first_ms, k.refused_last_ms, k.kind, k.client_id, k.user_id, k.issued_at, k.expires_at, k.last_renewed_at";
 
 /// A PostgreSQL database. Cloning shares the pool.
 #[derive(Debug, Clone)]
@@ -55,7 +55,7 @@ impl PgStore {
     pub fn connect(url: &str, options: &DbOptions) -> Result<PgStore> {
         let pool = open::pool(url, options)?;
         let listen = match &options.listen_url {
-            Some(url) => listen::Source::Url(Box::new(open::connect_options(url)?)),
+            Some(url) => listen::Source::Url(Box::new(open::listen_options(url, options)?)),
             None => listen::Source::Pool(pool.clone()),
         };
         Ok(PgStore {
@@ -249,6 +249,7 @@ impl Storage for PgStore {
         &self,
         client_id: &str,
         issued_before: i64,
+        proven: bool,
         now: i64,
         lease_until: i64,
     ) -> Result<Option<ClaimedRow>> {
@@ -258,6 +259,7 @@ impl Storage for PgStore {
              WHERE k.id = (SELECT id FROM store_keys
                            WHERE state = 'active' AND client_id = $2 AND refusals = 0
                              AND attempts = 0 AND expires_at > $1 AND issued_at <= $3
+                             AND (last_renewed_at IS NOT NULL OR NOT $5)
                              AND (lease_until IS NULL OR lease_until <= {DB_NOW})
                            ORDER BY next_attempt_at LIMIT 1 FOR UPDATE SKIP LOCKED)
              RETURNING {CLAIMED}"
@@ -269,6 +271,7 @@ impl Storage for PgStore {
                     .bind(client_id)
                     .bind(issued_before)
                     .bind(lease_secs(now, lease_until))
+                    .bind(proven)
                     .fetch_optional(&self.pool)
                     .await?)
             })

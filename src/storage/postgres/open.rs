@@ -49,10 +49,56 @@ fn is_local(options: &PgConnectOptions) -> bool {
             .is_ok_and(|ip| ip.is_loopback())
 }
 
+/// The password in `file` (its first line), if the file is private enough for it.
+pub(super) fn password(file: &std::path::Path) -> Result<secrecy::SecretString> {
+    use std::io::Read as _;
+    use std::os::unix::fs::MetadataExt as _;
+    let path = crate::secret_file::resolve(file);
+    let failed = |why: String| DbError::PasswordFile {
+        path: path.clone(),
+        why,
+    };
+    let file = std::fs::File::open(&path).map_err(|e| failed(e.to_string()))?;
+    let mode = file.metadata().map_err(|e| failed(e.to_string()))?.mode();
+    if !crate::secret_file::private_enough(&path, mode) {
+        return Err(failed(format!(
+            "readable by group or others (mode {:o}); chmod 600 it",
+            mode & 0o777
+        )));
+    }
+    let mut text = zeroize::Zeroizing::new(String::new());
+    file.take(4096)
+        .read_to_string(&mut text)
+        .map_err(|_| failed("not text of at most 4 KiB".to_owned()))?;
+    let line = text.lines().next().unwrap_or_default();
+    if line.is_empty() {
+        return Err(failed(
+            "empty; put the password on its first line".to_owned(),
+        ));
+    }
+    Ok(secrecy::SecretString::from(line.to_owned()))
+}
+
+/// The listener's own URL, with the password file's password unless the URL has one.
+pub(super) fn listen_options(url: &str, options: &DbOptions) -> Result<PgConnectOptions> {
+    let connect = connect_options(url)?;
+    let has_password = sqlx_core::Url::parse(url).is_ok_and(|u| u.password().is_some());
+    Ok(match &options.password_file {
+        Some(file) if !has_password => {
+            connect.password(secrecy::ExposeSecret::expose_secret(&password(file)?))
+        }
+        _ => connect,
+    })
+}
+
 /// Connections are opened when needed and checked before use: after a server restart the pool
 /// drops the dead ones instead of failing a query on each.
 pub(super) fn pool(url: &str, options: &DbOptions) -> Result<PgPool> {
-    let connect = connect_options(url)?
+    let mut connect = connect_options(url)?;
+    if let Some(file) = &options.password_file {
+        connect = connect.password(secrecy::ExposeSecret::expose_secret(&password(file)?));
+    }
+    let connect = connect
         .application_name("storekeyd")
         .options(server_timeouts(options.busy_timeout));
     Ok(PgPoolOptions::new()

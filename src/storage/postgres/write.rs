@@ -38,15 +38,16 @@ macro_rules! scheduled {
 /// it changed. Keys on PostgreSQL are text: a key that is not UTF-8 cannot be stored there.
 pub(super) fn statement(kind: ChangeKind) -> &'static str {
     match kind {
+        // A key the backend wrote has not been renewed, whatever the row's did before it.
         ChangeKind::Activate => concat!(
-            "UPDATE store_keys AS k SET ",
+            "UPDATE store_keys AS k SET last_renewed_at = NULL, ",
             scheduled!(),
             changes!(),
             "AND k.state = 'pending' RETURNING k.id"
         ),
         // Only padded keys touch `key`: an update of it runs the lineage trigger.
         ChangeKind::ActivateTrimmed => concat!(
-            "UPDATE store_keys AS k SET key = v.new_key, ",
+            "UPDATE store_keys AS k SET key = v.new_key, last_renewed_at = NULL, ",
             scheduled!(),
             changes!(),
             "AND k.state = 'pending' RETURNING k.id"

@@ -42,7 +42,7 @@ const RELEASE: &str = "UPDATE store_keys SET next_attempt_at = ?1, lease_until =
        AND +state = 'active' AND lease_until IS NOT NULL";
 
 /// The columns a claim returns: the key and the claims ingest stored for it.
-const CLAIMED: &str = "id, CAST(key AS BLOB) AS key_bytes, attempts, refusals, refused_first_ms, refused_last_ms, kind, client_id, user_id, issued_at, expires_at";
+const CLAIMED: &str = "id, CAST(key AS BLOB) AS key_bytes, attempts, refusals, refused_first_ms, refused_last_ms, kind, client_id, user_id, issued_at, expires_at, last_renewed_at";
 
 impl SqliteStore {
     /// Opens (creating if needed, mode 0600) and migrates the database.
@@ -216,6 +216,7 @@ impl Storage for SqliteStore {
         &self,
         client_id: &str,
         issued_before: i64,
+        proven: bool,
         now: i64,
         lease_until: i64,
     ) -> Result<Option<ClaimedRow>> {
@@ -228,6 +229,7 @@ impl Storage for SqliteStore {
                          WHERE state = 'active' AND client_id = ?2 AND refusals = 0
                            AND attempts = 0 AND expires_at > ?1
                            AND issued_at <= ?4
+                           AND (last_renewed_at IS NOT NULL OR NOT ?5)
                            AND (lease_until IS NULL OR lease_until <= ?3)
                          ORDER BY next_attempt_at LIMIT 1)
              RETURNING {CLAIMED}"
@@ -237,6 +239,7 @@ impl Storage for SqliteStore {
             .bind(client_id)
             .bind(now)
             .bind(issued_before)
+            .bind(proven)
             .fetch_optional(&self.pool)
             .await?;
         Ok(row

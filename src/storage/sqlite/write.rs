@@ -74,7 +74,7 @@ macro_rules! activate {
         concat!(
             "UPDATE store_keys SET ",
             $set,
-            "state = 'active', reason = NULL, key_fp = v.key_fp,
+            "state = 'active', reason = NULL, key_fp = v.key_fp, last_renewed_at = NULL,
                  client_id = v.client_id, user_id = v.user_id, issued_at = v.issued_at,
                  expires_at = v.expires_at, next_attempt_at = v.next_at, lease_until = NULL,
                  attempts = 0, refusals = 0, refused_first_ms = NULL, refused_last_ms = NULL,
