@@ -25,7 +25,7 @@ fn in_systemd_credentials(path: &Path) -> bool {
 }
 
 /// `$CREDENTIALS_DIRECTORY`, if it is a directory as systemd makes it: not a link, owned by
-/// root (or the service's own user), and writable by no one. A variable pointing anywhere else
+/// root (or the service's own user), writable by no one, closed to others. A variable pointing anywhere else
 /// (a directory the service, or someone else, can write into) earns no exemption.
 fn systemd_credentials() -> Option<PathBuf> {
     use std::os::unix::fs::MetadataExt as _;
@@ -33,5 +33,5 @@ fn systemd_credentials() -> Option<PathBuf> {
     let meta = std::fs::symlink_metadata(&dir).ok()?;
     let me = rustix::process::geteuid().as_raw();
     let owner = meta.uid() == 0 || meta.uid() == me;
-    (meta.is_dir() && owner && meta.mode() & 0o222 == 0).then_some(dir)
+    (meta.is_dir() && owner && meta.mode() & 0o227 == 0).then_some(dir)
 }

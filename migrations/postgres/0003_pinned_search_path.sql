@@ -6,9 +6,11 @@
 -- DEFINER Functions Safely" says: every table is named with its schema (the one this migration
 -- finds store_keys in), and the path holds only pg_catalog, then pg_temp, last.
 --
--- A second trigger keeps `state` storekeyd's to decide: a role that may not write the lease
--- (a backend with the README's column grants) may set it to 'pending' (a recheck) and to nothing
--- else. It runs as its caller and looks at the caller's own privileges.
+-- Two more triggers keep `state` storekeyd's to decide, for a role that may not write the lease
+-- (a backend with the README's column grants): it may set `state` to 'pending' (a recheck) and
+-- to nothing else, and a key it writes with a plain UPDATE is checked again as the upsert's is
+-- (else the row would stay active with another key under the old key's claims). Both run as
+-- their caller and look at the caller's own privileges.
 DO $migration$
 DECLARE
     s TEXT := (SELECT n.nspname FROM pg_catalog.pg_class c
@@ -49,6 +51,27 @@ BEGIN
     RETURN NEW;
 END;
 $body$;
+
+CREATE FUNCTION %1$I.storekeyd_backend_key() RETURNS trigger LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp AS $body$
+BEGIN
+    IF NOT has_column_privilege(TG_RELID, 'lease_until', 'UPDATE') THEN
+        NEW.state := 'pending';
+        NEW.lease_until := NULL;
+    END IF;
+    RETURN NEW;
+END;
+$body$;
+
+-- Named to fire before store_keys_keep_newer (triggers fire in name order), whose condition
+-- then sees the row as pending, as after the upsert. Not for storekeyd's own key writes (a
+-- renewal counts one more; a check activates a pending row), as migration 2 keeps the lineage
+-- check off them: a trigger function per renewal costs.
+CREATE TRIGGER store_keys_backend_key BEFORE UPDATE OF key ON %1$I.store_keys
+FOR EACH ROW
+WHEN (NEW.key IS DISTINCT FROM OLD.key AND NEW.renewals = OLD.renewals
+      AND (OLD.state <> 'pending' OR NEW.state = 'pending'))
+EXECUTE FUNCTION %1$I.storekeyd_backend_key();
 
 CREATE TRIGGER store_keys_state_is_ours BEFORE UPDATE OF state ON %1$I.store_keys
 FOR EACH ROW WHEN (NEW.state IS DISTINCT FROM OLD.state AND NEW.state <> 'pending')

@@ -162,7 +162,9 @@ pub(crate) async fn execute(cli: Cli) -> ExitCode {
     let exit = match result {
         Ok(exit) => exit,
         Err(e) => {
-            eprintln!("storekeyd: {}", chain(&e));
+            // An error may quote a stored reason or a claim a player wrote.
+            let text = chain(&e);
+            eprintln!("storekeyd: {}", storekeyd::ops::printable::printable(&text));
             if e.downcast_ref::<UsageError>().is_some() || e.downcast_ref::<ConfigError>().is_some()
             {
                 Exit::Usage

@@ -1,7 +1,7 @@
 //! Serving the loopback listener so that no client can hold it, or the process, hostage: at most
 //! [`MAX_CONNECTIONS`] at once (the others wait in the kernel's backlog, costing the process no
-//! descriptor), request headers within [`HEADER_TIMEOUT`], and a whole connection within
-//! [`CONNECTION_LIFETIME`]. axum's own `serve` has neither bound: a local user holding ~1,000
+//! descriptor), request headers within [`HEADER_TIMEOUT`], one request a connection, and a
+//! whole connection within [`CONNECTION_LIFETIME`]. axum's own `serve` has neither bound: a local user holding ~1,000
 //! idle connections took every descriptor, and renewals stalled.
 
 use std::sync::Arc;
@@ -21,7 +21,7 @@ pub const MAX_CONNECTIONS: usize = 64;
 /// A scraper sends its request at once; an idle connection is dropped after this.
 pub const HEADER_TIMEOUT: Duration = Duration::from_secs(5);
 /// However slowly a client reads, its connection ends after this.
-pub const CONNECTION_LIFETIME: Duration = Duration::from_secs(60);
+pub const CONNECTION_LIFETIME: Duration = Duration::from_secs(10);
 
 /// Serves `app` on `listener` until `shutdown`; open connections are then cut, not awaited (a
 /// scrape is not worth holding a stop for).
@@ -56,6 +56,8 @@ pub async fn serve(
             let connection = hyper::server::conn::http1::Builder::new()
                 .timer(TokioTimer::new())
                 .header_read_timeout(HEADER_TIMEOUT)
+                // One request a connection: a client cannot keep a slot with a stream of them.
+                .keep_alive(false)
                 .serve_connection(TokioIo::new(stream), service);
             let _ = tokio::time::timeout(CONNECTION_LIFETIME, connection).await;
         });

@@ -181,14 +181,19 @@ impl RevocationGuard {
         }
         // A canary the Store renewed before, refused right after another key was, with nothing
         // renewed since it was asked for, points at us. So do many such keys at once, and every
-        // key of a small application. A key that never renewed may be forged: its refusal
-        // raises nothing by itself.
+        // key of a small application. A key that never renewed may be forged: refused as a
+        // canary it points at us only beside a refused key that did renew (the canary search
+        // falls back to such keys where no renewed one is free).
         let renewed_since_asked = a
             .last_success_ms
             .zip(a.canary.last_ms)
             .is_some_and(|(success, asked)| success > asked);
+        let corroborated = proven
+            || a.refusals
+                .iter()
+                .any(|(_, key, proven)| *proven && *key != key_id);
         let refused = a.distinct_refused();
-        if (canary && proven && !renewed_since_asked)
+        if (canary && corroborated && !renewed_since_asked)
             || a.wave() >= policy.threshold
             || (a.canary.none_to_ask && refused >= 2)
         {

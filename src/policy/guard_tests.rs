@@ -287,3 +287,19 @@ fn a_refused_canary_that_renewed_before_is_our_credential() {
         (Verdict::Defer(ALARM), Some(AlarmChange::Raised))
     );
 }
+
+/// Where no renewed key is free, the canary is one that never renewed: refused beside a refused
+/// key that did renew, that is our credential too.
+#[test]
+fn an_unproven_canary_refused_beside_a_proven_refusal_raises_the_alarm() {
+    let t = 1_000 * HOUR;
+    let mut g = guard();
+    g.success("a", t);
+    g.refused("a", 1, Refusals::default(), false, true, t + 1);
+    assert_eq!(g.canaries_due(t + 2), ["a"]);
+    g.canary_found("a", true, t + 2);
+    assert_eq!(
+        g.refused("a", 2, Refusals::default(), true, false, t + 3),
+        (Verdict::Defer(ALARM), Some(AlarmChange::Raised))
+    );
+}

@@ -40,7 +40,8 @@ pub struct DbOptions {
     /// PostgreSQL: where the listener for new keys connects, if not where the pool does (a
     /// direct connection past PgBouncer in transaction mode).
     pub listen_url: Option<String>,
-    /// PostgreSQL: a file holding the password, read at connect.
+    /// PostgreSQL: a file holding the password, read when the pool is made (at start), unless
+    /// the URL has a password of its own.
     pub password_file: Option<std::path::PathBuf>,
 }
 

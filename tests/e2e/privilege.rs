@@ -87,13 +87,10 @@ fn denied(result: Result<impl Sized, sqlx::Error>, what: &str) {
     );
 }
 
-/// The role that owns storekeyd's schema (here the superuser `postgres`, the worst case) and a
-/// backend role with the README's grants. The backend's role puts a `store_key_lineage` and a
-/// `store_key_events` of its own in its temporary schema, the second with a trigger that makes
-/// it a superuser, and runs the upsert: the owner's trigger function, SECURITY DEFINER, looked
-/// in `pg_temp` first and ran that trigger as the owner (the role was a superuser afterwards).
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_backend_role_cannot_run_code_as_the_schema_owner() {
+/// A database migrated by its owner (the superuser `postgres`, the worst case), a backend role
+/// with the README's grants, and that role's connection. The role goes after the database's
+/// grants, when the caller drops it.
+async fn migrated_with_a_backend_role() -> (PgDatabase, TestRole, PgConnection) {
     let db = PgDatabase::create().await;
     let role = TestRole::create(&db.url()).await;
     storage::open(&db.url(), &DbOptions::default())
@@ -106,7 +103,18 @@ async fn a_backend_role_cannot_run_code_as_the_schema_owner() {
         &PG_BACKEND_GRANTS.replace("game_backend", &role.name),
     )
     .await;
-    let mut backend = connect_as(&db.url(), &role.name).await;
+    let backend = connect_as(&db.url(), &role.name).await;
+    (db, role, backend)
+}
+
+/// The role that owns storekeyd's schema (here the superuser `postgres`, the worst case) and a
+/// backend role with the README's grants. The backend's role puts a `store_key_lineage` and a
+/// `store_key_events` of its own in its temporary schema, the second with a trigger that makes
+/// it a superuser, and runs the upsert: the owner's trigger function, SECURITY DEFINER, looked
+/// in `pg_temp` first and ran that trigger as the owner (the role was a superuser afterwards).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backend_role_cannot_run_code_as_the_schema_owner() {
+    let (db, role, mut backend) = migrated_with_a_backend_role().await;
     upsert(
         &mut backend,
         "alice",
@@ -168,19 +176,7 @@ async fn a_backend_role_cannot_run_code_as_the_schema_owner() {
 /// schedule column, no `state` but `pending`, no other table.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_backend_role_has_the_contract_and_no_more() {
-    let db = PgDatabase::create().await;
-    let role = TestRole::create(&db.url()).await;
-    storage::open(&db.url(), &DbOptions::default())
-        .await
-        .unwrap()
-        .close()
-        .await;
-    run(
-        &db.url(),
-        &PG_BACKEND_GRANTS.replace("game_backend", &role.name),
-    )
-    .await;
-    let mut backend = connect_as(&db.url(), &role.name).await;
+    let (db, _role, mut backend) = migrated_with_a_backend_role().await;
     upsert(&mut backend, "alice", "a.b.c").await.unwrap();
     upsert(&mut backend, "alice", "a.b.d").await.unwrap();
     let (key,): (String,) = sqlx::query_as(PG_READ_KEY)
@@ -195,6 +191,23 @@ async fn a_backend_role_has_the_contract_and_no_more() {
         .execute(&mut backend)
         .await
         .unwrap();
+    // A key written with a plain UPDATE over an active row is checked again, as the upsert's
+    // is: it never inherits the old key's claims and standing.
+    let mut admin = PgConnection::connect(&db.url()).await.unwrap();
+    sqlx::query("UPDATE store_keys SET state = 'active' WHERE user_ref = 'alice'")
+        .execute(&mut admin)
+        .await
+        .unwrap();
+    sqlx::query("UPDATE store_keys SET key = 'a.b.e' WHERE user_ref = 'alice'")
+        .execute(&mut backend)
+        .await
+        .unwrap();
+    let (key, state): (String, String) =
+        sqlx::query_as("SELECT key, state FROM store_keys WHERE user_ref = 'alice'")
+            .fetch_one(&mut admin)
+            .await
+            .unwrap();
+    assert_eq!((key.as_str(), state.as_str()), ("a.b.e", "pending"));
 
     for (sql, what) in [
         (

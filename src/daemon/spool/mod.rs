@@ -121,19 +121,36 @@ impl Spool {
     }
 
     /// Creates the file (it must not exist: the name is this process's) and locks it for as long
-    /// as this process holds it.
+    /// as this process holds it. It is locked under a name no recovery looks at, then renamed:
+    /// created under its own name, a recovery could take it (unlocked, empty) and remove it
+    /// before the lock, and the entries would go to a file no longer in the directory.
     fn create(&self) -> std::io::Result<std::fs::File> {
         use std::os::unix::fs::OpenOptionsExt as _;
         if let Some(dir) = self.path.parent() {
             private_dir(dir)?;
         }
+        let mut staging = self.path.clone().into_os_string();
+        staging.push(".new");
+        let staging = PathBuf::from(staging);
         let file = std::fs::OpenOptions::new()
             .read(true)
             .append(true)
             .create_new(true)
             .mode(0o600)
-            .open(&self.path)?;
+            .open(&staging)?;
         file.lock()?;
+        // Never over an existing spool: its entries would be gone.
+        let renamed = rustix::fs::renameat_with(
+            rustix::fs::CWD,
+            &staging,
+            rustix::fs::CWD,
+            &self.path,
+            rustix::fs::RenameFlags::NOREPLACE,
+        );
+        if let Err(e) = renamed {
+            let _ = std::fs::remove_file(&staging);
+            return Err(e.into());
+        }
         sync_dir(&self.path)?;
         Ok(file)
     }

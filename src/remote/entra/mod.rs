@@ -230,9 +230,10 @@ impl TokenClient {
             .ok_or_else(|| TokenError::UnknownApplication(client_id.to_owned()))?;
         let mut cached = entry.cached.lock().await;
         let now = self.clock.now();
+        // A clock stepped back makes no old token look fresh.
         let fresh = cached
             .minted_at
-            .is_some_and(|at| now.saturating_sub(at) < FRESH_FOR_SECS);
+            .is_some_and(|at| (0..FRESH_FOR_SECS).contains(&now.saturating_sub(at)));
         if let Some(token) = cached.token.as_ref()
             && token.expires_at - now > REFRESH_AHEAD_SECS
             && (Some(token.fingerprint) != stale || fresh)

@@ -81,7 +81,15 @@ pub(super) fn password(file: &std::path::Path) -> Result<secrecy::SecretString> 
 
 /// The listener's own URL, with the password file's password unless the URL has one.
 pub(super) fn listen_options(url: &str, options: &DbOptions) -> Result<PgConnectOptions> {
-    let connect = connect_options(url)?;
+    with_password(url, connect_options(url)?, options)
+}
+
+/// `connect` with the password file's password, unless `url` has one of its own.
+fn with_password(
+    url: &str,
+    connect: PgConnectOptions,
+    options: &DbOptions,
+) -> Result<PgConnectOptions> {
     let has_password = sqlx_core::Url::parse(url).is_ok_and(|u| u.password().is_some());
     Ok(match &options.password_file {
         Some(file) if !has_password => {
@@ -94,11 +102,7 @@ pub(super) fn listen_options(url: &str, options: &DbOptions) -> Result<PgConnect
 /// Connections are opened when needed and checked before use: after a server restart the pool
 /// drops the dead ones instead of failing a query on each.
 pub(super) fn pool(url: &str, options: &DbOptions) -> Result<PgPool> {
-    let mut connect = connect_options(url)?;
-    if let Some(file) = &options.password_file {
-        connect = connect.password(secrecy::ExposeSecret::expose_secret(&password(file)?));
-    }
-    let connect = connect
+    let connect = with_password(url, connect_options(url)?, options)?
         .application_name("storekeyd")
         .options(server_timeouts(options.busy_timeout));
     Ok(PgPoolOptions::new()
