@@ -191,23 +191,30 @@ async fn a_backend_role_has_the_contract_and_no_more() {
         .execute(&mut backend)
         .await
         .unwrap();
-    // A key written with a plain UPDATE over an active row is checked again, as the upsert's
-    // is: it never inherits the old key's claims and standing.
+    // Over an active row, a key goes in only to be checked again, as the upsert's does: never
+    // under the old key's claims and standing.
     let mut admin = PgConnection::connect(&db.url()).await.unwrap();
     sqlx::query("UPDATE store_keys SET state = 'active' WHERE user_ref = 'alice'")
         .execute(&mut admin)
         .await
         .unwrap();
-    sqlx::query("UPDATE store_keys SET key = 'a.b.e' WHERE user_ref = 'alice'")
+    denied(
+        sqlx::query("UPDATE store_keys SET key = 'a.b.e' WHERE user_ref = 'alice'")
+            .execute(&mut backend)
+            .await,
+        "write a key over an active row, keeping it active",
+    );
+    sqlx::query("UPDATE store_keys SET key = 'a.b.e', state = 'pending' WHERE user_ref = 'alice'")
         .execute(&mut backend)
         .await
         .unwrap();
+    upsert(&mut backend, "alice", "a.b.f").await.unwrap();
     let (key, state): (String, String) =
         sqlx::query_as("SELECT key, state FROM store_keys WHERE user_ref = 'alice'")
             .fetch_one(&mut admin)
             .await
             .unwrap();
-    assert_eq!((key.as_str(), state.as_str()), ("a.b.e", "pending"));
+    assert_eq!((key.as_str(), state.as_str()), ("a.b.f", "pending"));
 
     for (sql, what) in [
         (
