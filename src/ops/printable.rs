@@ -36,8 +36,8 @@ pub fn printable(text: &str) -> Cow<'_, str> {
 /// JSON for a terminal: serde_json escapes C0 controls in strings, but not DEL, C1 or the
 /// bidirectional controls; those can only occur inside strings, where `\uXXXX` means the same.
 pub fn printable_json(json: &str) -> Cow<'_, str> {
-    let escape =
-        |c: char| matches!(c, '\u{7f}'..='\u{9f}') || (hostile(c) && !c.is_control() && c != '\\');
+    // serde_json has written C0 controls and backslashes as escapes already.
+    let escape = |c: char| hostile(c) && !matches!(c, '\0'..='\u{1f}' | '\\');
     if !json.chars().any(escape) {
         return Cow::Borrowed(json);
     }

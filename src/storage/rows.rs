@@ -145,14 +145,12 @@ pub(crate) fn alarms(rows: Vec<(String, String, i64, Option<String>)>) -> Vec<su
         .collect()
 }
 
-/// A pending row as a look reads it: `id, kind, the key's bytes (NULL past the limit), its
-/// length`. Rows whose key was not read come back as ids, to be flagged.
-pub(crate) fn pending(
-    rows: Vec<(i64, String, Option<Vec<u8>>, i64)>,
-) -> (Vec<PendingRow>, Vec<i64>) {
+/// A pending row as a look reads it: `id, kind, the key's bytes (NULL past the limit)`. Rows
+/// whose key was not read come back as ids, to be flagged.
+pub(crate) fn pending(rows: Vec<(i64, String, Option<Vec<u8>>)>) -> (Vec<PendingRow>, Vec<i64>) {
     let mut read = Vec::with_capacity(rows.len());
     let mut oversized = Vec::new();
-    for (id, kind, key, _bytes) in rows {
+    for (id, kind, key) in rows {
         match key {
             Some(key) => read.push(PendingRow {
                 id,

@@ -137,10 +137,9 @@ impl Storage for PgStore {
                             WHERE state = 'pending' AND (lease_until IS NULL OR lease_until <= {DB_NOW})
                             ORDER BY id LIMIT $1 FOR UPDATE SKIP LOCKED)
              RETURNING k.id, k.kind,
-                       CASE WHEN octet_length(k.key) <= $3 THEN convert_to(k.key, 'UTF8') END,
-                       octet_length(k.key)::bigint"
+                       CASE WHEN octet_length(k.key) <= $3 THEN convert_to(k.key, 'UTF8') END"
         );
-        let mut rows: Vec<(i64, String, Option<Vec<u8>>, i64)> = self
+        let mut rows: Vec<(i64, String, Option<Vec<u8>>)> = self
             .timed(async {
                 Ok(sqlx::query_as(sqlx::AssertSqlSafe(sql))
                     .bind(i64::from(limit))

@@ -187,26 +187,24 @@ mod tests {
         if std::env::var_os("PGSSLMODE").is_some() {
             return;
         }
-        assert!(matches!(
-            mode("postgres://u@db.internal/keys"),
-            PgSslMode::VerifyFull
-        ));
-        assert!(matches!(
-            mode("postgres://u@10.0.0.5:5432/keys"),
-            PgSslMode::VerifyFull
-        ));
-        assert!(matches!(
-            mode("postgres://u@db.internal/keys?hostaddr=127.0.0.1"),
-            PgSslMode::VerifyFull
-        ));
-        assert!(matches!(
-            mode("postgres://u@db.internal/keys?sslmode=verify-ca"),
-            PgSslMode::VerifyCa
-        ));
-        assert!(matches!(
-            mode("postgres://u@db.internal/keys?sslmode=disable"),
-            PgSslMode::Disable
-        ));
+        for (url, expected) in [
+            ("postgres://u@db.internal/keys", PgSslMode::VerifyFull),
+            ("postgres://u@10.0.0.5:5432/keys", PgSslMode::VerifyFull),
+            (
+                "postgres://u@db.internal/keys?hostaddr=127.0.0.1",
+                PgSslMode::VerifyFull,
+            ),
+            (
+                "postgres://u@db.internal/keys?sslmode=verify-ca",
+                PgSslMode::VerifyCa,
+            ),
+            (
+                "postgres://u@db.internal/keys?sslmode=disable",
+                PgSslMode::Disable,
+            ),
+        ] {
+            assert_eq!(format!("{:?}", mode(url)), format!("{expected:?}"), "{url}");
+        }
         for local in [
             "postgres://u@localhost/keys",
             "postgres://u@127.0.0.1:5432/keys",

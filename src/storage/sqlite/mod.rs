@@ -136,9 +136,8 @@ impl Storage for SqliteStore {
     async fn pending(&self, limit: u32, now: i64) -> Result<PendingLook> {
         // The partial index holds the pending rows in id order: no sort of every pending row.
         // `octet_length` reads a value's size, not the value.
-        let rows: Vec<(i64, String, Option<Vec<u8>>, i64)> = sqlx::query_as(
-            "SELECT id, kind, CASE WHEN octet_length(key) <= ?2 THEN CAST(key AS BLOB) END,
-                    octet_length(key)
+        let rows: Vec<(i64, String, Option<Vec<u8>>)> = sqlx::query_as(
+            "SELECT id, kind, CASE WHEN octet_length(key) <= ?2 THEN CAST(key AS BLOB) END
              FROM store_keys INDEXED BY store_keys_pending
              WHERE state = 'pending' ORDER BY id LIMIT ?1",
         )
