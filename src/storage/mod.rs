@@ -188,8 +188,9 @@ pub trait Storage: Send + Sync + std::fmt::Debug {
     /// A key longer than a Store key can be is never read: its row is flagged `invalid` here,
     /// with its event, at `now`, on its length alone, and the value emptied.
     async fn pending(&self, limit: u32, now: i64) -> Result<PendingLook>;
-    /// Reserves up to `limit` due keys of `kinds`, most overdue first, until `lease_until`. Two
-    /// claimers never get the same row.
+    /// Reserves up to `limit` due keys of `kinds` until `lease_until`: keys the Store has renewed
+    /// before any it never has (a player can forge due-looking keys at will), then the most
+    /// overdue first. Two claimers never get the same row.
     async fn claim_due(
         &self,
         now: i64,

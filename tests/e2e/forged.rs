@@ -159,7 +159,66 @@ async fn a_canary_is_a_key_the_store_renewed_if_there_is_one(db: Db) {
     store.close().await;
 }
 
+/// A flood of keys that never renewed (forged ones look due at once) must not hold back the
+/// keys the Store renewed: a claim takes proven keys first, of either kind, however much longer
+/// ago the others fell due. Twelve due keys: eight never renewed and due since 0, four renewed
+/// (two of each kind) and due only since 500.
+async fn keys_that_never_renewed_cannot_crowd_out_keys_that_did(db: Db) {
+    let env = TestEnv::on(db).await;
+    env.add_due_users(12).await;
+    let now = env.clock.now();
+    let activate = format!(
+        "UPDATE store_keys SET state = 'active', client_id = '{APP}', user_id = 'u', issued_at = 0,
+             expires_at = ? + {DAY}, next_attempt_at = 0, last_renewed_at = NULL"
+    );
+    crate::backend::on_backend!(env.db, activate, |pool, sql| {
+        sqlx::query(sql).bind(now).execute(pool).await.unwrap();
+    });
+    crate::backend::on_backend!(
+        env.db,
+        "UPDATE store_keys SET last_renewed_at = 1, next_attempt_at = 500,
+             kind = CASE WHEN user_ref IN ('user-3', 'user-7') THEN 'purchase' ELSE kind END
+         WHERE user_ref IN ('user-1', 'user-3', 'user-5', 'user-7')",
+        |pool, sql| {
+            sqlx::query(sql).execute(pool).await.unwrap();
+        }
+    );
+    let store = storekeyd::storage::connect(&env.config.database_url(), &env.config.db_options())
+        .await
+        .unwrap();
+    let names: Vec<(i64, String)> = crate::harness::on_backend!(
+        env.db,
+        "SELECT id, user_ref FROM store_keys",
+        |pool, sql| sqlx::query_as(sql).fetch_all(pool).await.unwrap()
+    );
+    let users = |claimed: &[storekeyd::storage::ClaimedRow]| {
+        let mut users: Vec<&str> = claimed
+            .iter()
+            .filter_map(|c| names.iter().find(|(id, _)| *id == c.id))
+            .map(|(_, user)| user.as_str())
+            .collect();
+        users.sort();
+        users
+    };
+
+    let first = store
+        .claim_due(now, now + 600, 4, &Kind::ALL)
+        .await
+        .unwrap();
+    assert!(first.iter().all(|c| c.proven));
+    assert_eq!(users(&first), ["user-1", "user-3", "user-5", "user-7"]);
+    // Then the others (the renewed keys are held).
+    let next = store
+        .claim_due(now, now + 600, 3, &[Kind::Collections])
+        .await
+        .unwrap();
+    assert_eq!(users(&next).len(), 3);
+    assert!(next.iter().all(|c| !c.proven));
+    store.close().await;
+}
+
 crate::backend::on_both_databases!(
     a_player_forging_keys_every_minute_silences_nothing,
     a_canary_is_a_key_the_store_renewed_if_there_is_one,
+    keys_that_never_renewed_cannot_crowd_out_keys_that_did,
 );

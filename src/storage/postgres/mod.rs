@@ -6,6 +6,7 @@
 //! replicas claiming at once take different rows, and stamps a lease on the database's clock:
 //! a replica whose clock is off neither steals live claims nor keeps dead ones.
 
+mod due;
 mod listen;
 mod open;
 mod read;
@@ -95,20 +96,6 @@ fn lease_secs(now: i64, lease_until: i64) -> i64 {
     lease_until.saturating_sub(now).max(1)
 }
 
-async fn next_due(pool: &PgPool, kinds: &[Kind]) -> Result<Option<i64>> {
-    let kinds: Vec<&str> = kinds.iter().map(|k| k.as_str()).collect();
-    // One MIN per kind: each an index lookup on (kind, next_attempt_at).
-    let (due,): (Option<i64>,) = sqlx::query_as(
-        "SELECT MIN(d) FROM unnest($1::text[]) AS want(kind),
-             LATERAL (SELECT MIN(next_attempt_at) AS d FROM store_keys
-                      WHERE state = 'active' AND kind = want.kind) AS m",
-    )
-    .bind(kinds)
-    .fetch_one(pool)
-    .await?;
-    Ok(due)
-}
-
 #[async_trait]
 impl Storage for PgStore {
     async fn migrate(&self) -> Result<()> {
@@ -167,40 +154,21 @@ impl Storage for PgStore {
         limit: u32,
         kinds: &[Kind],
     ) -> Result<Vec<ClaimedRow>> {
-        // Each kind's due keys come off its own index; the most overdue of both are taken, so a
-        // backlog of one kind never starves the other.
-        let (Some(first), second) = (kinds.first(), kinds.get(1)) else {
+        if kinds.is_empty() {
             return Ok(Vec::new());
-        };
-        let due = |param: &str| {
-            format!(
-                "SELECT id, next_attempt_at FROM store_keys
-                 WHERE state = 'active' AND kind = {param} AND next_attempt_at <= $3
-                   AND (lease_until IS NULL OR lease_until <= {DB_NOW})
-                 ORDER BY next_attempt_at LIMIT $4 FOR UPDATE SKIP LOCKED"
-            )
-        };
-        let sql = format!(
-            "WITH a AS ({}), b AS ({}),
-                  picked AS (SELECT id FROM (SELECT * FROM a UNION ALL SELECT * FROM b) AS due
-                             ORDER BY next_attempt_at LIMIT $4)
-             UPDATE store_keys AS k SET next_attempt_at = $5, lease_until = {DB_NOW} + $6
-             FROM picked WHERE k.id = picked.id
-             RETURNING {CLAIMED}",
-            due("$1"),
-            due("$2")
-        );
+        }
+        let sql = due::claim_sql(kinds);
         let rows = self
             .timed(async {
-                Ok(sqlx::query(sqlx::AssertSqlSafe(sql))
-                    .bind(first.as_str())
-                    .bind(second.map(|k| k.as_str()))
+                let mut query = sqlx::query(sqlx::AssertSqlSafe(sql))
                     .bind(now)
                     .bind(i64::from(limit))
                     .bind(lease_until)
-                    .bind(lease_secs(now, lease_until))
-                    .fetch_all(&self.pool)
-                    .await?)
+                    .bind(lease_secs(now, lease_until));
+                for kind in kinds {
+                    query = query.bind(kind.as_str());
+                }
+                Ok(query.fetch_all(&self.pool).await?)
             })
             .await?;
         let mut claimed = claimed_rows(&rows, lease_until)?;
@@ -298,7 +266,7 @@ impl Storage for PgStore {
     }
 
     async fn next_due(&self, kinds: &[Kind]) -> Result<Option<i64>> {
-        self.timed(next_due(&self.pool, kinds)).await
+        self.timed(due::next_due(&self.pool, kinds)).await
     }
 
     async fn apply(&self, writes: &[Write]) -> Result<Vec<bool>> {
@@ -399,7 +367,7 @@ impl Storage for PgStore {
 
     async fn key_stats(&self, now: i64) -> Result<KeyStats> {
         self.timed(async {
-            let next_due = next_due(&self.pool, &Kind::ALL).await?;
+            let next_due = due::next_due(&self.pool, &Kind::ALL).await?;
             read::key_stats(&self.pool, now, next_due).await
         })
         .await

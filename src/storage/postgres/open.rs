@@ -154,7 +154,7 @@ pub(super) async fn check_schema(pool: &PgPool) -> Result<()> {
 /// The schema, embedded in the binary from `migrations/postgres`. sqlx takes an advisory lock
 /// while it migrates, so replicas starting together migrate once.
 pub fn migrator() -> Migrator {
-    let migrations: [(i64, &'static str, &'static str); 3] = [
+    let migrations: [(i64, &'static str, &'static str); 4] = [
         (
             1,
             "init",
@@ -169,6 +169,11 @@ pub fn migrator() -> Migrator {
             3,
             "pinned search path",
             include_str!("../../../migrations/postgres/0003_pinned_search_path.sql"),
+        ),
+        (
+            4,
+            "proven first",
+            include_str!("../../../migrations/postgres/0004_proven_first.sql"),
         ),
     ];
     crate::storage::embedded(&migrations)

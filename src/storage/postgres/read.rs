@@ -57,14 +57,18 @@ pub(super) async fn expiring(pool: &PgPool, before: i64, limit: u32) -> Result<V
     summaries(&rows)
 }
 
-/// The counts read the index of inactive rows and, for the active ones, the due index of each
-/// kind; the rest are index lookups.
+/// The counts read the index of inactive rows and, for the active ones, the two due indexes
+/// (proven and new) of each kind; the rest are index lookups.
 pub(super) async fn key_stats(pool: &PgPool, now: i64, next_due: Option<i64>) -> Result<KeyStats> {
     let counts: Vec<(String, String, i64)> = sqlx::query_as(
         "SELECT state, kind, COUNT(*) FROM store_keys WHERE state <> 'active'
              GROUP BY state, kind
              UNION ALL
-             SELECT 'active', kind, COUNT(*) FROM store_keys WHERE state = 'active' GROUP BY kind",
+             SELECT 'active', kind, COUNT(*) FROM (
+                 SELECT kind FROM store_keys WHERE state = 'active' AND last_renewed_at IS NOT NULL
+                 UNION ALL
+                 SELECT kind FROM store_keys WHERE state = 'active' AND last_renewed_at IS NULL
+             ) AS active GROUP BY kind",
     )
     .fetch_all(pool)
     .await?;

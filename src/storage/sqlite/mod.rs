@@ -2,6 +2,7 @@
 //! every SQL statement storekeyd sends to SQLite: the queue (here), the writes (`write`) and the
 //! reports (`read`).
 
+mod due;
 mod open;
 mod read;
 mod write;
@@ -80,24 +81,6 @@ fn claimed_rows(rows: &[SqliteRow], lease_until: i64) -> Result<Vec<ClaimedRow>>
         .collect::<std::result::Result<_, _>>()?)
 }
 
-async fn next_due(pool: &SqlitePool, kinds: &[Kind]) -> Result<Option<i64>> {
-    let mut next: Option<i64> = None;
-    for kind in kinds {
-        let (due,): (Option<i64>,) = sqlx::query_as(
-            "SELECT MIN(next_attempt_at) FROM store_keys INDEXED BY store_keys_due_kind
-             WHERE state = 'active' AND kind = ?",
-        )
-        .bind(kind.as_str())
-        .fetch_one(pool)
-        .await?;
-        next = match (next, due) {
-            (Some(a), Some(b)) => Some(a.min(b)),
-            (a, b) => a.or(b),
-        };
-    }
-    Ok(next)
-}
-
 /// Runs one of the lease statements (`?1` a time, `?2` a JSON array of what it is about).
 async fn update_leases<T: serde::Serialize>(
     pool: &SqlitePool,
@@ -161,33 +144,18 @@ impl Storage for SqliteStore {
         limit: u32,
         kinds: &[Kind],
     ) -> Result<Vec<ClaimedRow>> {
-        // Each kind's due keys come off its own index; the most overdue of both are taken, so a
-        // backlog of one kind never starves the other. (One kind given: both halves name it.)
-        let (Some(first), Some(second)) = (kinds.first(), kinds.last()) else {
+        if kinds.is_empty() {
             return Ok(Vec::new());
-        };
-        let sql = format!(
-            "UPDATE store_keys SET next_attempt_at = ?1, lease_until = ?1
-             WHERE id IN (
-                 SELECT id FROM (
-                     SELECT * FROM (SELECT id, next_attempt_at FROM store_keys INDEXED BY store_keys_due_kind
-                                    WHERE state = 'active' AND kind = ?2 AND next_attempt_at <= ?4
-                                    ORDER BY next_attempt_at LIMIT ?5)
-                     UNION ALL
-                     SELECT * FROM (SELECT id, next_attempt_at FROM store_keys INDEXED BY store_keys_due_kind
-                                    WHERE state = 'active' AND kind = ?3 AND next_attempt_at <= ?4
-                                    ORDER BY next_attempt_at LIMIT ?5))
-                 ORDER BY next_attempt_at LIMIT ?5)
-             RETURNING {CLAIMED}"
-        );
-        let rows = sqlx::query(sqlx::AssertSqlSafe(sql))
+        }
+        let sql = due::claim_sql(kinds);
+        let mut query = sqlx::query(sqlx::AssertSqlSafe(sql))
             .bind(lease_until)
-            .bind(first.as_str())
-            .bind(second.as_str())
             .bind(now)
-            .bind(limit)
-            .fetch_all(&self.pool)
-            .await?;
+            .bind(limit);
+        for kind in kinds {
+            query = query.bind(kind.as_str());
+        }
+        let rows = query.fetch_all(&self.pool).await?;
         let mut claimed = claimed_rows(&rows, lease_until)?;
         claimed.sort_by_key(|r| r.id);
         Ok(claimed)
@@ -266,7 +234,7 @@ impl Storage for SqliteStore {
     }
 
     async fn next_due(&self, kinds: &[Kind]) -> Result<Option<i64>> {
-        next_due(&self.pool, kinds).await
+        due::next_due(&self.pool, kinds).await
     }
 
     async fn apply(&self, writes: &[Write]) -> Result<Vec<bool>> {
@@ -335,7 +303,7 @@ impl Storage for SqliteStore {
     }
 
     async fn key_stats(&self, now: i64) -> Result<KeyStats> {
-        let next_due = next_due(&self.pool, &Kind::ALL).await?;
+        let next_due = due::next_due(&self.pool, &Kind::ALL).await?;
         read::key_stats(&self.pool, now, next_due).await
     }
 

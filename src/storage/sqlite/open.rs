@@ -84,7 +84,7 @@ pub(super) async fn check_schema(pool: &SqlitePool) -> Result<()> {
 
 /// The schema, embedded in the binary from `migrations/sqlite`.
 pub fn migrator() -> Migrator {
-    let migrations: [(i64, &'static str, &'static str); 8] = [
+    let migrations: [(i64, &'static str, &'static str); 9] = [
         (
             1,
             "init",
@@ -124,6 +124,11 @@ pub fn migrator() -> Migrator {
             8,
             "fleet",
             include_str!("../../../migrations/sqlite/0008_fleet.sql"),
+        ),
+        (
+            9,
+            "proven first",
+            include_str!("../../../migrations/sqlite/0009_proven_first.sql"),
         ),
     ];
     crate::storage::embedded(&migrations)
