@@ -326,6 +326,7 @@ async fn dry_run_row(
         refusals: storekeyd::storage::Refusals::default(),
         canary: false,
         proven: false,
+        unanswered_at: None,
         lease_until: i64::MAX,
     };
     Ok(if dry_run_one(engine, &row).await {

@@ -15,7 +15,7 @@ use crate::daemon::writer::{WriterGone, WriterHandle, Written};
 use crate::ops::metrics::Metrics;
 use crate::policy::breaker::Permit;
 use crate::policy::claims::{KeyText, Kind};
-use crate::policy::decision::{self, Action, Answer, Attempt, Decision};
+use crate::policy::decision::{self, Action, Answer, Attempt, Decision, Unanswered};
 use crate::policy::outcome::Outcome;
 use crate::policy::state::{EventKind, State};
 use crate::remote::entra::{AccessToken, TokenClient, TokenStatus};
@@ -217,6 +217,31 @@ impl Engine {
             .saturating_sub(needed)
     }
 
+    /// How long the process that may hold an unanswered attempt's answer is given to write it:
+    /// two leases, so that one frozen past its lease has one more to wake in.
+    fn answer_wait(&self) -> i64 {
+        i64::try_from(self.config.renew.lease.as_secs())
+            .unwrap_or(i64::MAX / 4)
+            .saturating_mul(2)
+    }
+
+    /// Gives back, due when its lease ends, a key whose call was never sent: left leased, the
+    /// next claim would take it for one whose answer may have been lost.
+    async fn hand_back_unsent(&self, row: &ClaimedRow) -> Result<(), WriterGone> {
+        self.writer
+            .write(Write::Row {
+                id: row.id,
+                expected: row.key.clone(),
+                at: self.store_now(),
+                change: Change::Defer {
+                    at: row.lease_until,
+                },
+                event: None,
+            })
+            .await
+            .map(drop)
+    }
+
     /// The call itself, and as long again for its write.
     fn needed_after_send(&self) -> Duration {
         self.config.http.request_timeout.saturating_mul(2)
@@ -304,6 +329,8 @@ impl Engine {
                 tracing::warn!(
                     "the claim's lease would run out before an answer could be written; the renew call is not sent, and the key is due again when the lease ends"
                 );
+                drop(permit);
+                self.hand_back_unsent(&row).await?;
                 return Ok(Settled::LeaseShort);
             }
         };
@@ -315,6 +342,10 @@ impl Engine {
             now: self.store_now(),
             policy: &self.config.policy(),
             draw: fastrand::f64(),
+            unanswered: row.unanswered_at.map(|since| Unanswered {
+                since,
+                until: since.saturating_add(self.answer_wait()),
+            }),
         });
         self.apply(&row, decision, call).await
     }
@@ -551,11 +582,13 @@ fn change(action: &Action, now_ms: i64) -> (Change, Settled) {
             at,
             reason,
             refused,
+            unanswered,
         } => (
             Change::Retry {
                 at: *at,
                 reason: reason.clone(),
                 refused_ms: refused.then_some(now_ms),
+                unanswered_at: unanswered.then_some(now_ms.div_euclid(1000)),
             },
             Settled::Retry,
         ),

@@ -95,7 +95,12 @@ impl Service {
         let (safety, alarms) =
             Safety::new(&config, storage, server_time.clone(), fleet::replica_name());
         let parts = Parts {
-            api: RenewClient::new(http, config.http.max_body_bytes, server_time.clone()),
+            api: RenewClient::new(
+                crate::remote::http::renew_client(&config.http)?,
+                config.http.request_timeout,
+                config.http.max_body_bytes,
+                server_time.clone(),
+            ),
             server_time,
             safety,
             config,

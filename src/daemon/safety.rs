@@ -185,9 +185,9 @@ impl Safety {
                 return;
             };
             match outcome {
-                Outcome::Throttled { .. } | Outcome::Transient { .. } => {
-                    b.failure(Instant::now(), key_id, probe)
-                }
+                Outcome::Throttled { .. }
+                | Outcome::Transient { .. }
+                | Outcome::Unanswered { .. } => b.failure(Instant::now(), key_id, probe),
                 // A probe that got nonsense has not shown the endpoint works.
                 Outcome::Unexpected { .. } if probe => b.failure(Instant::now(), key_id, true),
                 Outcome::Unexpected { .. } => None,

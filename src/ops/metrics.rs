@@ -11,13 +11,15 @@ pub use crate::storage::KeyStats;
 
 /// Every outcome a renewal attempt or decision can have; pre-registered at zero so that
 /// `rate()` and alerts work from the first scrape.
-pub const OUTCOMES: [&str; 12] = [
+pub const OUTCOMES: [&str; 14] = [
     "renewed",
     "revoked",
     "auth_invalid",
     "client_id_mismatch",
     "throttled",
     "transient",
+    "unanswered",
+    "answer_lost",
     "unexpected",
     "token_error",
     "superseded",

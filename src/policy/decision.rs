@@ -43,6 +43,17 @@ pub struct Attempt<'a> {
     pub policy: &'a Policy,
     /// Uniform in `[0, 1)`: the jitter of whatever is scheduled.
     pub draw: f64,
+    /// An earlier attempt on the key may have renewed it without its answer being written.
+    pub unanswered: Option<Unanswered>,
+}
+
+/// Since when an attempt's answer may be on its way (Unix seconds), and until when its process
+/// is given to write it: a refusal meanwhile may only mean the Store renewed the key and
+/// retired this one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Unanswered {
+    pub since: i64,
+    pub until: i64,
 }
 
 /// What to write for the key.
@@ -60,6 +71,8 @@ pub enum Action {
         at: i64,
         reason: String,
         refused: bool,
+        /// Sent, with no answer: the Store may have renewed the key.
+        unanswered: bool,
     },
     /// Stop renewing the key; the backend must get a new one (or the configuration must change).
     Flag { state: State, reason: String },
@@ -95,14 +108,15 @@ pub fn decide(a: &Attempt<'_>) -> Decision {
             flag(State::Misconfigured, EventKind::Misconfigured, reason, None)
         }
         Answer::TokenFailed { detail } => retry(a, EventKind::TokenError, detail, None, false),
-        Answer::Refused { detail, verdict } => match verdict {
-            Verdict::Revoked(why) => flag(
+        Answer::Refused { detail, verdict } => match (verdict, a.unanswered) {
+            (Verdict::Revoked(_), Some(u)) => refused_after_unanswered(a, u, detail),
+            (Verdict::Revoked(why), None) => flag(
                 State::Revoked,
                 EventKind::Revoked,
                 (*why).to_owned(),
                 Some(detail.clone()),
             ),
-            Verdict::Defer(why) => {
+            (Verdict::Defer(why), _) => {
                 retry(a, EventKind::AuthInvalid, why, None, *why != guard::ALARM)
             }
         },
@@ -155,6 +169,19 @@ fn answered(a: &Attempt<'_>, outcome: &Outcome, code: Option<&str>) -> Decision 
             None,
             false,
         ),
+        Outcome::Unanswered { detail } => {
+            let mut d = retry(
+                a,
+                EventKind::Unanswered,
+                &format!("sent, no answer ({detail}): the Store may have renewed the key"),
+                None,
+                false,
+            );
+            if let Action::Retry { unanswered, .. } = &mut d.action {
+                *unanswered = true;
+            }
+            d
+        }
         Outcome::Unexpected { detail } => retry(
             a,
             EventKind::Unexpected,
@@ -207,11 +234,54 @@ fn retry(
                 at,
                 reason: format!("retrying: {detail}"),
                 refused,
+                unanswered: false,
             },
             event,
             detail: format!("{detail}; attempt {attempts}, next at {}", utc(at)),
         },
     }
+}
+
+/// The Store refused a key after an attempt whose answer never came: it may have renewed the
+/// key then and retired this one. Until the process that may hold the answer has had time to
+/// write it, that is no evidence of a revocation; after, the key is flagged, saying why.
+fn refused_after_unanswered(a: &Attempt<'_>, u: Unanswered, detail: &str) -> Decision {
+    if a.now < u.until {
+        let at = u
+            .until
+            .min(a.facts.expires_at.saturating_sub(1))
+            .max(a.now + 1);
+        if at >= a.facts.expires_at {
+            return expired(a, EventKind::AuthInvalid, detail.to_owned());
+        }
+        return Decision {
+            action: Action::Retry {
+                at,
+                reason: format!(
+                    "retrying: refused, but an attempt at {} got no answer and may have renewed the key; its answer may yet be written",
+                    utc(u.since)
+                ),
+                refused: false,
+                unanswered: false,
+            },
+            event: EventKind::AuthInvalid,
+            detail: format!(
+                "refused after an unanswered attempt at {}; next at {}",
+                utc(u.since),
+                utc(at)
+            ),
+        };
+    }
+    let reason = format!(
+        "the Store refused the key after an attempt at {} got no answer (a timeout, a broken connection or a stopped process): the Store may have renewed the key then and retired this one, and the new key was lost; the client must mint a new one",
+        utc(u.since)
+    );
+    flag(
+        State::Revoked,
+        EventKind::AnswerLost,
+        reason,
+        Some(detail.to_owned()),
+    )
 }
 
 fn expired(a: &Attempt<'_>, event: EventKind, detail: String) -> Decision {

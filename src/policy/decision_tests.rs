@@ -38,6 +38,7 @@ fn decide_with(facts: &KeyFacts, answer: Answer, now: i64) -> Decision {
         now,
         policy: &p,
         draw: 0.5,
+        unanswered: None,
     })
 }
 
@@ -173,6 +174,7 @@ fn retry_after_is_honoured_and_codes_are_named() {
         now: NOW,
         policy: &policy(),
         draw: 0.0,
+        unanswered: None,
     });
     let Action::Retry { at, reason, .. } = d.action else {
         panic!("{d:?}")
@@ -280,10 +282,12 @@ proptest! {
         ahead in 0i64..12 * DAY,
         attempts in 0u32..40,
         draw in 0.0f64..1.0,
+        unanswered in proptest::option::of((0i64..3 * DAY, 0i64..6 * DAY)),
     ) {
         let f = facts();
         let now = f.expires_at - ahead;
-        let d = decide(&Attempt { facts: &f, attempts, answer: answer.clone(), now, policy: &policy(), draw });
+        let unanswered = unanswered.map(|(ago, wait)| Unanswered { since: now - ago, until: now - ago + wait });
+        let d = decide(&Attempt { facts: &f, attempts, answer: answer.clone(), now, policy: &policy(), draw, unanswered });
         match &d.action {
             Action::Retry { at, .. } => prop_assert!(*at > now && *at < f.expires_at),
             Action::Renew { claims, next_at, key } => {
@@ -296,6 +300,11 @@ proptest! {
             Action::Flag { state: State::Revoked, .. } => {
                 let believed = matches!(answer, Answer::Refused { verdict: Verdict::Revoked(_), .. });
                 prop_assert!(believed, "revoked without the guard: {:?}", answer);
+                // Not while an answer may still be written; and then saying so.
+                if let Some(u) = unanswered {
+                    prop_assert!(now >= u.until, "flagged while an answer may come: {:?}", d);
+                    prop_assert_eq!(d.event, EventKind::AnswerLost);
+                }
             }
             Action::Flag { .. } => {}
             Action::Defer { at } => {
@@ -306,4 +315,72 @@ proptest! {
         let usable = matches!(d.action, Action::Flag { state: State::Active | State::Pending, .. });
         prop_assert!(!usable, "flagged into a usable state: {:?}", d);
     }
+}
+
+/// An attempt sent with no answer may have renewed the key: it is retried, and the row is
+/// marked, so that a refusal of the key is not taken for a revocation at once.
+#[test]
+fn a_call_without_an_answer_is_retried_and_marks_the_key() {
+    let f = facts();
+    let d = decide_with(
+        &f,
+        answered(Outcome::Unanswered {
+            detail: "timed out".into(),
+        }),
+        NOW,
+    );
+    assert!(
+        matches!(
+            d.action,
+            Action::Retry {
+                unanswered: true,
+                refused: false,
+                ..
+            }
+        ),
+        "{d:?}"
+    );
+    assert_eq!(d.event, EventKind::Unanswered);
+}
+
+/// The Store may have renewed the key and retired this one: a refusal the guard believes
+/// waits until the process that may hold the answer has had time to write it, then flags the
+/// key saying the answer was lost.
+#[test]
+fn a_refusal_after_an_unanswered_attempt_waits_then_says_the_answer_was_lost() {
+    let f = facts();
+    let refused = Answer::Refused {
+        detail: "d".into(),
+        verdict: Verdict::Revoked(guard::REVOKED),
+    };
+    let u = Unanswered {
+        since: NOW - 30,
+        until: NOW + 210,
+    };
+    let p = policy();
+    let at = |now, unanswered| {
+        decide(&Attempt {
+            facts: &f,
+            attempts: 1,
+            answer: refused.clone(),
+            now,
+            policy: &p,
+            draw: 0.5,
+            unanswered,
+        })
+    };
+    let d = at(NOW, Some(u));
+    assert!(
+        matches!(d.action, Action::Retry { at, refused: false, .. } if at == u.until),
+        "{d:?}"
+    );
+    let d = at(u.until, Some(u));
+    let Action::Flag { state, reason } = &d.action else {
+        panic!("{d:?}");
+    };
+    assert_eq!((*state, d.event), (State::Revoked, EventKind::AnswerLost));
+    assert!(reason.contains("got no answer"), "{reason}");
+    // With no unanswered attempt, the guard's word flags it at once, as before.
+    let d = at(NOW, None);
+    assert_eq!(d.event, EventKind::Revoked);
 }

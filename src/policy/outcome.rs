@@ -21,8 +21,13 @@ pub enum Outcome {
     ClientIdMismatch { detail: String },
     /// 429; retry no sooner than `retry_after` when given.
     Throttled { retry_after: Option<Duration> },
-    /// 5xx, timeout, connection error: the Store may answer later.
+    /// 5xx, or a connection that failed before the request went out: the Store may answer
+    /// later, and has not renewed the key.
     Transient { detail: String },
+    /// Sent, and no complete answer came back (a timeout, a connection broken after sending,
+    /// a 200 whose body was cut off): the Store may have renewed the key, and may since refuse
+    /// the old one.
+    Unanswered { detail: String },
     /// Anything else; recorded in full and retried with backoff.
     Unexpected { detail: String },
 }
@@ -36,6 +41,7 @@ impl Outcome {
             Outcome::ClientIdMismatch { .. } => "client_id_mismatch",
             Outcome::Throttled { .. } => "throttled",
             Outcome::Transient { .. } => "transient",
+            Outcome::Unanswered { .. } => "unanswered",
             Outcome::Unexpected { .. } => "unexpected",
         }
     }

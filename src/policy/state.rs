@@ -72,6 +72,11 @@ pub enum EventKind {
     ClientIdMismatch,
     Throttled,
     Transient,
+    /// Sent, and no complete answer came back: the Store may have renewed the key.
+    Unanswered,
+    /// Flagged: the Store refused the key after an attempt that got no answer, so it may have
+    /// renewed the key then and retired this one.
+    AnswerLost,
     Unexpected,
     TokenError,
     /// The backend replaced the key while storekeyd worked on it; storekeyd's result was dropped.
@@ -87,7 +92,7 @@ pub enum EventKind {
 }
 
 impl EventKind {
-    pub const ALL: [EventKind; 15] = [
+    pub const ALL: [EventKind; 17] = [
         EventKind::Accepted,
         EventKind::Renewed,
         EventKind::AuthInvalid,
@@ -95,6 +100,8 @@ impl EventKind {
         EventKind::ClientIdMismatch,
         EventKind::Throttled,
         EventKind::Transient,
+        EventKind::Unanswered,
+        EventKind::AnswerLost,
         EventKind::Unexpected,
         EventKind::TokenError,
         EventKind::Superseded,
@@ -114,6 +121,8 @@ impl EventKind {
             EventKind::ClientIdMismatch => "client_id_mismatch",
             EventKind::Throttled => "throttled",
             EventKind::Transient => "transient",
+            EventKind::Unanswered => "unanswered",
+            EventKind::AnswerLost => "answer_lost",
             EventKind::Unexpected => "unexpected",
             EventKind::TokenError => "token_error",
             EventKind::Superseded => "superseded",

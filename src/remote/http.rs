@@ -16,6 +16,16 @@ pub fn client(cfg: &Http) -> Result<reqwest::Client, reqwest::Error> {
     builder(cfg).build()
 }
 
+/// For the Store's renew calls: no total timeout here, since reqwest judges it before the
+/// answer that may be waiting (see [`crate::remote::deadline`], which bounds each call).
+pub fn renew_client(cfg: &Http) -> Result<reqwest::Client, reqwest::Error> {
+    reqwest::Client::builder()
+        .connect_timeout(cfg.connect_timeout)
+        .redirect(reqwest::redirect::Policy::none())
+        .user_agent(concat!("storekeyd/", env!("CARGO_PKG_VERSION")))
+        .build()
+}
+
 /// For the instance metadata service, which is on the host's own link: never through a proxy
 /// (`HTTPS_PROXY` and friends), which it would refuse and its token would cross in the clear.
 pub fn metadata_client(cfg: &Http) -> Result<reqwest::Client, reqwest::Error> {

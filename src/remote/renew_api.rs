@@ -1,19 +1,22 @@
 //! The Store's renew call: one POST of `{serviceTicket, key}` to a configured endpoint.
 
 use std::sync::Arc;
-use std::time::{Instant, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 
 use serde::Serialize;
 
 use crate::policy::claims::KeyText;
 use crate::policy::outcome::{self, Outcome, Response};
+use crate::remote::deadline;
 use crate::remote::entra::AccessToken;
 use crate::remote::http::{self, BodyError, MsHeaders};
 use crate::remote::server_time::ServerTime;
 
 #[derive(Debug, Clone)]
 pub struct RenewClient {
+    /// Without a total timeout of its own (see [`deadline`]).
     http: reqwest::Client,
+    timeout: Duration,
     max_body: usize,
     server_time: Arc<ServerTime>,
 }
@@ -39,9 +42,17 @@ struct RenewBody<'a> {
 }
 
 impl RenewClient {
-    pub fn new(http: reqwest::Client, max_body: usize, server_time: Arc<ServerTime>) -> Self {
+    /// `http` must have no total timeout (see [`http::renew_client`]): `timeout` bounds each
+    /// call, judged on the time the process ran.
+    pub fn new(
+        http: reqwest::Client,
+        timeout: Duration,
+        max_body: usize,
+        server_time: Arc<ServerTime>,
+    ) -> Self {
         RenewClient {
             http,
+            timeout,
             max_body,
             server_time,
         }
@@ -60,24 +71,24 @@ impl RenewClient {
             service_ticket: ticket.expose(),
             key: key.trimmed(),
         };
-        let sent = self.http.post(endpoint.clone()).json(&body).send().await;
-        let mut result = match sent {
-            Err(e) => RenewResponse {
-                outcome: Outcome::Transient {
-                    detail: http::describe(&e),
-                },
-                status: None,
-                error_code: None,
-                ms: MsHeaders::default(),
-                duration_ms: 0,
-                started_at: 0,
-            },
-            Ok(resp) => {
-                self.server_time
-                    .observe(resp.status().as_u16(), resp.headers());
-                self.read(resp, now).await
+        let call = async {
+            match self.http.post(endpoint.clone()).json(&body).send().await {
+                Err(e) => unsent_or_unanswered(&e),
+                Ok(resp) => {
+                    self.server_time
+                        .observe(resp.status().as_u16(), resp.headers());
+                    self.read(resp, now).await
+                }
             }
         };
+        let mut result =
+            deadline::within(self.timeout, call)
+                .await
+                .unwrap_or_else(|deadline::Elapsed| {
+                    failed(Outcome::Unanswered {
+                        detail: "timed out".to_owned(),
+                    })
+                });
         result.started_at = now
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX));
@@ -108,7 +119,14 @@ impl RenewClient {
                 },
                 None,
             ),
-            // A body cut off mid-way is the network failing, not the Store answering.
+            // A body cut off mid-way is the network failing, not the Store answering; after a
+            // 200 the Store did renew the key, and the new one is lost.
+            Err(BodyError::Read(e)) if status == 200 => (
+                Outcome::Unanswered {
+                    detail: format!("HTTP 200, then {}", http::describe(&e)),
+                },
+                None,
+            ),
             Err(BodyError::Read(e)) => (
                 Outcome::Transient {
                     detail: http::describe(&e),
@@ -124,5 +142,27 @@ impl RenewClient {
             duration_ms: 0,
             started_at: 0,
         }
+    }
+}
+
+/// A request that failed: if it could not connect, it never reached the Store; anything later
+/// (a reset, a connection closed before the answer) may have reached it.
+fn unsent_or_unanswered(e: &reqwest::Error) -> RenewResponse {
+    let detail = http::describe(e);
+    failed(if e.is_connect() {
+        Outcome::Transient { detail }
+    } else {
+        Outcome::Unanswered { detail }
+    })
+}
+
+fn failed(outcome: Outcome) -> RenewResponse {
+    RenewResponse {
+        outcome,
+        status: None,
+        error_code: None,
+        ms: MsHeaders::default(),
+        duration_ms: 0,
+        started_at: 0,
     }
 }

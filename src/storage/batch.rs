@@ -187,6 +187,8 @@ struct RowJson<'a> {
     #[serde(skip_serializing_if = "Option::is_none")]
     refused_ms: Option<i64>,
     #[serde(skip_serializing_if = "Option::is_none")]
+    unanswered_at: Option<i64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     reason: Option<&'a str>,
     #[serde(skip_serializing_if = "Option::is_none")]
     state: Option<&'static str>,
@@ -255,11 +257,13 @@ fn row_json(write: &Write) -> Option<(ChangeKind, String)> {
             at,
             reason,
             refused_ms,
+            unanswered_at,
         } => (
             ChangeKind::Retry,
             RowJson {
                 next_at: Some(*at),
                 refused_ms: *refused_ms,
+                unanswered_at: *unanswered_at,
                 reason: Some(reason),
                 ..base
             },

@@ -371,6 +371,10 @@ pub struct ClaimedRow {
     /// The Store has renewed the key the row holds (it issued a successor): proof the key is
     /// genuine, which its unsigned claims are not.
     pub proven: bool,
+    /// Since when (Unix seconds) an attempt on this key may have renewed it without its answer
+    /// being written: one got no answer, or a claim's lease ran out with no result. Cleared
+    /// when the key renews or the backend replaces it.
+    pub unanswered_at: Option<i64>,
     /// Unix time the claim's lease ends: past it another process may claim the key.
     pub lease_until: i64,
 }
@@ -472,10 +476,13 @@ pub enum Change {
     },
     /// Another attempt at `at`. `refused_ms`: the Store refused the key then (Unix
     /// milliseconds), and the guard could not yet believe it; counted toward flagging it.
+    /// `unanswered_at`: the attempt was sent and got no answer then (Unix seconds), so the
+    /// Store may have renewed the key; kept until the key renews.
     Retry {
         at: i64,
         reason: String,
         refused_ms: Option<i64>,
+        unanswered_at: Option<i64>,
     },
     Flag {
         state: State,

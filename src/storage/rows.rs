@@ -62,6 +62,7 @@ where
         },
         canary: false,
         proven: row.try_get::<Option<i64>, _>("last_renewed_at")?.is_some(),
+        unanswered_at: row.try_get("unanswered_at")?,
         lease_until,
     })
 }

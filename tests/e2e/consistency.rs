@@ -207,6 +207,7 @@ async fn a_batch_records_what_it_applied_and_what_it_did_not(db: Db) {
             at: at + 60,
             reason: "test".to_owned(),
             refused_ms: None,
+            unanswered_at: None,
         },
         event: Some(Event::new(a.id, at, EventKind::TokenError)),
     };

@@ -14,13 +14,13 @@ use crate::pgserver::PgServer;
 /// What the emulator's renewal log and the rows say of a drain: users renewed more than once,
 /// never, and rows that do not hold the newest key the Store issued for their user.
 #[derive(Debug, Default, PartialEq, Eq)]
-struct Tally {
-    twice: usize,
-    missed: usize,
-    lost: usize,
+pub(crate) struct Tally {
+    pub twice: usize,
+    pub missed: usize,
+    pub lost: usize,
 }
 
-async fn tally(env: &TestEnv, users: &[String]) -> Tally {
+pub(crate) async fn tally(env: &TestEnv, users: &[String]) -> Tally {
     let rows: Vec<(String, Vec<u8>)> = on_backend!(
         env.db,
         "SELECT user_ref, CAST(key AS BLOB) FROM store_keys",

@@ -21,6 +21,7 @@ mod hostile;
 mod hygiene;
 mod observe;
 mod outage;
+mod pause;
 mod pgserver;
 mod privilege;
 mod renewal;

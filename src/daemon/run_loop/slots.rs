@@ -164,8 +164,7 @@ impl Slots {
     }
 
     /// Lets in-flight attempts finish within the grace period (their results are written or
-    /// spooled by the writer); aborts the rest and gives their keys, and those never started,
-    /// back.
+    /// spooled by the writer); aborts the rest, and gives back the keys never started.
     pub(super) async fn drain(&mut self, storage: &dyn Storage) {
         // Claimed but never started: due again at once, not after their lease.
         let unstarted: Vec<Claim> = self.ready.drain(..).map(|r| r.claim()).collect();
@@ -199,9 +198,12 @@ impl Slots {
                 }
             }
         }
-        let claims: Vec<Claim> = self.in_flight.values().copied().collect();
-        if let Err(e) = storage.release(&claims, self.engine.store_now()).await {
-            tracing::warn!(error = %e, "could not release abandoned keys; they are retried after their lease");
-        }
+        // The abandoned calls were sent: the Store may have renewed their keys. Their leases
+        // stay, so whoever claims them next knows an answer may have been lost (and does not
+        // take the old key's refusal for a revocation).
+        tracing::warn!(
+            abandoned = self.in_flight.len(),
+            "their keys are retried once their leases end"
+        );
     }
 }

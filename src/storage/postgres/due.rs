@@ -6,7 +6,7 @@
 
 use sqlx::PgPool;
 
-use super::{CLAIMED, DB_NOW};
+use super::{CLAIMED, DB_NOW, mark_unanswered};
 use crate::policy::claims::Kind;
 use crate::storage::Result;
 
@@ -43,10 +43,11 @@ pub(super) fn claim_sql(kinds: &[Kind]) -> String {
     format!(
         "WITH {},
               picked AS (SELECT id FROM ({all}) AS due ORDER BY rank, next_attempt_at LIMIT $2)
-         UPDATE store_keys AS k SET next_attempt_at = $3, lease_until = {DB_NOW} + $4
+         UPDATE store_keys AS k SET next_attempt_at = $3, lease_until = {DB_NOW} + $4, {}
          FROM picked WHERE k.id = picked.id
          RETURNING {CLAIMED}",
-        ctes.join(", ")
+        ctes.join(", "),
+        mark_unanswered!("$1")
     )
 }
 

@@ -35,7 +35,20 @@ const DB_NOW: &str = "floor(extract(epoch FROM now()))::bigint";
 const PENDING_LEASE_SECS: i64 = 60;
 
 /// The columns a claim returns: the key and the claims ingest stored for it.
-const CLAIMED: &str = "k.id, convert_to(k.key, 'UTF8') AS key_bytes, k.attempts, k.refusals, k.refused_first_ms, k.refused_last_ms, k.kind, k.client_id, k.user_id, k.issued_at, k.expires_at, k.last_renewed_at";
+const CLAIMED: &str = "k.id, convert_to(k.key, 'UTF8') AS key_bytes, k.attempts, k.refusals, k.refused_first_ms, k.refused_last_ms, k.kind, k.client_id, k.user_id, k.issued_at, k.expires_at, k.last_renewed_at, k.unanswered_at";
+/// A claim of a row whose lease ran out with no result: the attempt that held it may have
+/// renewed the key (its process paused or died with the answer), so the row says since when.
+/// `$N` is the claimer's now.
+macro_rules! mark_unanswered {
+    ($now:literal) => {
+        concat!(
+            "unanswered_at = CASE WHEN k.lease_until IS NOT NULL THEN COALESCE(k.unanswered_at, ",
+            $now,
+            ") ELSE k.unanswered_at END"
+        )
+    };
+}
+pub(super) use mark_unanswered;
 
 /// A PostgreSQL database. Cloning shares the pool.
 #[derive(Debug, Clone)]
@@ -178,10 +191,12 @@ impl Storage for PgStore {
 
     async fn claim_row(&self, id: i64, now: i64, lease_until: i64) -> Result<Option<ClaimedRow>> {
         let sql = format!(
-            "UPDATE store_keys AS k SET next_attempt_at = $1, lease_until = {DB_NOW} + $3
+            "UPDATE store_keys AS k SET next_attempt_at = $1, lease_until = {DB_NOW} + $3, {}
              WHERE k.id = $2 AND k.state = 'active'
                AND (k.lease_until IS NULL OR k.lease_until <= {DB_NOW})
-             RETURNING {CLAIMED}"
+             RETURNING {CLAIMED}",
+            // The caller's now: its lease's end less the lease.
+            mark_unanswered!("$1 - $3")
         );
         let row = self
             .timed(async {
@@ -222,14 +237,15 @@ impl Storage for PgStore {
     ) -> Result<Option<ClaimedRow>> {
         // Soonest due: renewing it early costs the least. Valid past the claim's lease.
         let sql = format!(
-            "UPDATE store_keys AS k SET next_attempt_at = $1, lease_until = {DB_NOW} + $4
+            "UPDATE store_keys AS k SET next_attempt_at = $1, lease_until = {DB_NOW} + $4, {}
              WHERE k.id = (SELECT id FROM store_keys
                            WHERE state = 'active' AND client_id = $2 AND refusals = 0
                              AND attempts = 0 AND expires_at > $1 AND issued_at <= $3
                              AND (last_renewed_at IS NOT NULL OR NOT $5)
                              AND (lease_until IS NULL OR lease_until <= {DB_NOW})
                            ORDER BY next_attempt_at LIMIT 1 FOR UPDATE SKIP LOCKED)
-             RETURNING {CLAIMED}"
+             RETURNING {CLAIMED}",
+            mark_unanswered!("$1 - $4")
         );
         let row = self
             .timed(async {

@@ -154,7 +154,7 @@ pub(super) async fn check_schema(pool: &PgPool) -> Result<()> {
 /// The schema, embedded in the binary from `migrations/postgres`. sqlx takes an advisory lock
 /// while it migrates, so replicas starting together migrate once.
 pub fn migrator() -> Migrator {
-    let migrations: [(i64, &'static str, &'static str); 4] = [
+    let migrations: [(i64, &'static str, &'static str); 5] = [
         (
             1,
             "init",
@@ -174,6 +174,11 @@ pub fn migrator() -> Migrator {
             4,
             "proven first",
             include_str!("../../../migrations/postgres/0004_proven_first.sql"),
+        ),
+        (
+            5,
+            "unanswered",
+            include_str!("../../../migrations/postgres/0005_unanswered.sql"),
         ),
     ];
     crate::storage::embedded(&migrations)

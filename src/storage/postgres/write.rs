@@ -19,7 +19,8 @@ macro_rules! changes {
     () => {
         " FROM jsonb_to_recordset($1::jsonb) AS v(id bigint, expected text, at bigint,
                new_key text, key_fp text, client_id text, user_id text, issued_at bigint,
-               expires_at bigint, next_at bigint, refused_ms bigint, reason text, state text)
+               expires_at bigint, next_at bigint, refused_ms bigint, unanswered_at bigint,
+               reason text, state text)
           WHERE k.id = v.id AND k.key = v.expected "
     };
 }
@@ -30,7 +31,8 @@ macro_rules! scheduled {
         "state = 'active', reason = NULL, key_fp = v.key_fp, client_id = v.client_id,
          user_id = v.user_id, issued_at = v.issued_at, expires_at = v.expires_at,
          next_attempt_at = v.next_at, lease_until = NULL, attempts = 0, refusals = 0,
-         refused_first_ms = NULL, refused_last_ms = NULL, updated_at = v.at"
+         refused_first_ms = NULL, refused_last_ms = NULL, unanswered_at = NULL,
+         updated_at = v.at"
     };
 }
 
@@ -65,6 +67,7 @@ pub(super) fn statement(kind: ChangeKind) -> &'static str {
                  refusals = k.refusals + (v.refused_ms IS NOT NULL)::int,
                  refused_first_ms = COALESCE(k.refused_first_ms, v.refused_ms),
                  refused_last_ms = COALESCE(v.refused_ms, k.refused_last_ms),
+                 unanswered_at = COALESCE(k.unanswered_at, v.unanswered_at),
                  reason = v.reason, updated_at = v.at",
             changes!(),
             "AND k.state = 'active' RETURNING k.id"

@@ -6,7 +6,7 @@
 
 use sqlx::SqlitePool;
 
-use super::CLAIMED;
+use super::{CLAIMED, mark_unanswered};
 use crate::policy::claims::Kind;
 use crate::storage::Result;
 
@@ -33,9 +33,10 @@ pub(super) fn claim_sql(kinds: &[Kind]) -> String {
         }
     }
     format!(
-        "UPDATE store_keys SET next_attempt_at = ?1, lease_until = ?1
+        "UPDATE store_keys SET next_attempt_at = ?1, lease_until = ?1, {}
          WHERE id IN (SELECT id FROM ({}) ORDER BY rank, next_attempt_at LIMIT ?3)
          RETURNING {CLAIMED}",
+        mark_unanswered!("?2"),
         parts.join(" UNION ALL ")
     )
 }

@@ -43,7 +43,20 @@ const RELEASE: &str = "UPDATE store_keys SET next_attempt_at = ?1, lease_until =
        AND +state = 'active' AND lease_until IS NOT NULL";
 
 /// The columns a claim returns: the key and the claims ingest stored for it.
-const CLAIMED: &str = "id, CAST(key AS BLOB) AS key_bytes, attempts, refusals, refused_first_ms, refused_last_ms, kind, client_id, user_id, issued_at, expires_at, last_renewed_at";
+const CLAIMED: &str = "id, CAST(key AS BLOB) AS key_bytes, attempts, refusals, refused_first_ms, refused_last_ms, kind, client_id, user_id, issued_at, expires_at, last_renewed_at, unanswered_at";
+/// A claim of a row whose lease ran out with no result: the attempt that held it may have
+/// renewed the key (its process paused or died with the answer), so the row says since when.
+/// `?N` is the claimer's now.
+macro_rules! mark_unanswered {
+    ($now:literal) => {
+        concat!(
+            "unanswered_at = CASE WHEN lease_until IS NOT NULL THEN COALESCE(unanswered_at, ",
+            $now,
+            ") ELSE unanswered_at END"
+        )
+    };
+}
+pub(super) use mark_unanswered;
 
 impl SqliteStore {
     /// Opens (creating if needed, mode 0600) and migrates the database.
@@ -163,9 +176,10 @@ impl Storage for SqliteStore {
 
     async fn claim_row(&self, id: i64, now: i64, lease_until: i64) -> Result<Option<ClaimedRow>> {
         let sql = format!(
-            "UPDATE store_keys SET next_attempt_at = ?1, lease_until = ?1
+            "UPDATE store_keys SET next_attempt_at = ?1, lease_until = ?1, {}
              WHERE id = ?2 AND state = 'active' AND (lease_until IS NULL OR lease_until <= ?3)
-             RETURNING {CLAIMED}"
+             RETURNING {CLAIMED}",
+            mark_unanswered!("?3")
         );
         let row = sqlx::query(sqlx::AssertSqlSafe(sql))
             .bind(lease_until)
@@ -191,7 +205,7 @@ impl Storage for SqliteStore {
         // key that expires meanwhile (an hour of validity would leave short-lived keys, like
         // the demo's, without canaries).
         let sql = format!(
-            "UPDATE store_keys SET next_attempt_at = ?1, lease_until = ?1
+            "UPDATE store_keys SET next_attempt_at = ?1, lease_until = ?1, {}
              WHERE id = (SELECT id FROM store_keys INDEXED BY store_keys_due_client
                          WHERE state = 'active' AND client_id = ?2 AND refusals = 0
                            AND attempts = 0 AND expires_at > ?1
@@ -199,7 +213,8 @@ impl Storage for SqliteStore {
                            AND (last_renewed_at IS NOT NULL OR NOT ?5)
                            AND (lease_until IS NULL OR lease_until <= ?3)
                          ORDER BY next_attempt_at LIMIT 1)
-             RETURNING {CLAIMED}"
+             RETURNING {CLAIMED}",
+            mark_unanswered!("?3")
         );
         let row = sqlx::query(sqlx::AssertSqlSafe(sql))
             .bind(lease_until)

@@ -84,7 +84,7 @@ pub(super) async fn check_schema(pool: &SqlitePool) -> Result<()> {
 
 /// The schema, embedded in the binary from `migrations/sqlite`.
 pub fn migrator() -> Migrator {
-    let migrations: [(i64, &'static str, &'static str); 9] = [
+    let migrations: [(i64, &'static str, &'static str); 10] = [
         (
             1,
             "init",
@@ -129,6 +129,11 @@ pub fn migrator() -> Migrator {
             9,
             "proven first",
             include_str!("../../../migrations/sqlite/0009_proven_first.sql"),
+        ),
+        (
+            10,
+            "unanswered",
+            include_str!("../../../migrations/sqlite/0010_unanswered.sql"),
         ),
     ];
     crate::storage::embedded(&migrations)

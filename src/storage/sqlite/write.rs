@@ -78,7 +78,7 @@ macro_rules! activate {
                  client_id = v.client_id, user_id = v.user_id, issued_at = v.issued_at,
                  expires_at = v.expires_at, next_attempt_at = v.next_at, lease_until = NULL,
                  attempts = 0, refusals = 0, refused_first_ms = NULL, refused_last_ms = NULL,
-                 updated_at = v.at
+                 unanswered_at = NULL, updated_at = v.at
              FROM (SELECT value ->> 'id' AS id, COALESCE(unhex(value ->> 'expected_hex'), CAST(value ->> 'expected' AS BLOB)) AS expected, ",
             $column,
             "value ->> 'key_fp' AS key_fp, value ->> 'client_id' AS client_id,
@@ -110,7 +110,7 @@ pub(super) fn statement(kind: ChangeKind) -> &'static str {
                  key_fp = v.key_fp, client_id = v.client_id, user_id = v.user_id,
                  issued_at = v.issued_at, expires_at = v.expires_at,
                  next_attempt_at = v.next_at, lease_until = NULL, attempts = 0, refusals = 0,
-                 refused_first_ms = NULL, refused_last_ms = NULL,
+                 refused_first_ms = NULL, refused_last_ms = NULL, unanswered_at = NULL,
                  renewals = renewals + 1, last_renewed_at = v.at, updated_at = v.at
              FROM (SELECT value ->> 'id' AS id, COALESCE(unhex(value ->> 'expected_hex'), CAST(value ->> 'expected' AS BLOB)) AS expected,
                           value ->> 'new_key' AS new_key, value ->> 'key_fp' AS key_fp,
@@ -127,9 +127,11 @@ pub(super) fn statement(kind: ChangeKind) -> &'static str {
                  attempts = attempts + 1, refusals = refusals + (v.refused_ms IS NOT NULL),
                  refused_first_ms = COALESCE(refused_first_ms, v.refused_ms),
                  refused_last_ms = COALESCE(v.refused_ms, refused_last_ms),
+                 unanswered_at = COALESCE(store_keys.unanswered_at, v.unanswered_at),
                  reason = v.reason, updated_at = v.at
              FROM (SELECT value ->> 'id' AS id, COALESCE(unhex(value ->> 'expected_hex'), CAST(value ->> 'expected' AS BLOB)) AS expected,
                           value ->> 'next_at' AS next_at, value ->> 'refused_ms' AS refused_ms,
+                          value ->> 'unanswered_at' AS unanswered_at,
                           value ->> 'reason' AS reason, value ->> 'at' AS at
                    FROM json_each(?1)) AS v
              WHERE store_keys.id = v.id AND CAST(store_keys.key AS BLOB) = v.expected
