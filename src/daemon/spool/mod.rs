@@ -94,6 +94,17 @@ impl Spool {
 
     /// Appends one renewal; durable once this returns. A failed append is cut off again.
     pub fn append(&self, write: &Write) -> std::io::Result<()> {
+        self.append_with(write, |file, line| {
+            file.write_all(line).and_then(|()| file.sync_data())
+        })
+    }
+
+    /// [`Spool::append`], with `put` writing and syncing the line (tests make it fail).
+    fn append_with(
+        &self,
+        write: &Write,
+        put: impl FnOnce(&mut std::fs::File, &[u8]) -> std::io::Result<()>,
+    ) -> std::io::Result<()> {
         let Some(entry) = entry(write) else {
             return Ok(());
         };
@@ -112,9 +123,16 @@ impl Spool {
             return Err(std::io::Error::other("spool file not open"));
         };
         let len = file.metadata()?.len();
-        let written = file.write_all(&line).and_then(|()| file.sync_data());
-        if let Err(e) = written {
+        if let Err(e) = put(file, &line) {
             let _ = file.set_len(len);
+            // A file with no entry goes (still locked, so no recovery has it): the writer
+            // removes its spool only once it applied what it spooled, and on a full disk, where
+            // the first append is the one that fails, an empty file would stay while the
+            // process lives.
+            if len == 0 && std::fs::remove_file(&self.path).is_ok() {
+                *held = None;
+                let _ = sync_dir(&self.path);
+            }
             return Err(e);
         }
         Ok(())
@@ -138,7 +156,11 @@ impl Spool {
             .create_new(true)
             .mode(0o600)
             .open(&staging)?;
-        file.lock()?;
+        if let Err(e) = file.lock() {
+            // Recovery never looks at the staging name: nobody else would remove it.
+            let _ = std::fs::remove_file(&staging);
+            return Err(e);
+        }
         // Never over an existing spool: its entries would be gone.
         let renamed = rustix::fs::renameat_with(
             rustix::fs::CWD,
@@ -151,7 +173,12 @@ impl Spool {
             let _ = std::fs::remove_file(&staging);
             return Err(e.into());
         }
-        sync_dir(&self.path)?;
+        if let Err(e) = sync_dir(&self.path) {
+            // Removed while locked: left, it would be an empty spool under this spool's name,
+            // which no later create may rename over.
+            let _ = std::fs::remove_file(&self.path);
+            return Err(e);
+        }
         Ok(file)
     }
 
@@ -472,6 +499,33 @@ mod tests {
         );
         spool.clear().unwrap();
         assert!(!spool.path().exists());
+    }
+
+    /// A full disk fails the first append: the file it created goes with it, not left empty
+    /// (and locked) while the process lives; a failed append after an entry keeps the entry.
+    #[test]
+    fn a_failed_append_leaves_no_empty_spool_and_keeps_what_it_holds() {
+        let dir = tempfile::tempdir().unwrap();
+        let full = |file: &mut std::fs::File, line: &[u8]| {
+            file.write_all(&line[..line.len() / 2])?;
+            Err(std::io::Error::from(std::io::ErrorKind::StorageFull))
+        };
+        let spool = Spool::for_process(dir.path());
+        assert!(spool.append_with(&renewal(1), full).is_err());
+        let left: Vec<_> = std::fs::read_dir(dir.path().join(DIR))
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert!(left.is_empty(), "left behind: {left:?}");
+        spool.append(&renewal(2)).unwrap();
+        assert!(spool.append_with(&renewal(3), full).is_err());
+        let (writes, skipped) = spool.read().unwrap();
+        assert_eq!((writes.len(), skipped), (1, 0));
+        assert_eq!(writes[0].key_id(), 2);
+        assert!(
+            Spool::orphans(dir.path()).unwrap().is_empty(),
+            "still its owner's"
+        );
     }
 
     #[test]

@@ -107,14 +107,9 @@ impl SigningCertificate {
 }
 
 impl CertificateInfo {
-    /// The first certificate in `pem` (a chain's leaf usually comes first).
-    pub fn from_pem(pem: &str, name: &str) -> Result<Self, CertificateError> {
-        let mut all = CertificateInfo::all_from_pem(pem, name)?;
-        Ok(all.swap_remove(0))
-    }
-
-    /// Every certificate in `pem`; at least one.
-    pub fn all_from_pem(pem: &str, name: &str) -> Result<Vec<Self>, CertificateError> {
+    /// Every certificate in `pem`; at least one. Private: which of them is the credential's is
+    /// for its key to say ([`SigningCertificate::from_pem`]), not their order.
+    fn all_from_pem(pem: &str, name: &str) -> Result<Vec<Self>, CertificateError> {
         let blocks = pem_blocks(pem).map_err(|e| CertificateError::Pem(name.to_owned(), e))?;
         let certs = blocks
             .into_iter()
@@ -235,12 +230,24 @@ fn is_label(label: &str) -> bool {
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]
 pub(crate) fn generated() -> (String, String) {
+    generated_with(rcgen::CertificateParams::new(vec!["storekeyd-test".into()]).unwrap())
+}
+
+/// [`generated`], valid until `not_after` (Unix seconds).
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+pub(crate) fn generated_until(not_after: i64) -> (String, String) {
+    let mut params = rcgen::CertificateParams::new(vec!["storekeyd-test".into()]).unwrap();
+    params.not_after = time::OffsetDateTime::from_unix_timestamp(not_after).unwrap();
+    generated_with(params)
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+fn generated_with(params: rcgen::CertificateParams) -> (String, String) {
     let key = rcgen::KeyPair::generate_rsa_for(&rcgen::PKCS_RSA_SHA256, rcgen::RsaKeySize::_2048)
         .unwrap();
-    let cert = rcgen::CertificateParams::new(vec!["storekeyd-test".into()])
-        .unwrap()
-        .self_signed(&key)
-        .unwrap();
+    let cert = params.self_signed(&key).unwrap();
     (cert.pem(), key.serialize_pem())
 }
 
@@ -300,8 +307,8 @@ mod tests {
             SigningCertificate::from_pem(&chain, "c", &key, "k", AssertionAlgorithm::PS256)
                 .unwrap();
         assert_eq!(
-            signing.info,
-            CertificateInfo::from_pem(&leaf, "leaf").unwrap()
+            vec![signing.info],
+            CertificateInfo::all_from_pem(&leaf, "leaf").unwrap()
         );
     }
 

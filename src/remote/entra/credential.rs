@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use secrecy::{ExposeSecret as _, SecretString};
 
 use super::certificate::{CertificateError, SigningCertificate};
-use crate::config::{Application, CredentialKind, CredentialSource};
+use crate::config::{Application, AssertionAlgorithm, CredentialKind, CredentialSource};
 use crate::secret_file::resolve;
 
 /// How an application proves itself to Entra ID, ready for one token request.
@@ -107,29 +107,22 @@ pub enum CredentialError {
     Config { app: String, message: String },
 }
 
-/// What the application's certificate file says now, for a certificate credential (no key is
-/// read): a rotated certificate shows at once in `status` and the metrics.
+/// What the application's certificate says now, for a certificate credential: a rotated
+/// certificate shows at once in `status` and the metrics. The key is read too, because the
+/// certificate that matters is the one it signs for, found as a token request finds it: a chain
+/// may list its CA first.
 pub fn certificate_info(
     app: &Application,
 ) -> Option<Result<super::certificate::CertificateInfo, CredentialError>> {
-    let Ok(CredentialSource::Certificate { certificate, .. }) = app.source() else {
+    let Ok(CredentialSource::Certificate {
+        certificate,
+        private_key,
+        algorithm,
+    }) = app.source()
+    else {
         return None;
     };
-    let label = app.label();
-    let path = resolve(&certificate);
-    Some(
-        read_file(label, FileRole::Certificate, &path).and_then(|(text, _)| {
-            super::certificate::CertificateInfo::all_from_pem(
-                text.expose_secret(),
-                &path.display().to_string(),
-            )
-            .map(|mut all| all.swap_remove(0))
-            .map_err(|source| CredentialError::Certificate {
-                app: label.to_owned(),
-                source,
-            })
-        }),
-    )
+    Some(signing_certificate(app.label(), &certificate, &private_key, algorithm).map(|c| c.info))
 }
 
 fn not_text_hint(role: FileRole) -> &'static str {
@@ -172,37 +165,8 @@ pub fn load(app: &Application) -> Result<Credential, CredentialError> {
             certificate,
             private_key,
             algorithm,
-        } => {
-            let (cert_path, key_path) = (resolve(&certificate), resolve(&private_key));
-            let (cert_name, key_name) = (
-                cert_path.display().to_string(),
-                key_path.display().to_string(),
-            );
-            let (cert, key) = if cert_path == key_path {
-                // A certificate alone is no secret: say the key is missing before its mode.
-                let (text, mode) = read_file(&label, FileRole::Certificate, &cert_path)?;
-                if !text.expose_secret().contains("PRIVATE KEY-----") {
-                    return Err(CredentialError::Certificate {
-                        app: label,
-                        source: CertificateError::NoKey(key_name),
-                    });
-                }
-                check_private(&label, FileRole::PrivateKey, &key_path, mode)?;
-                (text.clone(), text)
-            } else {
-                let key = read_private(&label, FileRole::PrivateKey, &key_path)?;
-                (read_file(&label, FileRole::Certificate, &cert_path)?.0, key)
-            };
-            SigningCertificate::from_pem(
-                cert.expose_secret(),
-                &cert_name,
-                key.expose_secret(),
-                &key_name,
-                algorithm,
-            )
-            .map(Credential::Certificate)
-            .map_err(|source| CredentialError::Certificate { app: label, source })
-        }
+        } => signing_certificate(&label, &certificate, &private_key, algorithm)
+            .map(Credential::Certificate),
         CredentialSource::FederatedFile(file) => {
             // The platform owns this file and its mode (Kubernetes projects it 0644); the token
             // in it lives an hour or so.
@@ -217,6 +181,46 @@ pub fn load(app: &Application) -> Result<Credential, CredentialError> {
             Ok(Credential::ManagedIdentity { client_id })
         }
     }
+}
+
+/// The certificate and its key from their files (one file may hold both).
+fn signing_certificate(
+    label: &str,
+    certificate: &Path,
+    private_key: &Path,
+    algorithm: AssertionAlgorithm,
+) -> Result<SigningCertificate, CredentialError> {
+    let (cert_path, key_path) = (resolve(certificate), resolve(private_key));
+    let (cert_name, key_name) = (
+        cert_path.display().to_string(),
+        key_path.display().to_string(),
+    );
+    let (cert, key) = if cert_path == key_path {
+        // A certificate alone is no secret: say the key is missing before its mode.
+        let (text, mode) = read_file(label, FileRole::Certificate, &cert_path)?;
+        if !text.expose_secret().contains("PRIVATE KEY-----") {
+            return Err(CredentialError::Certificate {
+                app: label.to_owned(),
+                source: CertificateError::NoKey(key_name),
+            });
+        }
+        check_private(label, FileRole::PrivateKey, &key_path, mode)?;
+        (text.clone(), text)
+    } else {
+        let key = read_private(label, FileRole::PrivateKey, &key_path)?;
+        (read_file(label, FileRole::Certificate, &cert_path)?.0, key)
+    };
+    SigningCertificate::from_pem(
+        cert.expose_secret(),
+        &cert_name,
+        key.expose_secret(),
+        &key_name,
+        algorithm,
+    )
+    .map_err(|source| CredentialError::Certificate {
+        app: label.to_owned(),
+        source,
+    })
 }
 
 fn non_empty(app: &str, what: &'static str, text: &str) -> Result<SecretString, CredentialError> {

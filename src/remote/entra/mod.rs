@@ -170,9 +170,9 @@ impl TokenClient {
         all
     }
 
-    /// Re-reads every certificate credential's certificate (not its key), so a certificate
-    /// rotated in place shows at once; one that cannot be read keeps what was last read, and
-    /// fails at its next token request.
+    /// Re-reads every certificate credential's certificate, so a certificate rotated in place
+    /// shows at once; its key too, which says which certificate of a chain is the credential's.
+    /// One that cannot be read keeps what was last read, and fails at its next token request.
     pub fn refresh_certificates(&self) {
         for entry in self.apps.values() {
             match credential::certificate_info(&entry.app) {
@@ -287,5 +287,47 @@ impl AppTokens {
             });
         }
         Ok(credential)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::PermissionsExt as _;
+
+    /// A chain that lists its CA first: the expiry shown (`status`, the metric, the alarm) is
+    /// the leaf's, at start and after the periodic re-read alike.
+    #[test]
+    fn the_reread_certificate_is_the_one_the_key_signs_for() {
+        let dir = tempfile::tempdir().unwrap();
+        let (leaf_until, ca_until) = (1_900_000_000, 2_200_000_000);
+        let (leaf, key) = certificate::generated_until(leaf_until);
+        let (ca, _) = certificate::generated_until(ca_until);
+        let (cert_path, key_path) = (dir.path().join("chain.pem"), dir.path().join("k.pem"));
+        std::fs::write(&cert_path, format!("{ca}{leaf}")).unwrap();
+        std::fs::write(&key_path, key).unwrap();
+        std::fs::set_permissions(&key_path, std::fs::Permissions::from_mode(0o600)).unwrap();
+        let mut config = Config::default();
+        config.applications.push(Application {
+            tenant_id: "t".into(),
+            client_id: "c".into(),
+            certificate_file: Some(cert_path),
+            private_key_file: Some(key_path),
+            ..Application::default()
+        });
+        let clock = Clock::system();
+        let tokens = TokenClient::new(
+            &config,
+            (reqwest::Client::new(), reqwest::Client::new()),
+            clock.clone(),
+            Arc::new(Metrics::default()),
+            Arc::new(ServerTime::new(config.http.max_clock_offset, clock)),
+        )
+        .unwrap();
+        let expiry =
+            |tokens: &TokenClient| tokens.status()[0].certificate.clone().map(|c| c.not_after);
+        assert_eq!(expiry(&tokens), Some(leaf_until), "at start");
+        tokens.refresh_certificates();
+        assert_eq!(expiry(&tokens), Some(leaf_until), "after a re-read");
     }
 }
