@@ -184,11 +184,17 @@ fn get_ci<'a>(obj: &'a serde_json::Map<String, Value>, name: &str) -> Option<&'a
     })
 }
 
-/// `Retry-After` is either delta-seconds or an HTTP date (RFC 9110 §10.2.3).
+/// `Retry-After` is either delta-seconds or an HTTP date (RFC 9110 §10.2.3). Only what it asks
+/// for: [`schedule::retry_time`](crate::policy::schedule::retry_time) bounds it.
 pub fn parse_retry_after(value: &str, now: SystemTime) -> Option<Duration> {
     let value = value.trim();
-    if let Ok(secs) = value.parse::<u64>() {
-        return Some(Duration::from_secs(secs));
+    if !value.is_empty() && value.bytes().all(|b| b.is_ascii_digit()) {
+        // More seconds than a u64 holds still asks for a very long wait, not for none.
+        return Some(
+            value
+                .parse::<u64>()
+                .map_or(Duration::MAX, Duration::from_secs),
+        );
     }
     let at = httpdate::parse_http_date(value).ok()?;
     Some(at.duration_since(now).unwrap_or_default())
@@ -296,6 +302,22 @@ mod tests {
             Some(Duration::from_secs(30))
         );
         assert_eq!(parse_retry_after("soon", now), None);
+    }
+
+    #[test]
+    fn retry_after_that_overflows_asks_for_the_longest_wait() {
+        let now = SystemTime::UNIX_EPOCH;
+        assert_eq!(
+            parse_retry_after("18446744073709551615", now),
+            Some(Duration::from_secs(u64::MAX))
+        );
+        assert_eq!(
+            parse_retry_after(" 99999999999999999999999 ", now),
+            Some(Duration::MAX)
+        );
+        for garbage in ["", "-5", "1.5", "+7", "7s", "Thu, 99 Jan 2099 00:00:00 GMT"] {
+            assert_eq!(parse_retry_after(garbage, now), None, "{garbage:?}");
+        }
     }
 
     #[test]

@@ -48,8 +48,14 @@ pub enum Retry {
     Expired,
 }
 
-/// Exponential backoff with jitter after `attempts` consecutive failures (1 for the first),
-/// at least `retry_after` when the server asked for it, and never at or after `exp`.
+/// How many more attempts a `Retry-After` must leave room for before the key expires: it is
+/// honoured for at most `1 / (RETRY_AFTER_ROOM + 1)` of the time the key has left, so that one
+/// answer (the Store's, or a proxy's with a date in 2099) cannot spend the key's last chances.
+pub(crate) const RETRY_AFTER_ROOM: i64 = 3;
+
+/// Exponential backoff with jitter after `attempts` consecutive failures (1 for the first), at
+/// least `retry_after` when the server asked for it (bounded: see `bounded_retry_after`),
+/// and never at or after `exp`.
 pub fn retry_time(
     now: i64,
     expires_at: i64,
@@ -61,7 +67,10 @@ pub fn retry_time(
     if now >= expires_at {
         return Retry::Expired;
     }
-    let delay = backoff(attempts, policy, jitter_draw).max(retry_after.unwrap_or_default());
+    let asked = retry_after.map_or(Duration::ZERO, |ra| {
+        bounded_retry_after(ra, now, expires_at, policy)
+    });
+    let delay = backoff(attempts, policy, jitter_draw).max(asked);
     let at = now.saturating_add(ceil_secs(delay).max(1));
     // The last useful moment is the second before expiry; an attempt then still has a chance.
     // With no second left, there is nothing to schedule (retrying now again would spin).
@@ -71,6 +80,15 @@ pub fn retry_time(
     } else {
         Retry::At(at)
     }
+}
+
+/// A `Retry-After` as far as it is honoured: at most `renew.backoff_cap`, and at most the time
+/// left before the key's last useful second over `RETRY_AFTER_ROOM + 1`, so after that retry
+/// at least `RETRY_AFTER_ROOM` more, as far apart, still fit before it expires.
+fn bounded_retry_after(asked: Duration, now: i64, expires_at: i64, policy: &Policy) -> Duration {
+    let left = expires_at.saturating_sub(1).saturating_sub(now).max(0);
+    let room = Duration::from_secs(u64::try_from(left / (RETRY_AFTER_ROOM + 1)).unwrap_or(0));
+    asked.min(policy.backoff_cap).min(room)
 }
 
 /// "Equal jitter": half the exponential delay is fixed, half random, so retries spread out but
@@ -191,10 +209,6 @@ mod tests {
     fn retry_never_lands_at_or_after_expiry() {
         let p = policy();
         assert_eq!(retry_time(100, 110, 5, None, &p, 0.5), Retry::At(109));
-        assert_eq!(
-            retry_time(100, 10_000, 1, Some(Duration::from_secs(86_400)), &p, 0.0),
-            Retry::At(9_999)
-        );
         assert_eq!(retry_time(110, 110, 1, None, &p, 0.5), Retry::Expired);
         assert_eq!(retry_time(108, 110, 1, None, &p, 0.5), Retry::At(109));
         assert_eq!(retry_time(109, 110, 1, None, &p, 0.5), Retry::Expired);
@@ -224,7 +238,72 @@ mod tests {
         assert_eq!(backoff(1, &p, 0.0), Duration::from_secs(15));
     }
 
+    /// What a `Retry-After` may do to a key's next attempt: no later than `backoff_cap`, and
+    /// leaving room for `RETRY_AFTER_ROOM` more attempts as far apart before expiry.
+    fn assert_bounded(now: i64, exp: i64, at: Retry, p: &Policy, what: &str) {
+        let Retry::At(at) = at else {
+            panic!("{what}: no retry for a key with {}s left", exp - now)
+        };
+        let cap = secs(p.backoff_cap);
+        assert!(
+            at > now && at <= now + cap,
+            "{what}: retry {}s later",
+            at - now
+        );
+        assert!(
+            exp - at >= RETRY_AFTER_ROOM * (at - now),
+            "{what}: retry {}s later leaves {}s before expiry",
+            at - now,
+            exp - at
+        );
+    }
+
+    #[test]
+    fn an_absurd_retry_after_moves_no_retry_past_the_cap_or_the_room() {
+        let p = policy();
+        let now = 1_800_000_000;
+        let now_t = std::time::UNIX_EPOCH + Duration::from_secs(now as u64);
+        let headers = [
+            (10 * 365 * DAY).to_string(),
+            "Thu, 01 Jan 2099 00:00:00 GMT".to_owned(),
+            u64::MAX.to_string(),
+            "99999999999999999999999".to_owned(),
+            "garbage".to_owned(),
+        ];
+        for header in &headers {
+            let ra = crate::policy::outcome::parse_retry_after(header, now_t);
+            // Ten days left, inside the margin; five hours; ten minutes.
+            for left in [10 * DAY, 5 * 3600, 600] {
+                for draw in [0.0, 0.5, 0.999] {
+                    let at = retry_time(now, now + left, 1, ra, &p, draw);
+                    assert_bounded(now, now + left, at, &p, &format!("{header}, {left}s left"));
+                }
+            }
+        }
+        // Far from expiry it is the cap, not the key's last second.
+        assert_eq!(
+            retry_time(100, 10_000, 1, Some(Duration::from_secs(86_400)), &p, 0.0),
+            Retry::At(100 + (10_000 - 1 - 100) / 4)
+        );
+        assert_eq!(
+            retry_time(0, 30 * DAY, 1, Some(Duration::MAX), &p, 0.0),
+            Retry::At(3600)
+        );
+    }
+
     proptest::proptest! {
+        #[test]
+        fn a_retry_after_never_passes_the_cap_or_the_room(
+            now in 0i64..4_000_000_000,
+            // Within a few caps of expiry, where the room binds, and anywhere.
+            left in proptest::prop_oneof![600i64..6 * 3600, 600i64..100 * DAY],
+            ra in proptest::num::u64::ANY, draw in 0.0f64..1.0
+        ) {
+            let p = policy();
+            let at = retry_time(now, now + left, 1, Some(Duration::from_secs(ra)), &p, draw);
+            assert_bounded(now, now + left, at, &p, &format!("Retry-After {ra}"));
+        }
+
         #[test]
         fn renewal_is_always_before_expiry_for_live_keys(
             iat in 0i64..4_000_000_000, lifetime in 4i64..100 * DAY, draw in 0.0f64..1.0
