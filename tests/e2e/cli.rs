@@ -210,7 +210,7 @@ async fn check_and_migrate_and_bad_config() {
     assert!(out.stderr.contains("run `storekeyd migrate`"), "{out:?}");
     let out = env.cli(&["migrate"], "").await;
     assert_eq!(out.code, 0, "{out:?}");
-    assert!(out.stdout.contains("schema at version 9"));
+    assert!(out.stdout.contains("schema at version 10"));
     assert_eq!(env.cli(&["status"], "").await.code, 0);
 
     env.emu.register_app("test-tenant", "app-main", "rotated");

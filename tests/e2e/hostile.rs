@@ -119,7 +119,7 @@ async fn answers_no_store_would_give_are_never_written() {
             env.row(user, Kind::Collections).await.id
         };
         env.wait_until(&format!("{user}: a failed attempt"), || async {
-            sqlx::query_as::<_, (String,)>("SELECT COALESCE(detail, '') FROM store_key_events WHERE key_id = ? AND outcome IN ('unexpected', 'transient')")
+            sqlx::query_as::<_, (String,)>("SELECT COALESCE(detail, '') FROM store_key_events WHERE key_id = ? AND outcome IN ('unexpected', 'transient', 'unanswered')")
                 .bind(id)
                 .fetch_all(env.db.pool())
                 .await

@@ -69,6 +69,8 @@ async fn happy_path_renews_every_key_over_several_cycles(db: Db) {
 async fn throttling_and_outages_are_retried_then_renewed(db: Db) {
     let mut env = TestEnv::on(db).await;
     env.add_user("alice").await;
+    // A Retry-After is honoured up to the backoff cap (the tests' default is 10 s).
+    env.config.renew.backoff_cap = Duration::from_secs(600);
     env.set_faults(Faults {
         throttle_rate: 1.0,
         retry_after_secs: 120,
