@@ -9,7 +9,7 @@ use storekeyd::clock::Clock;
 use storekeyd::config::Config;
 use storekeyd::ops::import::{self, Format, Line, Record};
 use storekeyd::ops::printable::{printable, printable_json};
-use storekeyd::ops::report::{Inspection, StatusReport};
+use storekeyd::ops::report::{self, Inspection, StatusReport};
 use storekeyd::policy::claims::{self, KeyText};
 use storekeyd::storage::{NewKey, Storage};
 
@@ -43,8 +43,11 @@ pub(super) fn inspect_key(config: &Config, arg: &str, json: bool) -> anyhow::Res
     let key = KeyText::new(read_key_arg(arg)?);
     let claims =
         claims::decode(key.expose()).map_err(|e| usage(format!("not a Store ID key: {e}")))?;
+    // No database, so no clock alarm to correct the host clock by.
+    let now = Clock::system().now();
     print_inspection(
-        &Inspection::new(&key, &claims, config, Clock::system().now(), None),
+        &Inspection::new(&key, &claims, config, now, None),
+        now,
         json,
     )
 }
@@ -59,9 +62,11 @@ pub(super) async fn inspect_row(
         .key_row(row)
         .await?
         .ok_or_else(|| usage(format!("no row #{row}")))?;
+    let (now, _) = report::store_now(db, Clock::system().now()).await?;
     match claims::decode(key.expose()) {
         Ok(claims) => print_inspection(
-            &Inspection::new(&key, &claims, config, Clock::system().now(), Some(summary)),
+            &Inspection::new(&key, &claims, config, now, Some(summary)),
+            now,
             json,
         ),
         Err(e) => {
@@ -84,14 +89,14 @@ pub(super) async fn inspect_row(
     }
 }
 
-fn print_inspection(inspection: &Inspection, json: bool) -> anyhow::Result<Exit> {
+fn print_inspection(inspection: &Inspection, now: i64, json: bool) -> anyhow::Result<Exit> {
     if json {
         println!(
             "{}",
             printable_json(&serde_json::to_string_pretty(inspection)?)
         );
     } else {
-        print!("{}", inspection.render(Clock::system().now()));
+        print!("{}", inspection.render(now));
     }
     Ok(if inspection.expired {
         Exit::Unhealthy

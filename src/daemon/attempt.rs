@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use tracing::Instrument as _;
 
-use crate::clock::{Clock, utc};
+use crate::clock::utc;
 use crate::config::Config;
 use crate::daemon::safety::Safety;
 use crate::daemon::writer::{WriterGone, WriterHandle, Written};
@@ -53,7 +53,6 @@ pub struct Engine {
     tokens: TokenClient,
     api: RenewClient,
     limiter: RateLimiter,
-    clock: Clock,
     metrics: Arc<Metrics>,
     safety: Safety,
     writer: WriterHandle,
@@ -92,7 +91,6 @@ pub struct Parts {
     pub config: Arc<Config>,
     pub tokens: TokenClient,
     pub api: RenewClient,
-    pub clock: Clock,
     pub metrics: Arc<Metrics>,
     pub safety: Safety,
     pub server_time: Arc<ServerTime>,
@@ -148,7 +146,6 @@ impl Engine {
             config: parts.config,
             tokens: parts.tokens,
             api: parts.api,
-            clock: parts.clock,
             metrics: parts.metrics,
             safety: parts.safety,
             writer,
@@ -526,9 +523,11 @@ impl Engine {
                         .renewed(&claims.client_id, call.started_ms)
                         .await;
                 }
+                // On the Store's time, like the expiry gauge: `time() -` it must not be masked
+                // by a host clock that runs ahead.
                 self.metrics
                     .last_success
-                    .store(self.clock.now(), std::sync::atomic::Ordering::Relaxed);
+                    .store(self.server_time.now(), std::sync::atomic::Ordering::Relaxed);
                 tracing::debug!(new_key = %key.fingerprint(), "renewed");
             }
             Action::Retry { .. } => {

@@ -25,15 +25,30 @@ const LAPSE_SECS: i64 = 8;
 
 /// `host-pid-random`: unique per process, and says where to look.
 pub(super) fn replica_name() -> String {
+    format!(
+        "{}-{}-{:04x}",
+        host_name(),
+        std::process::id(),
+        fastrand::u16(..)
+    )
+}
+
+/// The name replica names on this host start with.
+pub(crate) fn host_name() -> String {
     let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
         .map(|h| h.trim().to_owned())
         .unwrap_or_default();
-    let host = if host.is_empty() {
+    if host.is_empty() {
         "host".to_owned()
     } else {
         host
-    };
-    format!("{host}-{}-{:04x}", std::process::id(), fastrand::u16(..))
+    }
+}
+
+/// The host a name from [`replica_name`] runs on (a host name may hold dashes; the pid and the
+/// random part do not).
+pub(crate) fn replica_host(replica: &str) -> Option<&str> {
+    replica.rsplitn(3, '-').nth(2)
 }
 
 /// One beat: the row refreshed, the replicas counted, this one's share of the rate limit set,

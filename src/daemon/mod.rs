@@ -2,7 +2,7 @@
 //! breaker and guard wired to their side effects.
 
 pub mod attempt;
-mod fleet;
+pub(crate) mod fleet;
 pub mod ingest;
 mod run_loop;
 pub mod safety;
@@ -105,7 +105,6 @@ impl Service {
             safety,
             config,
             tokens,
-            clock,
             metrics,
         };
         Ok(Service {

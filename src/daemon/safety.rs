@@ -46,7 +46,7 @@ fn breaker_alarm(kind: Kind) -> String {
 }
 
 /// The host clock disagrees with the Store's and Entra's.
-const CLOCK_ALARM: &str = "clock";
+pub(crate) const CLOCK_ALARM: &str = "clock";
 
 /// Credential alarms outlive the process (the guard takes them up again at start); the others
 /// describe the process's own state.

@@ -14,7 +14,6 @@ use tokio::net::TcpListener;
 use tokio::sync::Mutex;
 use tokio_util::sync::CancellationToken;
 
-use crate::clock::Clock;
 use crate::config::Config;
 use crate::daemon::attempt::Engine;
 use crate::ops::metrics::Gauges;
@@ -91,7 +90,6 @@ pub struct Observer {
     engine: Arc<Engine>,
     storage: Arc<dyn Storage>,
     config: Arc<Config>,
-    clock: Clock,
     health: Arc<Health>,
     cache: Arc<Mutex<Option<(Instant, KeyStats)>>>,
     schema: Arc<Mutex<Option<(Instant, Check)>>>,
@@ -102,14 +100,12 @@ impl Observer {
         engine: Arc<Engine>,
         storage: Arc<dyn Storage>,
         config: Arc<Config>,
-        clock: Clock,
         health: Arc<Health>,
     ) -> Self {
         Observer {
             engine,
             storage,
             config,
-            clock,
             health,
             cache: Arc::default(),
             schema: Arc::default(),
@@ -130,7 +126,9 @@ impl Observer {
         result
     }
 
-    /// Key statistics, from a cache no older than [`KEY_STATS_TTL`].
+    /// Key statistics, from a cache no older than [`KEY_STATS_TTL`]: what is due judged on the
+    /// Store's time, as the loop judges it (on the host's, a host clock a month ahead would
+    /// count every key as backlog).
     pub async fn key_stats(&self) -> Result<KeyStats, DbError> {
         let mut cache = self.cache.lock().await;
         if let Some((at, stats)) = cache.as_ref()
@@ -138,7 +136,7 @@ impl Observer {
         {
             return Ok(stats.clone());
         }
-        let stats = self.storage.key_stats(self.clock.now()).await?;
+        let stats = self.storage.key_stats(self.engine.store_now()).await?;
         *cache = Some((Instant::now(), stats.clone()));
         Ok(stats)
     }

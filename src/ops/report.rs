@@ -7,15 +7,22 @@ use serde::Serialize;
 
 use crate::clock::utc;
 use crate::config::Config;
+use crate::daemon::{fleet, safety};
 use crate::ops::printable::printable;
 use crate::policy::claims::{Claims, KeyText, Kind};
 use crate::policy::schedule;
+use crate::remote::server_time;
 use crate::storage::{Alarm, DbError, KeyStats, KeySummary, State, Storage};
 
 /// `storekeyd status`.
 #[derive(Debug, Clone, Serialize)]
 pub struct StatusReport {
+    /// Now as the daemon judges it: the host clock corrected by `clock_offset_secs`.
     pub generated_at: i64,
+    /// The Store's time minus this host's, as the clock alarm of a daemon on this host states
+    /// it; `None`: judged on the host clock (which a daemon here finds within
+    /// `http.max_clock_offset` of the Store's, if one runs).
+    pub clock_offset_secs: Option<i64>,
     pub keys: KeyStats,
     /// Active keys that expire within `expiring_window_secs`.
     pub expiring_window_secs: i64,
@@ -27,22 +34,27 @@ pub struct StatusReport {
 }
 
 impl StatusReport {
+    /// `host_now` is this host's clock; what is due and expiring is judged on the Store's.
     pub async fn build(
         db: &dyn Storage,
-        now: i64,
+        host_now: i64,
         window: Duration,
         limit: u32,
     ) -> Result<Self, DbError> {
         let window_secs = i64::try_from(window.as_secs()).unwrap_or(i64::MAX);
+        let alarms = db.alarms().await?;
+        let offset = stated_offset(&alarms, &fleet::host_name());
+        let now = host_now.saturating_add(offset.unwrap_or(0));
         let (flagged, flagged_total) = db.flagged(limit).await?;
         Ok(StatusReport {
             generated_at: now,
+            clock_offset_secs: offset,
             keys: db.key_stats(now).await?,
             expiring_window_secs: window_secs,
             expiring: db.expiring(now.saturating_add(window_secs), limit).await?,
             flagged,
             flagged_total,
-            alarms: db.alarms().await?,
+            alarms,
         })
     }
 
@@ -54,7 +66,18 @@ impl StatusReport {
     pub fn render(&self) -> String {
         let now = self.generated_at;
         let mut out = String::new();
-        let _ = writeln!(out, "storekeyd status at {}\n", utc(now));
+        let basis = match self.clock_offset_secs {
+            Some(offset) if offset < 0 => format!(
+                " (the Store's time: this host's clock is {} ahead, says the clock alarm)",
+                span(offset.unsigned_abs())
+            ),
+            Some(offset) => format!(
+                " (the Store's time: this host's clock is {} behind, says the clock alarm)",
+                span(offset.unsigned_abs())
+            ),
+            None => String::new(),
+        };
+        let _ = writeln!(out, "storekeyd status at {}{basis}\n", utc(now));
         if self.alarms.is_empty() {
             let _ = writeln!(out, "alarms: none\n");
         } else {
@@ -131,6 +154,24 @@ impl StatusReport {
             let _ = writeln!(out, "  … and {} more (--limit)", total - rows.len() as i64);
         }
     }
+}
+
+/// Now as the daemon judges it, for a process with no answers from the Store: this host's clock
+/// corrected by the offset a daemon's clock alarm states, if one on this host raised it, and the
+/// offset applied.
+pub async fn store_now(db: &dyn Storage, host_now: i64) -> Result<(i64, Option<i64>), DbError> {
+    let offset = stated_offset(&db.alarms().await?, &fleet::host_name());
+    Ok((host_now.saturating_add(offset.unwrap_or(0)), offset))
+}
+
+/// The offset the clock alarm raised on `host` states. Below `http.max_clock_offset` there is no
+/// alarm, and the host clock is as good; an alarm raised elsewhere speaks of another clock.
+fn stated_offset(alarms: &[Alarm], host: &str) -> Option<i64> {
+    alarms
+        .iter()
+        .find(|a| a.name == safety::CLOCK_ALARM)
+        .filter(|a| a.owner.as_deref().and_then(fleet::replica_host) == Some(host))
+        .and_then(|a| server_time::stated_offset(&a.detail))
 }
 
 /// `storekeyd inspect`: a key's claims, never its payload or the key itself.
@@ -250,7 +291,16 @@ pub fn relative(delta: i64) -> String {
     if delta == 0 {
         return "now".to_owned();
     }
-    let secs = delta.unsigned_abs();
+    let text = span(delta.unsigned_abs());
+    if delta > 0 {
+        format!("in {text}")
+    } else {
+        format!("{text} ago")
+    }
+}
+
+/// Seconds as the two largest units: `3d 4h`.
+fn span(secs: u64) -> String {
     let units = [(86_400, "d"), (3600, "h"), (60, "m"), (1, "s")];
     let mut parts = Vec::new();
     let mut rest = secs;
@@ -263,12 +313,7 @@ pub fn relative(delta: i64) -> String {
             break;
         }
     }
-    let text = parts.join(" ");
-    if delta > 0 {
-        format!("in {text}")
-    } else {
-        format!("{text} ago")
-    }
+    parts.join(" ")
 }
 
 #[cfg(test)]
@@ -281,5 +326,34 @@ mod tests {
         assert_eq!(relative(90), "in 1m 30s");
         assert_eq!(relative(-7200), "2h ago");
         assert_eq!(relative(3 * 86_400 + 4 * 3600 + 59), "in 3d 4h");
+    }
+
+    #[test]
+    fn only_a_clock_alarm_raised_on_this_host_corrects_the_time() {
+        let t = crate::remote::server_time::ServerTime::new(
+            Duration::from_secs(120),
+            crate::clock::Clock::system(),
+        );
+        let alarm = |name: &str, detail: String, owner: &str| Alarm {
+            name: name.to_owned(),
+            detail,
+            since: 0,
+            owner: Some(owner.to_owned()),
+        };
+        let ahead = t.describe(-29 * 86_400);
+        let here = [alarm("clock", ahead.clone(), "web-1-4242-00af")];
+        assert_eq!(stated_offset(&here, "web-1"), Some(-29 * 86_400));
+        // Another host's clock, another alarm's text, or no owner: the host clock.
+        assert_eq!(stated_offset(&here, "web-2"), None);
+        assert_eq!(stated_offset(&here, "web"), None);
+        let other = [alarm(
+            "breaker:collections",
+            ahead.clone(),
+            "web-1-4242-00af",
+        )];
+        assert_eq!(stated_offset(&other, "web-1"), None);
+        let mut unowned = here.clone();
+        unowned[0].owner = None;
+        assert_eq!(stated_offset(&unowned, "web-1"), None);
     }
 }

@@ -12,6 +12,11 @@ use crate::clock::Clock;
 /// and the round trip.
 const RESOLUTION_SECS: i64 = 2;
 
+/// The alarm's words, which [`stated_offset`] reads back.
+const ALARM_PREFIX: &str = "the host clock is ";
+const AHEAD: &str = "ahead of";
+const BEHIND: &str = "behind";
+
 #[derive(Debug)]
 pub struct ServerTime {
     clock: Clock,
@@ -141,20 +146,38 @@ impl ServerTime {
         self.alarm_offset().map(|offset| self.describe(offset))
     }
 
-    fn alarm_offset(&self) -> Option<i64> {
+    /// The offset, while it exceeds the bound.
+    pub fn alarm_offset(&self) -> Option<i64> {
         self.offset().filter(|o| o.saturating_abs() > self.bound)
     }
 
-    fn describe(&self, offset: i64) -> String {
+    /// What the alarm says for `offset`. It states the offset in whole seconds: a process that
+    /// has no answers of its own (`status`) judges time by the alarm's word ([`stated_offset`]).
+    pub fn describe(&self, offset: i64) -> String {
         let (dir, by) = if offset < 0 {
-            ("ahead of", -offset)
+            (AHEAD, offset.saturating_neg())
         } else {
-            ("behind", offset)
+            (BEHIND, offset)
         };
         format!(
-            "the host clock is {by} s {dir} the Store's and Entra ID's (their answers' Date; bound {} s): check NTP; meanwhile expiry is judged on their time, so no key is flagged expired on the host clock alone",
+            "{ALARM_PREFIX}{by} s {dir} the Store's and Entra ID's (their answers' Date; bound {} s): check NTP; meanwhile expiry is judged on their time, so no key is flagged expired on the host clock alone",
             self.bound
         )
+    }
+}
+
+/// The offset (the Store's time minus the host's) an alarm's text from
+/// [`ServerTime::describe`] states; `None` for any other text.
+pub fn stated_offset(alarm: &str) -> Option<i64> {
+    let rest = alarm.strip_prefix(ALARM_PREFIX)?;
+    let (by, rest) = rest.split_once(" s ")?;
+    let by: i64 = by.parse().ok()?;
+    if rest.starts_with(AHEAD) {
+        Some(by.saturating_neg())
+    } else if rest.starts_with(BEHIND) {
+        Some(by)
+    } else {
+        None
     }
 }
 
@@ -215,5 +238,21 @@ mod tests {
         assert!(t.alarm().is_some());
         t.observe(401, &headers(clock.now()));
         assert!(t.alarm().is_none());
+    }
+
+    #[test]
+    fn the_alarm_states_the_offset_it_was_raised_for() {
+        let t = ServerTime::new(Duration::from_secs(120), Clock::system());
+        for offset in [-29 * 86_400, -121, 121, 86_400, i64::MAX, i64::MIN + 1] {
+            assert_eq!(stated_offset(&t.describe(offset)), Some(offset), "{offset}");
+        }
+        for other in [
+            "",
+            "breaker open",
+            "the host clock is 5 s sideways",
+            "the host clock is x s behind",
+        ] {
+            assert_eq!(stated_offset(other), None, "{other}");
+        }
     }
 }

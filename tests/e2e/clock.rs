@@ -3,8 +3,9 @@
 use std::time::Duration;
 
 use storekeyd::policy::claims::Kind;
+use storekeyd::storage;
 
-use crate::harness::{APP, DAY, KEY_LIFETIME, TestEnv};
+use crate::harness::{APP, DAY, Db, KEY_LIFETIME, TestEnv, metric};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn skewed_keys_are_accepted_and_scheduled_by_our_clock_and_forged_lifetimes_are_not() {
@@ -191,3 +192,129 @@ async fn a_forward_jump_of_the_host_clock_flags_nothing_expired_and_raises_the_a
     env.stop_daemon().await;
     assert_eq!(env.count("active").await, 7);
 }
+
+/// The host clock a month ahead again, now for what an operator watches: the backlog gauge,
+/// the last success, `status` and `/readyz` judge time as the loop does, on the Store's. On the
+/// host's every key would count as due and expiring, and the last success would lie a month
+/// ahead, masking a stall. `status` runs in a process of its own with no answers from the Store:
+/// it corrects the host clock by the offset the daemon's clock alarm states (built here in the
+/// test's process, whose host clock is the stepped one; a `storekeyd` child would read the real
+/// clock).
+async fn figures_are_on_the_stores_time_while_the_host_clock_is_ahead(db: Db) {
+    use storekeyd::emulator::Faults;
+    use storekeyd::ops::report::StatusReport;
+
+    let mut env = TestEnv::on(db).await;
+    for i in 0..5 {
+        let issued = env.clock.now() - 2 * DAY as i64;
+        let key = env.emu.mint_at(
+            Kind::Collections,
+            APP,
+            &format!("user-{i}"),
+            KEY_LIFETIME,
+            issued,
+        );
+        env.store(&format!("user-{i}"), Kind::Collections, &key)
+            .await;
+    }
+    env.spawn_daemon().await;
+    // Nothing is checked before an answer told the Store's time. No `/metrics` yet: its key
+    // statistics are cached for 30 s.
+    env.wait_until("the keys active", || async {
+        env.count("active").await == 5
+    })
+    .await;
+    let status_db = storage::connect(&env.config.database_url(), &env.config.db_options())
+        .await
+        .unwrap();
+    let status = || async {
+        StatusReport::build(&*status_db, env.clock.now(), env.config.renew.margin, 100)
+            .await
+            .unwrap()
+    };
+
+    // The host clock steps ahead; the Store's `Date` stays where it was.
+    let ahead = |days: u64, by: u64| {
+        env.clock.step_forward(Duration::from_secs(by * DAY));
+        env.set_faults(Faults {
+            clock_offset_secs: -((days * DAY) as i64),
+            ..Faults::default()
+        });
+    };
+    ahead(29, 29);
+    env.wait_until("the clock alarm recorded for status", || async {
+        status().await.clock_offset_secs.is_some()
+    })
+    .await;
+    let (code, body) = env.get("/readyz").await;
+    assert_eq!(code, 503, "{body}");
+    let failing: Vec<&str> = body.lines().filter(|l| l.starts_with("fail")).collect();
+    assert!(
+        failing.len() == 1 && failing[0].starts_with("fail  clock"),
+        "{body}"
+    );
+    let text = env.get("/metrics").await.1;
+    assert_eq!(
+        metric(&text, "storekeyd_keys_due"),
+        Some(0.0),
+        "keys due on the host's clock"
+    );
+    assert_eq!(metric(&text, "storekeyd_clock_alarm"), Some(1.0));
+    let report = status().await;
+    assert_store_time(&env, &report, 29);
+    let text = report.render();
+    assert!(
+        text.contains("the Store's time: this host's clock is 2"),
+        "{text}"
+    );
+    assert!(text.contains("ahead, says the clock alarm"), "{text}");
+
+    // Stepped a day further: the alarm states the new offset, and `status` follows it.
+    ahead(30, 1);
+    env.wait_until("the alarm restated", || async {
+        status()
+            .await
+            .clock_offset_secs
+            .is_some_and(|o| o < -29 * DAY as i64 - 3600)
+    })
+    .await;
+    assert_store_time(&env, &status().await, 30);
+
+    // A renewal's time is the Store's too: `time() - last success` stays meaningful.
+    let issued = env.emu.now() - 20 * DAY as i64;
+    let due = env
+        .emu
+        .mint_at(Kind::Collections, APP, "due", KEY_LIFETIME, issued);
+    env.store("due", Kind::Collections, &due).await;
+    env.wait_until("the key due by the Store's time renewed", || async {
+        env.row("due", Kind::Collections).await.renewals >= 1
+    })
+    .await;
+    let text = env.get("/metrics").await.1;
+    let last = metric(&text, "storekeyd_last_renewal_success_timestamp_seconds").unwrap() as i64;
+    let store_now = env.emu.now();
+    assert!(
+        (store_now - 60..=store_now).contains(&last),
+        "last success at {last}, the Store's time {store_now}"
+    );
+    env.stop_daemon().await;
+    status_db.close().await;
+    assert_eq!(env.count("expired").await, 0);
+}
+
+/// `status` judged on the Store's time while the host clock is `days` ahead: nothing due,
+/// nothing expiring.
+fn assert_store_time(env: &TestEnv, report: &storekeyd::ops::report::StatusReport, days: i64) {
+    let store_now = env.emu.now();
+    assert!(
+        (store_now - 5..=store_now + 5).contains(&report.generated_at),
+        "status at {}, the Store's time {store_now}",
+        report.generated_at
+    );
+    let offset = report.clock_offset_secs.unwrap_or(0);
+    assert!((offset + days * DAY as i64).abs() <= 5, "offset {offset}");
+    assert_eq!(report.keys.due, 0, "keys due on the host's clock");
+    assert!(report.expiring.is_empty(), "{:?}", report.expiring);
+}
+
+crate::backend::on_both_databases!(figures_are_on_the_stores_time_while_the_host_clock_is_ahead);

@@ -75,7 +75,6 @@ pub async fn run(
             engine.clone(),
             storage.clone(),
             config.clone(),
-            clock.clone(),
             health.clone(),
         );
         helpers.spawn(observe_task(listener, observer, background.clone()));
@@ -109,7 +108,7 @@ pub async fn run(
         storage: storage.clone(),
         health,
         notifier,
-        clock_alarm: false,
+        clock_alarm: None,
         wake: storage.wakeups(),
         awaiting_time: false,
         checker: ingest::Checker::default(),
@@ -148,8 +147,8 @@ struct Loop {
     slots: Slots,
     /// Pruning and orphaned spools, at the end of a full pass.
     upkeep: Upkeep,
-    /// Whether the clock alarm is recorded as raised.
-    clock_alarm: bool,
+    /// The offset the recorded clock alarm states, while one is recorded.
+    clock_alarm: Option<i64>,
     /// Signalled when a backend wrote a key, where the database says so (PostgreSQL).
     wake: Option<Arc<Notify>>,
     /// The last pass found no answer had told the Store's time yet: the first one wakes the loop.
@@ -354,12 +353,21 @@ impl Loop {
         }
     }
 
-    /// Records the clock alarm for `status` when it is raised or cleared.
+    /// Records the clock alarm for `status` when it is raised or cleared, and again once the
+    /// offset moved by more than the bound: `status`, in another process, judges time by the
+    /// offset the alarm states, as closely as it judges it on the host clock with no alarm.
     async fn sync_clock_alarm(&mut self) {
-        let alarm = self.engine.server_time().alarm();
-        if alarm.is_some() != self.clock_alarm {
-            self.clock_alarm = alarm.is_some();
-            self.engine.safety().clock_alarm(alarm.as_deref()).await;
+        let time = self.engine.server_time();
+        let offset = time.alarm_offset();
+        let bound = self.config.http.max_clock_offset.as_secs();
+        let restate = match (offset, self.clock_alarm) {
+            (Some(now), Some(stated)) => now.abs_diff(stated) > bound,
+            (now, stated) => now.is_some() != stated.is_some(),
+        };
+        if restate {
+            self.clock_alarm = offset;
+            let detail = offset.map(|o| time.describe(o));
+            self.engine.safety().clock_alarm(detail.as_deref()).await;
         }
     }
 
