@@ -29,15 +29,7 @@ async fn handle(st: AppState, kind: Kind, body: Bytes) -> Response {
         tokio::time::sleep(Duration::from_millis(faults.latency_ms)).await;
     }
     let response = match injected(&faults, st.emu.draw()) {
-        Some(Injected::Timeout) => {
-            lock(&st.emu.stats).timeouts += 1;
-            // Hold the call open until the client gives up (or the emulator stops).
-            tokio::select! {
-                () = st.shutdown.cancelled() => {}
-                () = tokio::time::sleep(Duration::from_secs(3600)) => {}
-            }
-            return StatusCode::SERVICE_UNAVAILABLE.into_response();
-        }
+        Some(Injected::Timeout) => return never_answer(&st).await,
         Some(Injected::Status(StatusCode::TOO_MANY_REQUESTS)) => {
             let mut r = (
                 StatusCode::TOO_MANY_REQUESTS,
@@ -60,7 +52,10 @@ async fn handle(st: AppState, kind: Kind, body: Bytes) -> Response {
             (StatusCode::OK, body).into_response()
         }
         Some(Injected::Trickle) => trickle(st.shutdown.clone()),
-        None => renew(&st.emu, &faults, kind, &body),
+        None => match renew(&st.emu, &faults, kind, &body) {
+            Some(response) => response,
+            None => return never_answer(&st).await,
+        },
     };
     finish(&st.emu, response)
 }
@@ -118,60 +113,77 @@ fn injected(f: &Faults, mut draw: f64) -> Option<Injected> {
     None
 }
 
+/// Holds the call open until the client gives up (or the emulator stops).
+async fn never_answer(st: &AppState) -> Response {
+    lock(&st.emu.stats).timeouts += 1;
+    tokio::select! {
+        () = st.shutdown.cancelled() => {}
+        () = tokio::time::sleep(Duration::from_secs(3600)) => {}
+    }
+    StatusCode::SERVICE_UNAVAILABLE.into_response()
+}
+
 /// The real behaviour: check the ticket, then the key, then the client IDs; mint a successor.
-fn renew(emu: &Emulator, faults: &Faults, kind: Kind, body: &[u8]) -> Response {
+/// `None`: renewed, and the answer is to be lost (`Faults::lose_answers_for`).
+fn renew(emu: &Emulator, faults: &Faults, kind: Kind, body: &[u8]) -> Option<Response> {
     let Ok(Value::Object(req)) = serde_json::from_slice::<Value>(body) else {
-        return service_error(
+        return Some(service_error(
             StatusCode::BAD_REQUEST,
             "BadRequest",
             "InvalidRequestBody",
             "the body is not a JSON object",
-        );
+        ));
     };
     let (Some(ticket), Some(key)) = (
         req.get("serviceTicket").and_then(Value::as_str),
         req.get("key").and_then(Value::as_str),
     ) else {
-        return service_error(
+        return Some(service_error(
             StatusCode::BAD_REQUEST,
             "BadRequest",
             "InvalidRequestBody",
             "serviceTicket and key are required",
-        );
+        ));
     };
     // Strict, so a client that sends what a backend padded is caught.
     if key.trim().len() != key.len() {
-        return service_error(
+        return Some(service_error(
             StatusCode::BAD_REQUEST,
             "BadRequest",
             "InvalidRequestBody",
             "the key has whitespace around it",
-        );
+        ));
     }
     let ticket = match token::verify(emu, ticket) {
         Ok(t) => t,
-        Err(why) => return unauthorized(AUTH_TOKEN_INVALID, why),
+        Err(why) => return Some(unauthorized(AUTH_TOKEN_INVALID, why)),
     };
     if faults.reject_tickets_for.contains(&ticket.appid) {
-        return unauthorized(AUTH_TOKEN_INVALID, "the access token is invalid");
+        return Some(unauthorized(
+            AUTH_TOKEN_INVALID,
+            "the access token is invalid",
+        ));
     }
     let issued = lock(&emu.keys).get(&key_id(key)).cloned();
     let Some(issued) = issued else {
-        return unauthorized(AUTH_TOKEN_INVALID, "the key was not issued by this service");
+        return Some(unauthorized(
+            AUTH_TOKEN_INVALID,
+            "the key was not issued by this service",
+        ));
     };
     if issued.revoked || issued.expires_at <= emu.now() || issued.kind != kind {
-        return unauthorized(
+        return Some(unauthorized(
             AUTH_TOKEN_INVALID,
             "the key is expired, revoked, or for another service",
-        );
+        ));
     }
     if issued.client_id != ticket.appid
         || faults.inconsistent_client_ids.contains(&issued.client_id)
     {
-        return unauthorized(
+        return Some(unauthorized(
             INCONSISTENT_CLIENT_ID,
             "the key's clientId and the token's appid differ",
-        );
+        ));
     }
     let (mut new_kind, mut client, mut user) =
         (kind, issued.client_id.clone(), issued.user_id.clone());
@@ -192,7 +204,10 @@ fn renew(emu: &Emulator, faults: &Faults, kind: Kind, body: &[u8]) -> Response {
         .entry((kind, issued.user_id.clone()))
         .or_default() += 1;
     lock(&emu.renewed_at).insert((kind, issued.user_id.clone()), emu.clock.now_ms());
-    (StatusCode::OK, axum::Json(json!({ "key": new_key }))).into_response()
+    if faults.lose_answers_for.contains(&issued.user_id) {
+        return None;
+    }
+    Some((StatusCode::OK, axum::Json(json!({ "key": new_key }))).into_response())
 }
 
 fn unauthorized(inner: &str, message: &str) -> Response {

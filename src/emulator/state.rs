@@ -44,6 +44,9 @@ pub struct Faults {
     /// Renewing a key retires it: from then on the old key is refused (AuthenticationTokenInvalid),
     /// as the Store may do. A client that loses a renewed key cannot renew that user again.
     pub retire_renewed_keys: bool,
+    /// Renew the keys of these userIds, then never answer (the client's timeout fires): the
+    /// Store renewed the key and the client never learns the successor.
+    pub lose_answers_for: Vec<String>,
     /// The emulator's own time runs this far from the shared clock: its `Date` header, its
     /// expiry checks and the keys it mints. Negative plays a host whose clock jumped ahead.
     pub clock_offset_secs: i64,

@@ -6,9 +6,10 @@
 use std::time::Duration;
 
 use storekeyd::emulator::Faults;
+use storekeyd::policy::claims::Kind;
 
 use crate::fleet::{Tally, tally};
-use crate::harness::{Db, TestEnv, on_backend, sigterm, spawn_process};
+use crate::harness::{Db, TestEnv, metric, on_backend, sigterm, spawn_process};
 
 fn signal(child: &tokio::process::Child, sig: &str) {
     let pid = child.id().expect("the child has exited").to_string();
@@ -126,7 +127,61 @@ async fn a_replica_frozen_past_its_lease_loses_no_key_and_raises_no_flag(db: Db)
     );
 }
 
+/// The Store renews alice's key, retires the old one, and its answer never arrives (the call
+/// times out). The refusals of her old key that follow are no revocation until her answer has
+/// had two leases to be written; then she is flagged `revoked`, with a reason that says the
+/// answer was lost, counted apart from revocations. The other keys renew meanwhile, so the
+/// guard has its evidence from the start.
+async fn a_timeout_after_the_store_renewed_is_flagged_as_a_lost_answer(db: Db) {
+    let mut env = TestEnv::on(db).await;
+    env.config.http.request_timeout = Duration::from_secs(1);
+    env.config.renew.lease = Duration::from_secs(5);
+    env.add_due_users(3).await;
+    env.add_due_user("alice").await;
+    env.set_faults(Faults {
+        retire_renewed_keys: true,
+        lose_answers_for: vec!["alice".to_owned()],
+        ..Faults::default()
+    });
+    env.spawn_daemon().await;
+    env.run_until(Duration::from_secs(1), "alice flagged", || async {
+        !["pending", "active"].contains(&env.row("alice", Kind::Collections).await.state.as_str())
+    })
+    .await;
+    let alice = env.row("alice", Kind::Collections).await;
+    let (_, text) = env.get("/metrics").await;
+    env.stop_daemon().await;
+    assert_eq!(alice.state, "revoked");
+    let reason = alice.reason.unwrap_or_default();
+    assert!(reason.contains("got no answer"), "{reason}");
+    let outcomes = env.outcomes(alice.id).await;
+    let at = |what: &str| {
+        outcomes
+            .iter()
+            .find(|(o, _, _)| o == what)
+            .map(|(_, at, _)| *at)
+    };
+    let (Some(unanswered), Some(lost)) = (at("unanswered"), at("answer_lost")) else {
+        panic!("{outcomes:?}");
+    };
+    assert!(
+        lost >= unanswered + 10,
+        "flagged {}s after the lost answer, not two leases",
+        lost - unanswered
+    );
+    assert_eq!(at("revoked"), None, "{outcomes:?}");
+    assert_eq!(
+        metric(&text, "storekeyd_renewals_total{outcome=\"answer_lost\"}"),
+        Some(1.0)
+    );
+    assert_eq!(
+        metric(&text, "storekeyd_renewals_total{outcome=\"revoked\"}"),
+        Some(0.0)
+    );
+}
+
 crate::backend::on_both_databases!(
     a_daemon_frozen_with_answers_waiting_keeps_them,
     a_replica_frozen_past_its_lease_loses_no_key_and_raises_no_flag,
+    a_timeout_after_the_store_renewed_is_flagged_as_a_lost_answer,
 );
