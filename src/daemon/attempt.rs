@@ -37,7 +37,7 @@ pub enum Settled {
     /// The database stayed unwritable; a renewal waits in the spool, anything else is retried.
     Unwritten,
     /// Not sent: the claim's lease would have run out before the answer was written (the
-    /// rate limit's queue was long). Nothing written; due again when the lease ends.
+    /// rate limit's queue was long). Nothing written; the loop hands the key back.
     LeaseShort,
 }
 
@@ -59,6 +59,9 @@ pub struct Engine {
     endpoints: HashMap<Kind, reqwest::Url>,
     calls: Arc<Calls>,
     server_time: Arc<ServerTime>,
+    /// Keys whose renew call went out in an attempt that has not finished: if the attempt is
+    /// abandoned, the Store may have renewed the key.
+    sent: std::sync::Mutex<std::collections::HashSet<i64>>,
 }
 
 /// Attempts waiting for Entra ID or the Store. An attempt leaves this count once it has its
@@ -151,6 +154,7 @@ impl Engine {
             writer,
             endpoints,
             server_time: parts.server_time,
+            sent: std::sync::Mutex::new(std::collections::HashSet::new()),
             calls: Arc::new(Calls {
                 n: std::sync::atomic::AtomicUsize::new(0),
                 answered: tokio::sync::Notify::new(),
@@ -165,6 +169,12 @@ impl Engine {
             .n
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         CallPermit(self.calls.clone())
+    }
+
+    /// Whether an unfinished attempt on key `id` sent its renew call: abandoned, its key may
+    /// have been renewed.
+    pub fn sent(&self, id: i64) -> bool {
+        crate::daemon::lock(&self.sent).contains(&id)
     }
 
     /// Attempts still waiting for an answer.
@@ -220,23 +230,6 @@ impl Engine {
         i64::try_from(self.config.renew.lease.as_secs())
             .unwrap_or(i64::MAX / 4)
             .saturating_mul(2)
-    }
-
-    /// Gives back, due when its lease ends, a key whose call was never sent: left leased, the
-    /// next claim would take it for one whose answer may have been lost.
-    async fn hand_back_unsent(&self, row: &ClaimedRow) -> Result<(), WriterGone> {
-        self.writer
-            .write(Write::Row {
-                id: row.id,
-                expected: row.key.clone(),
-                at: self.store_now(),
-                change: Change::Defer {
-                    at: row.lease_until,
-                },
-                event: None,
-            })
-            .await
-            .map(drop)
     }
 
     /// The call itself, and as long again for its write.
@@ -316,7 +309,11 @@ impl Engine {
             safety: &self.safety,
             app: row.facts.client_id.clone(),
         });
-        self.run(row, permit).instrument(span).await
+        let id = row.id;
+        let settled = self.run(row, permit).instrument(span).await;
+        // Not reached if the attempt is aborted: then `sent` still says so.
+        crate::daemon::lock(&self.sent).remove(&id);
+        settled
     }
 
     async fn run(&self, row: ClaimedRow, permit: CallPermit) -> Result<Settled, WriterGone> {
@@ -326,8 +323,6 @@ impl Engine {
                 tracing::warn!(
                     "the claim's lease would run out before an answer could be written; the renew call is not sent, and the key is due again when the lease ends"
                 );
-                drop(permit);
-                self.hand_back_unsent(&row).await?;
                 return Ok(Settled::LeaseShort);
             }
         };
@@ -422,7 +417,9 @@ impl Engine {
                 row.id,
                 row.refusals,
                 row.canary,
-                row.proven,
+                // A key another attempt may have renewed is refused for that alone: no
+                // evidence against our credential.
+                row.proven && row.unanswered_at.is_none(),
             )
             .await;
         let answer = Answer::Refused {
@@ -445,6 +442,7 @@ impl Engine {
         }
         // Every time the daemon writes is on the Store's timeline, like the schedule.
         let started_ms = self.server_time.now_ms();
+        crate::daemon::lock(&self.sent).insert(row.id);
         let sent_at = std::time::UNIX_EPOCH
             + std::time::Duration::from_millis(u64::try_from(started_ms).unwrap_or(0));
         let resp = self
@@ -480,7 +478,9 @@ impl Engine {
         };
         event.key_fp = Some(row.key.fingerprint().to_string());
         event.detail = (!decision.detail.is_empty()).then(|| decision.detail.clone());
-        let (change, settled) = change(&decision.action, self.server_time.now_ms());
+        let now_ms = self.server_time.now_ms();
+        let started_ms = call.as_ref().map_or(now_ms, |c| c.started_ms);
+        let (change, settled) = change(&decision.action, now_ms, started_ms);
         let event = (decision.event != EventKind::Deferred).then_some(event);
         let written = self
             .writer
@@ -563,7 +563,8 @@ impl Engine {
     }
 }
 
-fn change(action: &Action, now_ms: i64) -> (Change, Settled) {
+/// `started_ms`: when the call went out, which an unanswered attempt's mark records.
+fn change(action: &Action, now_ms: i64, started_ms: i64) -> (Change, Settled) {
     match action {
         Action::Renew {
             key,
@@ -587,7 +588,7 @@ fn change(action: &Action, now_ms: i64) -> (Change, Settled) {
                 at: *at,
                 reason: reason.clone(),
                 refused_ms: refused.then_some(now_ms),
-                unanswered_at: unanswered.then_some(now_ms.div_euclid(1000)),
+                unanswered_at: unanswered.then_some(started_ms.div_euclid(1000)),
             },
             Settled::Retry,
         ),

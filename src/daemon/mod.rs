@@ -186,3 +186,9 @@ fn refill_at(concurrency: usize) -> usize {
 fn secs(d: Duration) -> i64 {
     i64::try_from(d.as_secs()).unwrap_or(i64::MAX)
 }
+
+/// A poisoned lock still holds consistent data here: every critical section is a plain
+/// insert, remove or lookup.
+fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}

@@ -131,7 +131,14 @@ fn answered(a: &Attempt<'_>, outcome: &Outcome, code: Option<&str>) -> Decision 
     match outcome {
         Outcome::Renewed(new_key) => match outcome::check_renewed(a.facts, new_key) {
             Ok(claims) => renewed(a, new_key, claims),
-            Err(rejected) => retry(a, EventKind::Unexpected, &rejected.to_string(), None, false),
+            // The Store may have renewed the key and retired this one all the same.
+            Err(rejected) => unanswered(retry(
+                a,
+                EventKind::Unexpected,
+                &rejected.to_string(),
+                None,
+                false,
+            )),
         },
         // A refusal the attempt did not put to the guard (it always should): not evidence.
         Outcome::AuthInvalid { .. } => {
@@ -169,19 +176,13 @@ fn answered(a: &Attempt<'_>, outcome: &Outcome, code: Option<&str>) -> Decision 
             None,
             false,
         ),
-        Outcome::Unanswered { detail } => {
-            let mut d = retry(
-                a,
-                EventKind::Unanswered,
-                &format!("sent, no answer ({detail}): the Store may have renewed the key"),
-                None,
-                false,
-            );
-            if let Action::Retry { unanswered, .. } = &mut d.action {
-                *unanswered = true;
-            }
-            d
-        }
+        Outcome::Unanswered { detail } => unanswered(retry(
+            a,
+            EventKind::Unanswered,
+            &format!("sent, no usable answer ({detail}): the Store may have renewed the key"),
+            None,
+            false,
+        )),
         Outcome::Unexpected { detail } => retry(
             a,
             EventKind::Unexpected,
@@ -273,7 +274,7 @@ fn refused_after_unanswered(a: &Attempt<'_>, u: Unanswered, detail: &str) -> Dec
         };
     }
     let reason = format!(
-        "the Store refused the key after an attempt at {} got no answer (a timeout, a broken connection or a stopped process): the Store may have renewed the key then and retired this one, and the new key was lost; the client must mint a new one",
+        "the Store refused the key after an attempt at {} got no answer (a timeout, a broken connection or a stopped process): the Store may have renewed the key then and retired this one, and the new key may have been lost; the client must mint a new one",
         utc(u.since)
     );
     flag(
@@ -305,6 +306,14 @@ fn flag(state: State, event: EventKind, reason: String, detail: Option<String>) 
         event,
         detail,
     }
+}
+
+/// Marks a retry's key as one the Store may have renewed.
+fn unanswered(mut d: Decision) -> Decision {
+    if let Action::Retry { unanswered, .. } = &mut d.action {
+        *unanswered = true;
+    }
+    d
 }
 
 fn with_code(what: String, code: Option<&str>) -> String {

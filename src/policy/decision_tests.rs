@@ -81,8 +81,16 @@ fn a_successor_for_someone_else_is_never_written() {
     ] {
         let d = decide_with(&f, answered(outcome), NOW);
         assert_eq!(d.event, EventKind::Unexpected, "{d:?}");
+        // Retried, and marked: the Store may have renewed the key all the same.
         assert!(
-            matches!(d.action, Action::Retry { refused: false, .. }),
+            matches!(
+                d.action,
+                Action::Retry {
+                    refused: false,
+                    unanswered: true,
+                    ..
+                }
+            ),
             "{d:?}"
         );
     }

@@ -60,9 +60,10 @@ pub fn classify(resp: Response<'_>, now: SystemTime) -> (Outcome, Option<String>
     let json: Option<Value> = serde_json::from_slice(resp.body).ok();
     let code = json.as_ref().and_then(error_code);
     let outcome = match resp.status {
+        // A 200 we cannot use may still mean the Store renewed the key.
         200 => renewed_key(json.as_ref())
             .map(Outcome::Renewed)
-            .unwrap_or_else(|| Outcome::Unexpected {
+            .unwrap_or_else(|| Outcome::Unanswered {
                 detail: format!(
                     "200 without a `key` string in a {}-byte body",
                     resp.body.len()
@@ -227,9 +228,9 @@ mod tests {
     }
 
     #[test]
-    fn ok_with_garbage_is_unexpected() {
+    fn ok_with_garbage_may_have_renewed() {
         for body in ["<html>", "{}", r#"{"key":7}"#, r#"{"key":""}"#, "[]"] {
-            assert_eq!(classify_body(200, body).label(), "unexpected", "{body}");
+            assert_eq!(classify_body(200, body).label(), "unanswered", "{body}");
         }
     }
 

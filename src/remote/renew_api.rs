@@ -113,6 +113,13 @@ impl RenewClient {
                 },
                 now,
             ),
+            // After a 200 the Store may have renewed the key: unanswered.
+            Err(BodyError::TooLarge(max)) if status == 200 => (
+                Outcome::Unanswered {
+                    detail: format!("HTTP 200 with a body over {max} bytes"),
+                },
+                None,
+            ),
             Err(BodyError::TooLarge(max)) => (
                 Outcome::Unexpected {
                     detail: format!("HTTP {status} with a body over {max} bytes"),

@@ -80,8 +80,9 @@ async fn a_daemon_frozen_with_answers_waiting_keeps_them(db: Db) {
 /// Replica A is frozen with its calls out, past its lease; replica B claims the same keys,
 /// and the Store refuses them (it retired them when it renewed them for A). Meanwhile B
 /// renews other keys of the application, so the guard has its evidence. B must not take the
-/// refusals for revocations while A may still write its answers; A wakes, its renewals land
-/// (compare-and-swap on the key B never changed), and nothing is ever flagged.
+/// refusals for revocations while A may still write its answers; A wakes once B has been
+/// refused on every key, its renewals land (compare-and-swap on the key B never changed), and
+/// nothing is ever flagged.
 async fn a_replica_frozen_past_its_lease_loses_no_key_and_raises_no_flag(db: Db) {
     let mut env = TestEnv::on(db).await;
     let lease = Duration::from_secs(5);
@@ -108,8 +109,17 @@ async fn a_replica_frozen_past_its_lease_loses_no_key_and_raises_no_flag(db: Db)
         env.emu.stats().renewed >= 7
     })
     .await;
-    // A stays frozen past its lease, and some: B claims A's keys and is refused meanwhile.
-    tokio::time::sleep(lease + Duration::from_secs(4)).await;
+    // A stays frozen past its lease, until B has claimed each of A's keys and been refused.
+    let waiting = "SELECT COUNT(DISTINCT e.key_id) FROM store_key_events e
+                   JOIN store_keys k ON k.id = e.key_id
+                   WHERE k.user_ref LIKE 'user-%' AND e.detail LIKE 'refused after an unanswered attempt%'";
+    env.wait_until("B refused all of A's keys and waits", || async {
+        let (n,): (i64,) = on_backend!(env.db, waiting, |pool, sql| {
+            sqlx::query_as(sql).fetch_one(pool).await.unwrap()
+        });
+        n == 4
+    })
+    .await;
     signal(&a, "-CONT");
     env.wait_until("every row holds the Store's newest key", || async {
         tally(&env, &users).await.lost == 0

@@ -206,8 +206,75 @@ async fn no_renew_call_goes_out_after_its_claims_lease(db: Db) {
     );
 }
 
+/// A claim that takes over a lease which ran out with no result marks the key: the process
+/// that held it may have renewed it (paused or killed with the answer). A hand-back leaves no
+/// mark; a marked key is never a canary (its refusal would prove nothing of the credential).
+async fn a_lapsed_lease_marks_its_key_and_a_hand_back_does_not(db: Db) {
+    let env = TestEnv::on(db).await;
+    env.add_due_users(2).await;
+    let expires = env.clock.now() + 86_400;
+    on_backend!(
+        env.db,
+        "UPDATE store_keys SET state = 'active', next_attempt_at = 0, client_id = 'app',
+             user_id = 'u', issued_at = 0, expires_at = ?, last_renewed_at = 1",
+        |pool, sql| sqlx::query(sql)
+            .bind(expires)
+            .execute(pool)
+            .await
+            .unwrap()
+            .rows_affected()
+    );
+    let store = open(&env).await;
+    let now = env.clock.now();
+    let first = store.claim_due(now, now + 1, 10, &Kind::ALL).await.unwrap();
+    assert_eq!(first.len(), 2);
+    assert!(first.iter().all(|r| r.unanswered_at.is_none()));
+    // One is handed back; the other's lease is left to run out.
+    let (back, left) = (first[0].clone(), first[1].clone());
+    store.release(&[back.claim()], now).await.unwrap();
+    // Both claimed again (the lease on the database's clock, where it has one, ran out).
+    let mut seen: Vec<storage::ClaimedRow> = Vec::new();
+    for _ in 0..200 {
+        let later = env.clock.now() + 100;
+        seen.extend(
+            store
+                .claim_due(later, later + 600, 10, &Kind::ALL)
+                .await
+                .unwrap(),
+        );
+        if seen.len() == 2 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let mark = |id| seen.iter().find(|r| r.id == id).unwrap().unanswered_at;
+    assert_eq!(mark(back.id), None, "a hand-back marked its key");
+    assert!(mark(left.id).is_some(), "a lapsed lease left no mark");
+    store
+        .release(&seen.iter().map(|r| r.claim()).collect::<Vec<_>>(), now)
+        .await
+        .unwrap();
+
+    // Only the unmarked key is a canary.
+    let now = env.clock.now();
+    let canary = store
+        .claim_canary("app", now, now, now + 600)
+        .await
+        .unwrap();
+    assert_eq!(canary.map(|r| r.id), Some(back.id));
+    // The only healthy key is held now; the marked one is not asked.
+    let again = store.claim_canary("app", now, now, now + 600).await;
+    assert!(
+        matches!(again, Ok(None) | Err(storekeyd::storage::DbError::Held)),
+        "{:?}",
+        again.map(|r| r.map(|r| r.id))
+    );
+    store.close().await;
+}
+
 crate::backend::on_both_databases!(
     a_handed_back_claim_leaves_a_later_claim_of_the_row_alone,
+    a_lapsed_lease_marks_its_key_and_a_hand_back_does_not,
     an_alarm_is_cleared_only_by_whom_and_on_what_may_clear_it,
     no_renew_call_goes_out_after_its_claims_lease,
 );

@@ -293,6 +293,7 @@ impl Loop {
             }
             self.slots.start_ready();
         }
+        self.slots.hand_back(&*self.storage).await;
         self.upkeep.prune(&*self.storage, &config, now).await?;
         self.upkeep
             .adopt_orphan_spools(&*self.storage, &config)

@@ -25,6 +25,9 @@ pub(super) struct Slots {
     held: HashSet<i64>,
     /// Keys claimed and waiting for a call slot.
     ready: VecDeque<ClaimedRow>,
+    /// Claims whose call was never sent, to hand back (see [`Slots::hand_back`]): left to
+    /// lapse, the next claim would take each for a key whose answer may have been lost.
+    unsent: Vec<Claim>,
 }
 
 impl Slots {
@@ -36,6 +39,7 @@ impl Slots {
             in_flight: HashMap::new(),
             held: HashSet::new(),
             ready: VecDeque::new(),
+            unsent: Vec::new(),
         }
     }
 
@@ -86,8 +90,8 @@ impl Slots {
     }
 
     /// Starts claimed keys while call slots are free. A key whose lease runs out before an
-    /// attempt could finish (four requests) is left alone: another process may claim it; it is
-    /// due again here too once the lease ends.
+    /// attempt could finish (four requests) is not started, and is handed back due when its
+    /// lease ends.
     pub(super) fn start_ready(&mut self) {
         let needed = secs(self.config.http.request_timeout.saturating_mul(4));
         while self.free() > 0 {
@@ -98,6 +102,7 @@ impl Slots {
                 self.spawn(row);
             } else {
                 self.not_attempted(&row);
+                self.unsent.push(row.claim());
             }
         }
     }
@@ -147,9 +152,13 @@ impl Slots {
             Ok((task, result)) => (task, Ok(result)),
             Err(e) => (e.id(), Err(e)),
         };
-        let row = self.in_flight.remove(&task).map(|c| c.id);
+        let claim = self.in_flight.remove(&task);
+        let row = claim.map(|c| c.id);
         if let Some(id) = row {
             self.held.remove(&id);
+        }
+        if let (Ok(Ok(Settled::LeaseShort)), Some(claim)) = (&result, claim) {
+            self.unsent.push(claim);
         }
         match result {
             Ok(Ok(_)) => {}
@@ -198,12 +207,33 @@ impl Slots {
                 }
             }
         }
-        // The abandoned calls were sent: the Store may have renewed their keys. Their leases
-        // stay, so whoever claims them next knows an answer may have been lost (and does not
-        // take the old key's refusal for a revocation).
-        tracing::warn!(
-            abandoned = self.in_flight.len(),
-            "their keys are retried once their leases end"
-        );
+        // An abandoned call that was sent may have renewed its key: its lease stays, so
+        // whoever claims the key next knows an answer may have been lost (and does not take
+        // the old key's refusal for a revocation). The others go back.
+        let (sent, unsent): (Vec<Claim>, Vec<Claim>) = self
+            .in_flight
+            .values()
+            .copied()
+            .partition(|c| self.engine.sent(c.id));
+        self.unsent.extend(unsent);
+        self.hand_back(storage).await;
+        if !sent.is_empty() {
+            tracing::warn!(
+                abandoned = sent.len(),
+                "their calls were sent; the keys are retried once their leases end"
+            );
+        }
+    }
+
+    /// Hands back the claims whose call was never sent, each due when its lease ends (as it
+    /// would have been), unless claimed anew since.
+    pub(super) async fn hand_back(&mut self, storage: &dyn Storage) {
+        let mut unsent = std::mem::take(&mut self.unsent);
+        unsent.sort_by_key(|c| c.lease_until);
+        for group in unsent.chunk_by(|a, b| a.lease_until == b.lease_until) {
+            if let Err(e) = storage.release(group, group[0].lease_until).await {
+                tracing::warn!(error = %e, "could not hand back unsent keys; they are retried after their lease");
+            }
+        }
     }
 }

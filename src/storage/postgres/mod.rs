@@ -38,13 +38,14 @@ const PENDING_LEASE_SECS: i64 = 60;
 const CLAIMED: &str = "k.id, convert_to(k.key, 'UTF8') AS key_bytes, k.attempts, k.refusals, k.refused_first_ms, k.refused_last_ms, k.kind, k.client_id, k.user_id, k.issued_at, k.expires_at, k.last_renewed_at, k.unanswered_at";
 /// A claim of a row whose lease ran out with no result: the attempt that held it may have
 /// renewed the key (its process paused or died with the answer), so the row says since when.
-/// `$N` is the claimer's now.
+/// The latest mark wins: the wait is for the attempt that may hold the answer now. `$N` is the
+/// claimer's now.
 macro_rules! mark_unanswered {
     ($now:literal) => {
         concat!(
-            "unanswered_at = CASE WHEN k.lease_until IS NOT NULL THEN COALESCE(k.unanswered_at, ",
+            "unanswered_at = CASE WHEN k.lease_until IS NOT NULL THEN ",
             $now,
-            ") ELSE k.unanswered_at END"
+            " ELSE k.unanswered_at END"
         )
     };
 }
@@ -216,7 +217,8 @@ impl Storage for PgStore {
             let (exists,): (bool,) = sqlx::query_as(
                 "SELECT EXISTS (SELECT 1 FROM store_keys
                                 WHERE state = 'active' AND client_id = $1 AND refusals = 0
-                                  AND attempts = 0 AND expires_at > $2)",
+                                  AND attempts = 0 AND expires_at > $2
+                                  AND unanswered_at IS NULL)",
             )
             .bind(client_id)
             .bind(valid_past)
@@ -242,7 +244,7 @@ impl Storage for PgStore {
                            WHERE state = 'active' AND client_id = $2 AND refusals = 0
                              AND attempts = 0 AND expires_at > $1 AND issued_at <= $3
                              AND (last_renewed_at IS NOT NULL OR NOT $5)
-                             AND (lease_until IS NULL OR lease_until <= {DB_NOW})
+                             AND unanswered_at IS NULL AND lease_until IS NULL
                            ORDER BY next_attempt_at LIMIT 1 FOR UPDATE SKIP LOCKED)
              RETURNING {CLAIMED}",
             mark_unanswered!("$1 - $4")

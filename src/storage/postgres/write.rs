@@ -67,7 +67,7 @@ pub(super) fn statement(kind: ChangeKind) -> &'static str {
                  refusals = k.refusals + (v.refused_ms IS NOT NULL)::int,
                  refused_first_ms = COALESCE(k.refused_first_ms, v.refused_ms),
                  refused_last_ms = COALESCE(v.refused_ms, k.refused_last_ms),
-                 unanswered_at = COALESCE(k.unanswered_at, v.unanswered_at),
+                 unanswered_at = COALESCE(v.unanswered_at, k.unanswered_at),
                  reason = v.reason, updated_at = v.at",
             changes!(),
             "AND k.state = 'active' RETURNING k.id"

@@ -46,13 +46,14 @@ const RELEASE: &str = "UPDATE store_keys SET next_attempt_at = ?1, lease_until =
 const CLAIMED: &str = "id, CAST(key AS BLOB) AS key_bytes, attempts, refusals, refused_first_ms, refused_last_ms, kind, client_id, user_id, issued_at, expires_at, last_renewed_at, unanswered_at";
 /// A claim of a row whose lease ran out with no result: the attempt that held it may have
 /// renewed the key (its process paused or died with the answer), so the row says since when.
-/// `?N` is the claimer's now.
+/// The latest mark wins: the wait is for the attempt that may hold the answer now. `?N` is the
+/// claimer's now.
 macro_rules! mark_unanswered {
     ($now:literal) => {
         concat!(
-            "unanswered_at = CASE WHEN lease_until IS NOT NULL THEN COALESCE(unanswered_at, ",
+            "unanswered_at = CASE WHEN lease_until IS NOT NULL THEN ",
             $now,
-            ") ELSE unanswered_at END"
+            " ELSE unanswered_at END"
         )
     };
 }
@@ -211,7 +212,7 @@ impl Storage for SqliteStore {
                            AND attempts = 0 AND expires_at > ?1
                            AND issued_at <= ?4
                            AND (last_renewed_at IS NOT NULL OR NOT ?5)
-                           AND (lease_until IS NULL OR lease_until <= ?3)
+                           AND unanswered_at IS NULL AND lease_until IS NULL
                          ORDER BY next_attempt_at LIMIT 1)
              RETURNING {CLAIMED}",
             mark_unanswered!("?3")

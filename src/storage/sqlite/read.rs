@@ -141,7 +141,8 @@ pub(super) async fn healthy_key_exists(
     let (exists,): (bool,) = sqlx::query_as(
         "SELECT EXISTS (SELECT 1 FROM store_keys INDEXED BY store_keys_due_client
                         WHERE state = 'active' AND client_id = ? AND refusals = 0
-                          AND attempts = 0 AND expires_at > ?)",
+                          AND attempts = 0 AND expires_at > ?
+                          AND unanswered_at IS NULL)",
     )
     .bind(client_id)
     .bind(valid_past)

@@ -127,7 +127,7 @@ pub(super) fn statement(kind: ChangeKind) -> &'static str {
                  attempts = attempts + 1, refusals = refusals + (v.refused_ms IS NOT NULL),
                  refused_first_ms = COALESCE(refused_first_ms, v.refused_ms),
                  refused_last_ms = COALESCE(v.refused_ms, refused_last_ms),
-                 unanswered_at = COALESCE(store_keys.unanswered_at, v.unanswered_at),
+                 unanswered_at = COALESCE(v.unanswered_at, store_keys.unanswered_at),
                  reason = v.reason, updated_at = v.at
              FROM (SELECT value ->> 'id' AS id, COALESCE(unhex(value ->> 'expected_hex'), CAST(value ->> 'expected' AS BLOB)) AS expected,
                           value ->> 'next_at' AS next_at, value ->> 'refused_ms' AS refused_ms,
