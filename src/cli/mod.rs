@@ -12,8 +12,8 @@ use std::time::Duration;
 use clap::{CommandFactory as _, Parser, Subcommand};
 use storekeyd::config::{Config, ConfigError, LogFormat};
 use storekeyd::ops::import::Format;
-use storekeyd::ops::telemetry;
 use storekeyd::storage::{self, Storage};
+use storekeyd::telemetry::logs as telemetry;
 use tokio_util::sync::CancellationToken;
 
 /// Exit codes; documented in the README and in `--help`.

@@ -8,15 +8,15 @@ use storekeyd::clock::Clock;
 use storekeyd::config::Config;
 use storekeyd::daemon::attempt::{Engine, Settled};
 use storekeyd::daemon::{Service, ingest};
-use storekeyd::ops::credentials;
-use storekeyd::ops::metrics::Metrics;
-use storekeyd::ops::observe::Health;
 use storekeyd::ops::printable::printable;
 use storekeyd::policy::checks;
 use storekeyd::policy::claims::Kind;
 use storekeyd::remote::entra::TokenClient;
+use storekeyd::remote::entra::status as credentials;
 use storekeyd::remote::server_time::ServerTime;
 use storekeyd::storage::{self, ClaimedRow, Storage};
+use storekeyd::telemetry::health::Health;
+use storekeyd::telemetry::metrics::Metrics;
 use storekeyd::{daemon, emulator};
 
 use super::{Exit, shutdown_signal, usage};

@@ -665,6 +665,16 @@ impl Config {
     }
 }
 
+impl crate::policy::checks::Configured for Config {
+    fn endpoint(&self, kind: Kind) -> &str {
+        Config::endpoint(self, kind)
+    }
+
+    fn knows(&self, client_id: &str) -> bool {
+        self.application(client_id).is_some()
+    }
+}
+
 /// `https` everywhere; plain `http` only to a loopback host (the emulator, tests), so a typo can
 /// never send a service ticket in the clear.
 fn check_url(field: &str, value: &str) -> Result<(), ConfigError> {

@@ -12,7 +12,6 @@ use crate::clock::utc;
 use crate::config::Config;
 use crate::daemon::safety::Safety;
 use crate::daemon::writer::{WriterGone, WriterHandle, Written};
-use crate::ops::metrics::Metrics;
 use crate::policy::breaker::Permit;
 use crate::policy::claims::{KeyText, Kind};
 use crate::policy::decision::{self, Action, Answer, Attempt, Decision, Unanswered};
@@ -23,6 +22,7 @@ use crate::remote::ratelimit::RateLimiter;
 use crate::remote::renew_api::{RenewClient, RenewResponse};
 use crate::remote::server_time::ServerTime;
 use crate::storage::{Change, ClaimedRow, Event, Write};
+use crate::telemetry::metrics::Metrics;
 
 /// What became of one claimed key; the loop, the CLI and the demo report these.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

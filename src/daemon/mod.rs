@@ -4,6 +4,7 @@
 pub mod attempt;
 pub(crate) mod fleet;
 pub mod ingest;
+mod observed;
 mod run_loop;
 pub mod safety;
 pub mod spool;
@@ -21,13 +22,13 @@ use crate::daemon::attempt::{BuildError, Engine, Parts};
 use crate::daemon::safety::Safety;
 use crate::daemon::spool::{RecoverError, Spool};
 use crate::daemon::writer::{WriterGone, WriterSettings};
-use crate::ops::metrics::{KeyStats, Metrics};
-use crate::ops::observe::Health;
 use crate::policy::state::State;
 use crate::remote::entra::{CredentialError, TokenClient};
 use crate::remote::renew_api::RenewClient;
 use crate::remote::server_time::ServerTime;
 use crate::storage::{DbError, Storage};
+use crate::telemetry::health::Health;
+use crate::telemetry::metrics::{KeyStats, Metrics};
 
 pub use run_loop::run;
 

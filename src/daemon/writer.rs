@@ -13,9 +13,9 @@ use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
 use crate::daemon::spool::Spool;
-use crate::ops::observe::Health;
 use crate::remote::server_time::ServerTime;
 use crate::storage::{Change, Storage, Write};
+use crate::telemetry::health::Health;
 
 /// At most this many writes go into one transaction.
 pub const MAX_BATCH: usize = 1024;

@@ -19,6 +19,7 @@ mod forged;
 mod guard;
 mod hostile;
 mod hygiene;
+mod layers;
 mod observe;
 mod outage;
 mod pause;

@@ -19,10 +19,11 @@ use super::attempt::Engine;
 use super::{DaemonError, Service, fleet, ingest, secs, status_line};
 use crate::clock::Clock;
 use crate::config::Config;
-use crate::ops::notify::Notifier;
-use crate::ops::observe::{Health, Observer};
 use crate::policy::claims::Kind;
 use crate::storage::Storage;
+use crate::telemetry::health::Health;
+use crate::telemetry::notify::Notifier;
+use crate::telemetry::observe::Observer;
 
 /// Until the database signals a new key; never, where it cannot.
 async fn woken(wake: Option<&Notify>) {
@@ -71,12 +72,7 @@ pub async fn run(
     let mut helpers = JoinSet::new();
     if let Some(listener) = listener {
         let addr = listener.local_addr().ok();
-        let observer = Observer::new(
-            engine.clone(),
-            storage.clone(),
-            config.clone(),
-            health.clone(),
-        );
+        let observer = Observer::new(engine.clone(), storage.clone(), health.clone());
         helpers.spawn(observe_task(listener, observer, background.clone()));
         tracing::info!(?addr, "serving /metrics, /healthz and /readyz");
     }

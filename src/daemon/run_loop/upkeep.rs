@@ -11,9 +11,9 @@ use tokio_util::sync::CancellationToken;
 use crate::config::Config;
 use crate::daemon::attempt::Engine;
 use crate::daemon::{DaemonError, secs, spool};
-use crate::ops::credentials;
-use crate::ops::observe::{self, Observer};
+use crate::remote::entra::status as credentials;
 use crate::storage::Storage;
+use crate::telemetry::observe::{self, Observer};
 
 /// Events older than the retention are pruned this often.
 const PRUNE_EVERY_SECS: i64 = 3600;

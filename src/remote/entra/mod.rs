@@ -9,6 +9,7 @@ pub mod certificate;
 pub mod credential;
 mod request;
 mod response;
+pub mod status;
 
 use std::collections::HashMap;
 use std::fmt;
@@ -19,9 +20,9 @@ use tokio::sync::Mutex;
 
 use crate::clock::Clock;
 use crate::config::{Application, Config, CredentialKind};
-use crate::ops::metrics::Metrics;
 use crate::policy::fingerprint::Fingerprint;
 use crate::remote::server_time::ServerTime;
+use crate::telemetry::metrics::Metrics;
 
 pub use credential::{Credential, CredentialError};
 /// The audience of a token exchanged as a federated assertion, in Azure's global cloud.

@@ -2,7 +2,6 @@
 //! alive) and `/readyz` (database and credentials work).
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use axum::Router;
@@ -14,10 +13,10 @@ use tokio::net::TcpListener;
 use tokio::sync::Mutex;
 use tokio_util::sync::CancellationToken;
 
-use crate::config::Config;
-use crate::daemon::attempt::Engine;
-use crate::ops::metrics::Gauges;
+use crate::policy::claims::Kind;
 use crate::storage::{DbError, KeyStats, Storage};
+use crate::telemetry::health::Health;
+use crate::telemetry::metrics::{Gauges, Metrics};
 
 /// Database-derived gauges are recomputed at most this often, however often Prometheus scrapes:
 /// counting by state and kind reads an index of the whole table (about 50 ms at a million keys).
@@ -31,81 +30,53 @@ type Check = Result<(), String>;
 /// Every readiness check with its result.
 type Checks = Vec<(String, Check)>;
 
-/// Liveness: the run loop beats on every pass.
-#[derive(Debug)]
-pub struct Health {
-    epoch: Instant,
-    last_beat_ms: AtomicU64,
-    stale_after: Duration,
-    /// The last database write failure (locked, read-only, full), until a write succeeds again.
-    db_error: std::sync::Mutex<Option<String>>,
+/// The live state the listener reports, as the running service sees it: a narrow view, so
+/// the listener depends on no part of the service but this.
+pub trait Live: Send + Sync {
+    /// Now on the Store's clock: what the loop judges due keys by.
+    fn store_now(&self) -> i64;
+    /// Server time minus host time, once an answer told it.
+    fn clock_offset(&self) -> Option<i64>;
+    /// The clock alarm's text, while it is raised.
+    fn clock_alarm(&self) -> Option<String>;
+    /// Kinds whose renew endpoint's outage breaker is open.
+    fn open_breakers(&self) -> Vec<Kind>;
+    /// Client IDs under a credential alarm.
+    fn credential_alarms(&self) -> Vec<String>;
+    /// Each configured application's credential, and how its last token request went.
+    fn credentials(&self) -> Vec<Credential>;
+    fn metrics(&self) -> &Metrics;
 }
 
-impl Health {
-    pub fn new(stale_after: Duration) -> Self {
-        Health {
-            epoch: Instant::now(),
-            last_beat_ms: AtomicU64::new(0),
-            stale_after,
-            db_error: std::sync::Mutex::new(None),
-        }
-    }
-
-    pub fn beat(&self) {
-        let ms = u64::try_from(self.epoch.elapsed().as_millis()).unwrap_or(u64::MAX);
-        self.last_beat_ms.store(ms, Ordering::Relaxed);
-    }
-
-    pub fn db_failed(&self, error: &DbError) {
-        *self
-            .db_error
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(error.to_string());
-    }
-
-    /// A write went through: the database is writable again.
-    pub fn db_ok(&self) {
-        *self
-            .db_error
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner) = None;
-    }
-
-    pub fn db_error(&self) -> Option<String> {
-        self.db_error
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .clone()
-    }
-
-    pub fn alive(&self) -> bool {
-        let last = Duration::from_millis(self.last_beat_ms.load(Ordering::Relaxed));
-        self.epoch.elapsed().saturating_sub(last) < self.stale_after
-    }
+/// One application's credential as the listener reports it.
+#[derive(Debug, Clone)]
+pub struct Credential {
+    pub client_id: String,
+    /// The application's label in metrics and logs.
+    pub label: String,
+    /// `secret`, `certificate`, …
+    pub kind: &'static str,
+    /// A certificate's end of validity, Unix seconds.
+    pub not_after: Option<i64>,
+    /// The last token request: none yet, or how it went.
+    pub last: Option<Result<(), String>>,
 }
 
-/// What the listener reads: the engine's live state and the database.
+/// What the listener reads: the service's live state and the database.
 #[derive(Clone)]
 pub struct Observer {
-    engine: Arc<Engine>,
+    live: Arc<dyn Live>,
     storage: Arc<dyn Storage>,
-    config: Arc<Config>,
     health: Arc<Health>,
     cache: Arc<Mutex<Option<(Instant, KeyStats)>>>,
     schema: Arc<Mutex<Option<(Instant, Check)>>>,
 }
 
 impl Observer {
-    pub fn new(
-        engine: Arc<Engine>,
-        storage: Arc<dyn Storage>,
-        config: Arc<Config>,
-        health: Arc<Health>,
-    ) -> Self {
+    pub fn new(live: Arc<dyn Live>, storage: Arc<dyn Storage>, health: Arc<Health>) -> Self {
         Observer {
-            engine,
+            live,
             storage,
-            config,
             health,
             cache: Arc::default(),
             schema: Arc::default(),
@@ -136,7 +107,7 @@ impl Observer {
         {
             return Ok(stats.clone());
         }
-        let stats = self.storage.key_stats(self.engine.store_now()).await?;
+        let stats = self.storage.key_stats(self.live.store_now()).await?;
         *cache = Some((Instant::now(), stats.clone()));
         Ok(stats)
     }
@@ -150,18 +121,18 @@ impl Observer {
             None => Ok(()),
         });
         checks.push(("database".to_owned(), db));
-        let clock = self.engine.server_time().alarm().map_or(Ok(()), Err);
+        let clock = self.live.clock_alarm().map_or(Ok(()), Err);
         checks.push(("clock".to_owned(), clock));
-        let alarms = self.engine.safety().credential_alarms();
-        for status in self.engine.credential_status() {
-            let mut result = status
+        let alarms = self.live.credential_alarms();
+        for credential in self.live.credentials() {
+            let mut result = credential
                 .last
                 .unwrap_or_else(|| Err("no access token requested yet".to_owned()));
-            if alarms.contains(&status.client_id) {
+            if alarms.contains(&credential.client_id) {
                 result =
                     Err("credential alarm: the Store refuses many of its keys at once".to_owned());
             }
-            checks.push((format!("application {}", status.label), result));
+            checks.push((format!("application {}", credential.label), result));
         }
         checks
     }
@@ -180,7 +151,7 @@ pub async fn serve(
     observer: Observer,
     shutdown: CancellationToken,
 ) -> std::io::Result<()> {
-    crate::ops::listener::serve(listener, router(observer), shutdown).await
+    crate::telemetry::listener::serve(listener, router(observer), shutdown).await
 }
 
 async fn metrics(State(o): State<Observer>) -> Response {
@@ -192,33 +163,27 @@ async fn metrics(State(o): State<Observer>) -> Response {
         }
     };
     let ready = o.readiness().await.iter().all(|(_, r)| r.is_ok());
-    let open = o.engine.safety().open_breakers();
-    let alarms = o.engine.safety().credential_alarms();
+    let open = o.live.open_breakers();
+    let alarms = o.live.credential_alarms();
+    let credentials = o.live.credentials();
     let gauges = Gauges {
         ready,
-        breakers: crate::policy::claims::Kind::ALL
+        breakers: Kind::ALL
             .iter()
             .map(|k| (k.to_string(), open.contains(k)))
             .collect(),
-        credential_alarms: o
-            .config
-            .applications
+        credential_alarms: credentials
             .iter()
-            .map(|a| (a.label().to_owned(), alarms.contains(&a.client_id)))
+            .map(|c| (c.label.clone(), alarms.contains(&c.client_id)))
             .collect(),
-        credentials: o
-            .engine
-            .credential_status()
+        credentials: credentials
             .into_iter()
-            .map(|s| {
-                let expiry = s.certificate.as_ref().map(|c| c.not_after);
-                (s.label, s.kind.as_str(), expiry)
-            })
+            .map(|c| (c.label, c.kind, c.not_after))
             .collect(),
-        clock_offset: o.engine.server_time().offset(),
-        clock_alarm: o.engine.server_time().alarm().is_some(),
+        clock_offset: o.live.clock_offset(),
+        clock_alarm: o.live.clock_alarm().is_some(),
     };
-    let body = o.engine.metrics().render(&keys, &gauges);
+    let body = o.live.metrics().render(&keys, &gauges);
     (
         [(
             header::CONTENT_TYPE,
