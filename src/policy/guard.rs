@@ -280,6 +280,20 @@ impl RevocationGuard {
     }
 }
 
+/// Which healthy keys a canary search tries, in order: (renewed by the Store, issued at or
+/// before). A key the Store renewed first: a refusal of one that never renewed proves nothing
+/// (a player may have forged it), so it is asked only where no renewed key is free. A key
+/// issued moments ago proves as much as an older one; it is taken only when no older key is
+/// free, and then it is this or no evidence at all.
+pub fn canary_preference(issued_before: i64) -> [(bool, i64); 4] {
+    [
+        (true, issued_before),
+        (true, i64::MAX),
+        (false, issued_before),
+        (false, i64::MAX),
+    ]
+}
+
 #[cfg(test)]
 #[path = "guard_tests.rs"]
 mod tests;
