@@ -6,6 +6,7 @@
 //! replicas claiming at once take different rows, and stamps a lease on the database's clock:
 //! a replica whose clock is off neither steals live claims nor keeps dead ones.
 
+mod canary;
 mod due;
 mod listen;
 mod open;
@@ -213,19 +214,9 @@ impl Storage for PgStore {
     }
 
     async fn healthy_key_exists(&self, client_id: &str, valid_past: i64) -> Result<bool> {
-        self.timed(async {
-            let (exists,): (bool,) = sqlx::query_as(
-                "SELECT EXISTS (SELECT 1 FROM store_keys
-                                WHERE state = 'active' AND client_id = $1 AND refusals = 0
-                                  AND attempts = 0 AND expires_at > $2
-                                  AND unanswered_at IS NULL)",
-            )
-            .bind(client_id)
-            .bind(valid_past)
-            .fetch_one(&self.pool)
-            .await?;
-            Ok(exists)
-        })
+        self.timed(canary::healthy_key_exists(
+            &self.pool, client_id, valid_past,
+        ))
         .await
     }
 
@@ -237,31 +228,13 @@ impl Storage for PgStore {
         now: i64,
         lease_until: i64,
     ) -> Result<Option<ClaimedRow>> {
-        // Soonest due: renewing it early costs the least. Valid past the claim's lease.
-        let sql = format!(
-            "UPDATE store_keys AS k SET next_attempt_at = $1, lease_until = {DB_NOW} + $4, {}
-             WHERE k.id = (SELECT id FROM store_keys
-                           WHERE state = 'active' AND client_id = $2 AND refusals = 0
-                             AND attempts = 0 AND expires_at > $1 AND issued_at <= $3
-                             AND (last_renewed_at IS NOT NULL OR NOT $5)
-                             AND unanswered_at IS NULL AND lease_until IS NULL
-                           ORDER BY next_attempt_at LIMIT 1 FOR UPDATE SKIP LOCKED)
-             RETURNING {CLAIMED}",
-            mark_unanswered!("$1 - $4")
-        );
-        let row = self
-            .timed(async {
-                Ok(sqlx::query(sqlx::AssertSqlSafe(sql))
-                    .bind(lease_until)
-                    .bind(client_id)
-                    .bind(issued_before)
-                    .bind(lease_secs(now, lease_until))
-                    .bind(proven)
-                    .fetch_optional(&self.pool)
-                    .await?)
-            })
-            .await?;
-        claimed_row(row.as_ref(), lease_until)
+        let want = canary::Want {
+            client_id,
+            issued_before,
+            proven,
+        };
+        self.timed(canary::claim(&self.pool, want, now, lease_until))
+            .await
     }
 
     async fn due_rows(&self, now: i64, limit: u32) -> Result<Vec<ClaimedRow>> {
