@@ -3,6 +3,7 @@
 
 mod slots;
 mod upkeep;
+mod wake;
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -15,6 +16,7 @@ use tokio_util::sync::CancellationToken;
 
 use self::slots::Slots;
 use self::upkeep::{Upkeep, observe_task, warm_tokens};
+use self::wake::Wake;
 use super::attempt::Engine;
 use super::{DaemonError, Service, fleet, ingest, secs, status_line};
 use crate::clock::Clock;
@@ -24,14 +26,6 @@ use crate::storage::Storage;
 use crate::telemetry::health::Health;
 use crate::telemetry::notify::Notifier;
 use crate::telemetry::observe::Observer;
-
-/// Until the database signals a new key; never, where it cannot.
-async fn woken(wake: Option<&Notify>) {
-    match wake {
-        Some(wake) => wake.notified().await,
-        None => std::future::pending().await,
-    }
-}
 
 /// How often the systemd STATUS line is recomputed.
 const STATUS_EVERY: Duration = Duration::from_secs(60);
@@ -185,7 +179,6 @@ impl Loop {
                 // Slots freed up: refill them from the keys already claimed, no query needed.
                 self.slots.start_ready();
             }
-            full_pass = true;
             // The first STATUS waits for the first look for new keys, which then makes a pass.
             let status_waits =
                 self.notifier.enabled() && self.last_status.is_none() && !self.checker.ended_once();
@@ -194,38 +187,34 @@ impl Loop {
             let wake_at = self.checker.retry_in().map_or(deadline, |retry| {
                 deadline.min(tokio::time::Instant::now() + retry.max(MIN_RETRY_SLEEP))
             });
-            tokio::select! {
-                () = shutdown.cancelled() => break,
-                joined = self.slots.next_finished(), if self.slots.attempts() > 0 => {
+            full_pass = match self.next_wake(shutdown, wake_at).await {
+                Wake::Stop => break,
+                Wake::Finished(joined) => {
                     self.slots.finished(joined);
                     self.slots.reap();
+                    true
                 }
-                () = self.engine.call_answered(), if self.slots.attempts() > 0 => {
+                Wake::Answered => {
                     self.slots.reap();
-                    full_pass = self.slots.low();
+                    self.slots.low()
                 }
-                () = tokio::time::sleep_until(wake_at) => {}
-                () = woken(self.wake.as_deref()) => {
+                Wake::Deadline | Wake::TimeLearned => true,
+                Wake::Signalled => {
                     self.checker.signalled();
                     // A look under way cannot start another; its end makes the pass (after a
                     // backoff, if it failed).
-                    full_pass = !self.checker.running();
+                    !self.checker.running()
                 }
-                looked = self.checker.finished(), if self.checker.running() => {
-                    // Keys it accepted may be due, and a full batch or a key announced meanwhile
-                    // means another look; a look that found nothing needs no pass (on SQLite
-                    // every pass looks), unless the STATUS line waits for it. After a failure
-                    // the pass that looks again comes after a backoff.
-                    full_pass = match looked {
-                        Ok(looked) => looked.found > 0 || looked.again,
-                        Err(failed) => {
-                            self.look_failed(failed.error, failed.retry_in);
-                            false
-                        }
-                    } || status_waits;
+                // Keys it accepted may be due, and a full batch or a key announced meanwhile
+                // means another look; a look that found nothing needs no pass (on SQLite every
+                // pass looks), unless the STATUS line waits for it. After a failure the pass
+                // that looks again comes after a backoff.
+                Wake::Looked(Ok(looked)) => looked.found > 0 || looked.again || status_waits,
+                Wake::Looked(Err(failed)) => {
+                    self.look_failed(failed.error, failed.retry_in);
+                    status_waits
                 }
-                () = self.engine.server_time().learned(), if self.awaiting_time => {}
-            }
+            };
         }
     }
 
