@@ -12,6 +12,7 @@ mod crash;
 mod credentials;
 mod dbfaults;
 mod demo;
+mod docs;
 mod emulator_identity;
 mod flags;
 mod fleet;
