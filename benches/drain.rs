@@ -745,7 +745,7 @@ fn env_count(name: &str) -> Option<usize> {
     Some(n.unwrap_or_else(|_| panic!("{name}={raw}: expected a number of keys")))
 }
 
-/// One `name: value` line, values aligned, ready to paste into the README.
+/// One `name: value` line, values aligned, ready to paste into docs/performance.md.
 fn line(name: &str, value: impl Display) {
     let label = format!("{name}:");
     println!("  {label:<32}{value}");

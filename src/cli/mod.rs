@@ -141,7 +141,7 @@ enum Command {
         duration: Duration,
     },
     /// Serve a local stand-in for the Store's renew endpoints and Entra ID's token endpoint,
-    /// for tests and CI. See the README for its admin API.
+    /// for tests and CI. See docs/emulator.md for its admin API.
     Emulator {
         /// Address to listen on.
         #[arg(long, default_value = "127.0.0.1:8433")]

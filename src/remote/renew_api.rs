@@ -58,7 +58,8 @@ impl RenewClient {
         }
     }
 
-    /// `endpoint` comes from the configuration, never from the key (DESIGN.md, first invariant).
+    /// `endpoint` comes from the configuration, never from the key (ARCHITECTURE.md, the first
+    /// invariant).
     pub async fn renew(
         &self,
         endpoint: &reqwest::Url,
