@@ -10,6 +10,7 @@ use std::time::Instant;
 use tokio::sync::mpsc;
 
 use crate::config::Config;
+use crate::policy::alarm::AlarmName;
 use crate::policy::breaker::{Breaker, Permit, Transition};
 use crate::policy::claims::Kind;
 use crate::policy::fleet::{FleetAlarms, Shared};
@@ -41,19 +42,14 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
-fn breaker_alarm(kind: Kind) -> String {
-    format!("breaker:{kind}")
+fn breaker_alarm(kind: Kind) -> AlarmName {
+    AlarmName::Breaker(kind)
 }
-
-/// The host clock disagrees with the Store's and Entra's.
-pub(crate) const CLOCK_ALARM: &str = "clock";
 
 /// Credential alarms outlive the process (the guard takes them up again at start); the others
 /// describe the process's own state.
-pub use crate::policy::fleet::CREDENTIAL_PREFIX;
-
-fn credential_alarm(app: &str) -> String {
-    format!("{CREDENTIAL_PREFIX}{app}")
+fn credential_alarm(app: &str) -> AlarmName {
+    AlarmName::Credential(app.to_owned())
 }
 
 impl Safety {
@@ -303,12 +299,12 @@ impl Safety {
             Some(w) => tracing::warn!(app, "{w}"),
             None => tracing::info!(app, "the certificate no longer expires soon"),
         }
-        self.own_alarm(&format!("certificate:{app}"), warning);
+        self.own_alarm(&AlarmName::Certificate(app.to_owned()), warning);
     }
 
     /// The clock alarm raised (with what it says) or cleared, for `status`.
     pub async fn clock_alarm(&self, detail: Option<&str>) {
-        self.own_alarm(CLOCK_ALARM, detail);
+        self.own_alarm(&AlarmName::Clock, detail);
     }
 
     /// The kinds whose breaker is open, here or (at the last look) at another replica.
@@ -332,38 +328,38 @@ impl Safety {
     /// Writes the alarm row, in the background and in order: an attempt that raised an alarm
     /// must not hold its renewed key back while the database is busy. A failure is logged,
     /// never fatal (the metric and the log line carry the same news).
-    fn raise(&self, name: &str, detail: &str) {
+    fn raise(&self, name: &AlarmName, detail: &str) {
         if !self.record.load(Ordering::Relaxed) {
             return;
         }
         let at = self.time.now();
         lock(&self.fleet).raised(Shared {
-            name: name.to_owned(),
+            name: name.clone(),
             detail: detail.to_owned(),
             since: at,
         });
         self.send(AlarmRecord {
-            name: name.to_owned(),
+            name: name.clone(),
             change: Recorded::Raised(detail.to_owned()),
             at,
         });
     }
 
     /// Clears the alarm row as [`Self::raise`] writes it, where `scope` allows.
-    fn clear(&self, name: &str, scope: Clear) {
+    fn clear(&self, name: &AlarmName, scope: Clear) {
         if !self.record.load(Ordering::Relaxed) {
             return;
         }
         lock(&self.fleet).cleared(name);
         self.send(AlarmRecord {
-            name: name.to_owned(),
+            name: name.clone(),
             change: Recorded::Cleared(scope),
             at: self.time.now(),
         });
     }
 
     /// An alarm about this process alone: raised, or cleared if this process raised it last.
-    fn own_alarm(&self, name: &str, detail: Option<&str>) {
+    fn own_alarm(&self, name: &AlarmName, detail: Option<&str>) {
         match detail {
             Some(detail) => self.raise(name, detail),
             None => self.clear(name, Clear::Own),
@@ -377,7 +373,7 @@ impl Safety {
         let name = change.name.clone();
         if self.alarm_tx.send(change).is_err() {
             tracing::warn!(
-                alarm = name,
+                alarm = %name,
                 "could not record the alarm for `status`: the recorder stopped"
             );
         }
@@ -386,7 +382,7 @@ impl Safety {
 
 /// One alarm raised (with its detail) or cleared.
 struct AlarmRecord {
-    name: String,
+    name: AlarmName,
     change: Recorded,
     at: i64,
 }
@@ -423,7 +419,7 @@ async fn record_alarms(
             }
         };
         if let Err(e) = result {
-            tracing::warn!(alarm = c.name, error = %e, "could not record the alarm for `status`");
+            tracing::warn!(alarm = %c.name, error = %e, "could not record the alarm for `status`");
         }
     }
 }

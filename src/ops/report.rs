@@ -7,12 +7,12 @@ use serde::Serialize;
 
 use crate::clock::utc;
 use crate::config::Config;
-use crate::daemon::{fleet, safety};
+use crate::daemon::fleet;
 use crate::ops::printable::printable;
 use crate::policy::claims::{Claims, KeyText, Kind};
 use crate::policy::schedule;
 use crate::remote::server_time;
-use crate::storage::{Alarm, DbError, KeyStats, KeySummary, State, Storage};
+use crate::storage::{Alarm, AlarmName, DbError, KeyStats, KeySummary, State, Storage};
 
 /// `storekeyd status`.
 #[derive(Debug, Clone, Serialize)]
@@ -83,7 +83,8 @@ impl StatusReport {
         } else {
             let _ = writeln!(out, "alarms: {}", self.alarms.len());
             for a in &self.alarms {
-                let (name, detail) = (printable(&a.name), printable(&a.detail));
+                let name = a.name.to_string();
+                let (name, detail) = (printable(&name), printable(&a.detail));
                 let _ = writeln!(out, "  {name} since {}\n    {detail}", when(a.since, now));
             }
             out.push('\n');
@@ -169,7 +170,7 @@ pub async fn store_now(db: &dyn Storage, host_now: i64) -> Result<(i64, Option<i
 fn stated_offset(alarms: &[Alarm], host: &str) -> Option<i64> {
     alarms
         .iter()
-        .find(|a| a.name == safety::CLOCK_ALARM)
+        .find(|a| a.name == AlarmName::Clock)
         .filter(|a| a.owner.as_deref().and_then(fleet::replica_host) == Some(host))
         .and_then(|a| server_time::stated_offset(&a.detail))
 }
@@ -335,7 +336,7 @@ mod tests {
             crate::clock::Clock::system(),
         );
         let alarm = |name: &str, detail: String, owner: &str| Alarm {
-            name: name.to_owned(),
+            name: AlarmName::parse(name),
             detail,
             since: 0,
             owner: Some(owner.to_owned()),

@@ -6,13 +6,12 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-/// Alarms named with this prefix outlive the process that raised them.
-pub const CREDENTIAL_PREFIX: &str = "credential:";
+use crate::policy::alarm::AlarmName;
 
 /// An alarm as the table holds it: name, detail, since (Unix seconds).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Shared {
-    pub name: String,
+    pub name: AlarmName,
     pub detail: String,
     pub since: i64,
 }
@@ -32,11 +31,11 @@ pub struct Reconciled {
 #[derive(Debug, Default)]
 pub struct FleetAlarms {
     /// The alarms this process holds raised.
-    raised: BTreeMap<String, Shared>,
+    raised: BTreeMap<AlarmName, Shared>,
     /// Those of them the table held at the last look.
-    seen: BTreeSet<String>,
+    seen: BTreeSet<AlarmName>,
     /// Every alarm name the table held at the last look.
-    table: BTreeSet<String>,
+    table: BTreeSet<AlarmName>,
 }
 
 impl FleetAlarms {
@@ -46,25 +45,25 @@ impl FleetAlarms {
         self.raised.insert(alarm.name.clone(), alarm);
     }
 
-    pub fn cleared(&mut self, name: &str) {
+    pub fn cleared(&mut self, name: &AlarmName) {
         self.raised.remove(name);
         self.table.remove(name);
     }
 
     /// Whether any process holds the alarm raised (this one, or another at the last look).
-    pub fn shown(&self, name: &str) -> bool {
+    pub fn shown(&self, name: &AlarmName) -> bool {
         self.raised.contains_key(name) || self.table.contains(name)
     }
 
     pub fn reconcile(&mut self, table: &[Shared]) -> Reconciled {
-        let names: BTreeSet<String> = table.iter().map(|a| a.name.clone()).collect();
+        let names: BTreeSet<AlarmName> = table.iter().map(|a| a.name.clone()).collect();
         let mut out = Reconciled::default();
         let seen = std::mem::take(&mut self.seen);
         self.raised.retain(|name, alarm| {
             if names.contains(name) {
                 return true;
             }
-            match name.strip_prefix(CREDENTIAL_PREFIX) {
+            match name.credential() {
                 Some(app) if seen.contains(name) => {
                     out.cleared.push(app.to_owned());
                     false
@@ -76,7 +75,7 @@ impl FleetAlarms {
             }
         });
         for alarm in table {
-            if let Some(app) = alarm.name.strip_prefix(CREDENTIAL_PREFIX)
+            if let Some(app) = alarm.name.credential()
                 && !self.raised.contains_key(&alarm.name)
             {
                 // The table keeps seconds: the next one, so that only a renewal begun surely
@@ -103,7 +102,7 @@ mod tests {
 
     fn alarm(name: &str, since: i64) -> Shared {
         Shared {
-            name: name.to_owned(),
+            name: AlarmName::parse(name),
             detail: format!("{name} detail"),
             since,
         }
@@ -131,7 +130,7 @@ mod tests {
         let r = f.reconcile(&[]);
         assert_eq!(r.cleared, ["a"]);
         assert!(r.rewrite.is_empty());
-        assert!(!f.shown("credential:a"));
+        assert!(!f.shown(&AlarmName::parse("credential:a")));
     }
 
     #[test]
@@ -150,7 +149,10 @@ mod tests {
         let mut f = FleetAlarms::default();
         let r = f.reconcile(&[alarm("credential:b", 7), alarm("breaker:purchase", 7)]);
         assert_eq!(r.adopted, [("b".to_owned(), 8000)]);
-        assert!(f.shown("breaker:purchase") && f.shown("credential:b"));
+        assert!(
+            f.shown(&AlarmName::parse("breaker:purchase"))
+                && f.shown(&AlarmName::parse("credential:b"))
+        );
         let again = f.reconcile(&[alarm("credential:b", 7), alarm("breaker:purchase", 7)]);
         assert_eq!(again, Reconciled::default());
         // Cleared by whoever saw the credential work.
@@ -164,7 +166,7 @@ mod tests {
         f.reconcile(&[alarm("breaker:collections", 5)]);
         let r = f.reconcile(&[]);
         assert_eq!(r.rewrite, [alarm("breaker:collections", 5)]);
-        f.cleared("breaker:collections");
+        f.cleared(&AlarmName::parse("breaker:collections"));
         assert_eq!(f.reconcile(&[]), Reconciled::default());
     }
 }

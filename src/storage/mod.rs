@@ -21,6 +21,7 @@ pub use types::*;
 
 use std::sync::Arc;
 
+pub use crate::policy::alarm::AlarmName;
 use crate::policy::claims::{KeyText, Kind};
 pub use crate::policy::guard::Refusals;
 
@@ -136,9 +137,15 @@ pub trait Storage: Send + Sync + std::fmt::Debug {
 
     async fn alarms(&self) -> Result<Vec<Alarm>>;
     /// Raises (or updates) a named alarm for `status`, as raised by process `owner`.
-    async fn set_alarm(&self, name: &str, detail: &str, since: i64, owner: &str) -> Result<()>;
+    async fn set_alarm(
+        &self,
+        name: &AlarmName,
+        detail: &str,
+        since: i64,
+        owner: &str,
+    ) -> Result<()>;
     /// Clears a named alarm, unless `scope` says it is not this caller's to clear.
-    async fn clear_alarm(&self, name: &str, scope: ClearScope<'_>) -> Result<()>;
+    async fn clear_alarm(&self, name: &AlarmName, scope: ClearScope<'_>) -> Result<()>;
     /// Records that process `replica` is alive (on the database's clock); forgets the processes
     /// not seen for `ttl` seconds, and the alarms they raised but credential alarms (which stand
     /// until a renewal proves them wrong). Returns how many processes are alive, this one

@@ -138,7 +138,7 @@ pub(crate) fn by_state_kind(counts: &[(String, String, i64)]) -> Vec<(State, Kin
 pub(crate) fn alarms(rows: Vec<(String, String, i64, Option<String>)>) -> Vec<super::Alarm> {
     rows.into_iter()
         .map(|(name, detail, since, owner)| super::Alarm {
-            name,
+            name: super::AlarmName::parse(&name),
             detail,
             since,
             owner,

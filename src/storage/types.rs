@@ -1,6 +1,6 @@
 //! The values the storage trait takes and gives: claimed rows, writes, events, reports.
 
-use super::{EventKind, Refusals, State};
+use super::{AlarmName, EventKind, Refusals, State};
 use crate::policy::claims::{KeyFacts, KeyText, Kind, MAX_KEY_LEN};
 
 /// A row written by a backend and not yet checked.
@@ -278,7 +278,7 @@ impl KeyStats {
 /// A condition the daemon raised and has not cleared (an open breaker, a credential alarm).
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 pub struct Alarm {
-    pub name: String,
+    pub name: AlarmName,
     pub detail: String,
     pub since: i64,
     /// The process that raised it last.

@@ -5,7 +5,7 @@
 use std::time::Duration;
 
 use storekeyd::policy::claims::Kind;
-use storekeyd::storage::{self, ClearScope, Storage};
+use storekeyd::storage::{self, AlarmName, ClearScope, Storage};
 
 use crate::backend::on_backend;
 use crate::harness::{Db, TestEnv};
@@ -89,7 +89,7 @@ async fn an_alarm_is_cleared_only_by_whom_and_on_what_may_clear_it(db: Db) {
             .await
             .unwrap()
             .into_iter()
-            .map(|a| a.name)
+            .map(|a| a.name.to_string())
             .collect();
         names.sort();
         names
@@ -97,47 +97,59 @@ async fn an_alarm_is_cleared_only_by_whom_and_on_what_may_clear_it(db: Db) {
 
     // A credential alarm raised at 1000 and again (by another replica) at 2000.
     store
-        .set_alarm("credential:app", "refused", 1000, "a")
+        .set_alarm(&AlarmName::parse("credential:app"), "refused", 1000, "a")
         .await
         .unwrap();
     store
-        .set_alarm("credential:app", "refused", 2000, "b")
+        .set_alarm(&AlarmName::parse("credential:app"), "refused", 2000, "b")
         .await
         .unwrap();
     // A renewal begun at 1500.5 s says nothing of the raise at 2000.
     store
-        .clear_alarm("credential:app", ClearScope::RaisedBefore(1_500_500))
+        .clear_alarm(
+            &AlarmName::parse("credential:app"),
+            ClearScope::RaisedBefore(1_500_500),
+        )
         .await
         .unwrap();
     // Nor does one begun within the second of the raise.
     store
-        .clear_alarm("credential:app", ClearScope::RaisedBefore(2_000_999))
+        .clear_alarm(
+            &AlarmName::parse("credential:app"),
+            ClearScope::RaisedBefore(2_000_999),
+        )
         .await
         .unwrap();
     assert_eq!(names(store.clone()).await, ["credential:app"]);
     store
-        .clear_alarm("credential:app", ClearScope::RaisedBefore(2_001_000))
+        .clear_alarm(
+            &AlarmName::parse("credential:app"),
+            ClearScope::RaisedBefore(2_001_000),
+        )
         .await
         .unwrap();
     assert!(names(store.clone()).await.is_empty());
 
     // A clock alarm last raised by b is not a's to clear.
-    store.set_alarm("clock", "off", 10, "b").await.unwrap();
     store
-        .clear_alarm("clock", ClearScope::OwnedBy("a"))
+        .set_alarm(&AlarmName::parse("clock"), "off", 10, "b")
+        .await
+        .unwrap();
+    store
+        .clear_alarm(&AlarmName::parse("clock"), ClearScope::OwnedBy("a"))
         .await
         .unwrap();
     assert_eq!(names(store.clone()).await, ["clock"]);
     store
-        .clear_alarm("clock", ClearScope::OwnedBy("b"))
+        .clear_alarm(&AlarmName::parse("clock"), ClearScope::OwnedBy("b"))
         .await
         .unwrap();
     store
-        .set_alarm("breaker:purchase", "down", 10, "b")
+        .set_alarm(&AlarmName::parse("breaker:purchase"), "down", 10, "b")
         .await
         .unwrap();
     store
-        .clear_alarm("breaker:purchase", ClearScope::Anyone)
+        .clear_alarm(&AlarmName::parse("breaker:purchase"), ClearScope::Anyone)
         .await
         .unwrap();
     assert!(names(store.clone()).await.is_empty());

@@ -23,8 +23,8 @@ use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
 use super::{
-    Alarm, Claim, ClaimedRow, ClearScope, DbError, DbOptions, EventRecord, KeyStats, KeySummary,
-    MAX_KEY_BYTES, NewKey, PendingLook, Result, Storage, Write, rows,
+    Alarm, AlarmName, Claim, ClaimedRow, ClearScope, DbError, DbOptions, EventRecord, KeyStats,
+    KeySummary, MAX_KEY_BYTES, NewKey, PendingLook, Result, Storage, Write, rows,
 };
 use crate::policy::claims::{KeyText, Kind};
 
@@ -376,12 +376,24 @@ impl Storage for PgStore {
         self.timed(read::alarms(&self.pool)).await
     }
 
-    async fn set_alarm(&self, name: &str, detail: &str, since: i64, owner: &str) -> Result<()> {
-        self.timed(write::set_alarm(&self.pool, name, detail, since, owner))
-            .await
+    async fn set_alarm(
+        &self,
+        name: &AlarmName,
+        detail: &str,
+        since: i64,
+        owner: &str,
+    ) -> Result<()> {
+        self.timed(write::set_alarm(
+            &self.pool,
+            &name.to_string(),
+            detail,
+            since,
+            owner,
+        ))
+        .await
     }
 
-    async fn clear_alarm(&self, name: &str, scope: ClearScope<'_>) -> Result<()> {
+    async fn clear_alarm(&self, name: &AlarmName, scope: ClearScope<'_>) -> Result<()> {
         let (owner, before_ms) = scope.bounds();
         self.timed(async {
             sqlx::query(
@@ -389,7 +401,7 @@ impl Storage for PgStore {
                    AND ($2::text IS NULL OR owner = $2)
                    AND ($3::bigint IS NULL OR (since + 1) * 1000 <= $3)",
             )
-            .bind(name)
+            .bind(name.to_string())
             .bind(owner)
             .bind(before_ms)
             .execute(&self.pool)

@@ -14,8 +14,8 @@ use sqlx::SqlitePool;
 use sqlx::sqlite::SqliteRow;
 
 use super::{
-    Alarm, Claim, ClaimedRow, ClearScope, EventRecord, KeyStats, KeySummary, MAX_KEY_BYTES, NewKey,
-    PendingLook, Result, Storage, Write, rows,
+    Alarm, AlarmName, Claim, ClaimedRow, ClearScope, EventRecord, KeyStats, KeySummary,
+    MAX_KEY_BYTES, NewKey, PendingLook, Result, Storage, Write, rows,
 };
 use crate::policy::claims::{KeyText, Kind};
 
@@ -335,17 +335,23 @@ impl Storage for SqliteStore {
         read::alarms(&self.pool).await
     }
 
-    async fn set_alarm(&self, name: &str, detail: &str, since: i64, owner: &str) -> Result<()> {
-        write::set_alarm(&self.pool, name, detail, since, owner).await
+    async fn set_alarm(
+        &self,
+        name: &AlarmName,
+        detail: &str,
+        since: i64,
+        owner: &str,
+    ) -> Result<()> {
+        write::set_alarm(&self.pool, &name.to_string(), detail, since, owner).await
     }
 
-    async fn clear_alarm(&self, name: &str, scope: ClearScope<'_>) -> Result<()> {
+    async fn clear_alarm(&self, name: &AlarmName, scope: ClearScope<'_>) -> Result<()> {
         let (owner, before_ms) = scope.bounds();
         sqlx::query(
             "DELETE FROM storekeyd_alarms WHERE name = ?1 AND (?2 IS NULL OR owner = ?2)
                AND (?3 IS NULL OR (since + 1) * 1000 <= ?3)",
         )
-        .bind(name)
+        .bind(name.to_string())
         .bind(owner)
         .bind(before_ms)
         .execute(&self.pool)

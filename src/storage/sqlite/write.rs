@@ -7,7 +7,7 @@ use std::collections::HashSet;
 
 use sqlx::{SqliteConnection, SqlitePool};
 
-use crate::policy::fleet::CREDENTIAL_PREFIX as CREDENTIAL_ALARM_PREFIX;
+use crate::policy::alarm::CREDENTIAL_PREFIX as CREDENTIAL_ALARM_PREFIX;
 use crate::storage::batch::{self, Applied, ChangeKind};
 use crate::storage::contract::UPSERT_KEY;
 use crate::storage::{MAX_KEY_BYTES, NewKey, Oversized, Result, Write, oversized_reason};
