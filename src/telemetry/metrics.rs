@@ -7,44 +7,77 @@ use std::sync::Mutex;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::time::Duration;
 
+use crate::policy::state::EventKind;
 pub use crate::storage::KeyStats;
 
 /// Every outcome a renewal attempt or decision can have; pre-registered at zero so that
 /// `rate()` and alerts work from the first scrape.
-pub const OUTCOMES: [&str; 14] = [
-    "renewed",
-    "revoked",
-    "auth_invalid",
-    "client_id_mismatch",
-    "throttled",
-    "transient",
-    "unanswered",
-    "answer_lost",
-    "unexpected",
-    "token_error",
-    "superseded",
-    "expired",
-    "invalid",
-    "misconfigured",
+pub const OUTCOMES: [EventKind; 14] = [
+    EventKind::Renewed,
+    EventKind::Revoked,
+    EventKind::AuthInvalid,
+    EventKind::ClientIdMismatch,
+    EventKind::Throttled,
+    EventKind::Transient,
+    EventKind::Unanswered,
+    EventKind::AnswerLost,
+    EventKind::Unexpected,
+    EventKind::TokenError,
+    EventKind::Superseded,
+    EventKind::Expired,
+    EventKind::Invalid,
+    EventKind::Misconfigured,
 ];
+
+/// What a counter is keyed by: an enum, text only when rendered.
+pub trait Label: Copy + Ord + 'static {
+    fn label(self) -> &'static str;
+}
+
+impl Label for EventKind {
+    fn label(self) -> &'static str {
+        self.as_str()
+    }
+}
+
+/// Whether a token request got a token.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum TokenOutcome {
+    Ok,
+    Error,
+}
+
+impl Label for TokenOutcome {
+    fn label(self) -> &'static str {
+        match self {
+            TokenOutcome::Ok => "ok",
+            TokenOutcome::Error => "error",
+        }
+    }
+}
 
 /// Seconds; renew and token calls are expected well under a second, timeouts at 20 s.
 const BUCKETS: [f64; 11] = [0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 30.0];
 
-#[derive(Debug, Default)]
-pub struct Counter(Mutex<BTreeMap<&'static str, u64>>);
+#[derive(Debug)]
+pub struct Counter<L: Label>(Mutex<BTreeMap<L, u64>>);
 
-impl Counter {
-    fn with(labels: &[&'static str]) -> Self {
+impl<L: Label> Counter<L> {
+    fn with(labels: &[L]) -> Self {
         Counter(Mutex::new(labels.iter().map(|l| (*l, 0)).collect()))
     }
 
-    pub fn inc(&self, label: &'static str) {
+    pub fn inc(&self, label: L) {
         *lock(&self.0).entry(label).or_default() += 1;
     }
 
-    pub fn get(&self, label: &str) -> u64 {
-        lock(&self.0).get(label).copied().unwrap_or(0)
+    pub fn get(&self, label: L) -> u64 {
+        lock(&self.0).get(&label).copied().unwrap_or(0)
+    }
+
+    /// Each label's text and count.
+    fn counts(&self) -> Vec<(&'static str, u64)> {
+        lock(&self.0).iter().map(|(l, n)| (l.label(), *n)).collect()
     }
 }
 
@@ -86,8 +119,8 @@ impl Histogram {
 /// What the daemon counts as it works.
 #[derive(Debug)]
 pub struct Metrics {
-    pub renewals: Counter,
-    pub token_requests: Counter,
+    pub renewals: Counter<EventKind>,
+    pub token_requests: Counter<TokenOutcome>,
     pub renew_latency: Histogram,
     pub token_latency: Histogram,
     pub in_flight: AtomicI64,
@@ -100,7 +133,7 @@ impl Default for Metrics {
     fn default() -> Self {
         Metrics {
             renewals: Counter::with(&OUTCOMES),
-            token_requests: Counter::with(&["ok", "error"]),
+            token_requests: Counter::with(&[TokenOutcome::Ok, TokenOutcome::Error]),
             renew_latency: Histogram::default(),
             token_latency: Histogram::default(),
             in_flight: AtomicI64::new(0),
@@ -286,7 +319,7 @@ impl Metrics {
             "counter",
             "Renewal attempts and decisions on keys, by outcome.",
         );
-        for (outcome, n) in lock(&self.renewals.0).iter() {
+        for (outcome, n) in self.renewals.counts() {
             let _ = writeln!(out, "storekeyd_renewals_total{{outcome=\"{outcome}\"}} {n}");
         }
         header(
@@ -295,7 +328,7 @@ impl Metrics {
             "counter",
             "Access token requests to Entra ID, by outcome.",
         );
-        for (outcome, n) in lock(&self.token_requests.0).iter() {
+        for (outcome, n) in self.token_requests.counts() {
             let _ = writeln!(
                 out,
                 "storekeyd_token_requests_total{{outcome=\"{outcome}\"}} {n}"

@@ -3,8 +3,8 @@ use super::*;
 #[test]
 fn renders_counters_histograms_and_key_gauges() {
     let m = Metrics::default();
-    m.renewals.inc("renewed");
-    m.renewals.inc("renewed");
+    m.renewals.inc(EventKind::Renewed);
+    m.renewals.inc(EventKind::Renewed);
     m.renew_latency.observe(Duration::from_millis(30));
     let keys = KeyStats {
         by_state_kind: vec![(

@@ -84,7 +84,7 @@ impl Engine {
         let mut event = self.event(row, EventKind::AuthInvalid, &first.response);
         event.detail = Some("retrying with a fresh access token".to_owned());
         self.writer.send(Write::Event(event)).await?;
-        self.metrics.renewals.inc(EventKind::AuthInvalid.as_str());
+        self.metrics.renewals.inc(EventKind::AuthInvalid);
         let fresh = match self.tokens.fresh_token(&facts.client_id, &token).await {
             Ok(t) => t,
             Err(e) => return Ok(Asked::Answered(token_failed(&e), None)),

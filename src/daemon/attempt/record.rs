@@ -47,14 +47,14 @@ impl Engine {
         match written {
             Written::Applied => {}
             Written::Superseded => {
-                self.metrics.renewals.inc(EventKind::Superseded.as_str());
+                self.metrics.renewals.inc(EventKind::Superseded);
                 tracing::info!("key was replaced by the backend during renewal; result dropped");
                 return Settled::Superseded;
             }
             Written::Spooled | Written::Dropped => return Settled::Unwritten,
         }
         if settled != Settled::Deferred {
-            self.metrics.renewals.inc(decision.event.as_str());
+            self.metrics.renewals.inc(decision.event);
         }
         match &decision.action {
             Action::Renew { key, claims, .. } => {

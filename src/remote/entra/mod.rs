@@ -22,7 +22,7 @@ use crate::clock::Clock;
 use crate::config::{Application, Config, CredentialKind};
 use crate::policy::fingerprint::Fingerprint;
 use crate::remote::server_time::ServerTime;
-use crate::telemetry::metrics::Metrics;
+use crate::telemetry::metrics::{Metrics, TokenOutcome};
 
 pub use credential::{Credential, CredentialError};
 /// The audience of a token exchanged as a federated assertion, in Azure's global cloud.
@@ -254,9 +254,11 @@ impl TokenClient {
         let started = Instant::now();
         let result = self.request(entry, &mut cached).await;
         self.metrics.token_latency.observe(started.elapsed());
-        self.metrics
-            .token_requests
-            .inc(if result.is_ok() { "ok" } else { "error" });
+        self.metrics.token_requests.inc(if result.is_ok() {
+            TokenOutcome::Ok
+        } else {
+            TokenOutcome::Error
+        });
         let summary = result.as_ref().map(|_| ()).map_err(ToString::to_string);
         if let Err(e) = &summary {
             tracing::warn!(app = entry.app.label(), error = %e, "token request failed");
