@@ -1,6 +1,7 @@
 //! The operator CLI: outputs and exit codes (0 ok, 1 internal, 2 usage, 3 unhealthy).
 
 use storekeyd::policy::claims::Kind;
+use storekeyd::policy::state::State;
 
 use crate::harness::{APP, DAY, KEY_LIFETIME, TestEnv};
 
@@ -16,7 +17,7 @@ async fn add_inspect_and_status() {
         out.stdout.contains("stored purchase key") && !out.stdout.contains(&payload),
         "{out:?}"
     );
-    assert_eq!(env.row("alice", Kind::Purchase).await.state, "pending");
+    assert_eq!(env.row("alice", Kind::Purchase).await.state, State::Pending);
 
     let out = env.cli(&["add", "bob"], "not-a-key").await;
     assert_eq!(out.code, 2, "{out:?}");
@@ -70,7 +71,7 @@ async fn add_inspect_and_status() {
     let mut env = env;
     env.spawn_daemon().await;
     env.wait_until("carol flagged", || async {
-        env.row("carol", Kind::Collections).await.state == "invalid"
+        env.row("carol", Kind::Collections).await.state == State::Invalid
     })
     .await;
     env.stop_daemon().await;
@@ -119,7 +120,10 @@ async fn import_keeps_every_valid_line_and_reports_the_rest() {
         out.stderr
     );
     assert_eq!(env.rows().await.len(), 3);
-    assert_eq!(env.row("p,3", Kind::Collections).await.state, "pending");
+    assert_eq!(
+        env.row("p,3", Kind::Collections).await.state,
+        State::Pending
+    );
 
     let jsonl = format!(
         "{}\n{{\"user_ref\": \"q2\"}}\n",
@@ -263,7 +267,7 @@ async fn stored_text_reaches_the_terminal_escaped() {
     env.store(&user_ref, Kind::Collections, &key).await;
     env.spawn_daemon().await;
     env.wait_until("the key flagged misconfigured", || async {
-        env.count("misconfigured").await == 1
+        env.count(State::Misconfigured).await == 1
     })
     .await;
     env.stop_daemon().await;

@@ -1,6 +1,7 @@
 //! Clock edge cases: skewed keys, and a system clock that jumps.
 
 use std::time::Duration;
+use storekeyd::policy::state::State;
 
 use storekeyd::policy::claims::Kind;
 use storekeyd::storage;
@@ -28,7 +29,7 @@ async fn skewed_keys_are_accepted_and_scheduled_by_our_clock_and_forged_lifetime
     env.store("decades", Kind::Collections, &decades).await;
     env.spawn_daemon().await;
     env.wait_until("one active, one invalid", || async {
-        env.count("active").await == 1 && env.count("invalid").await == 1
+        env.count(State::Active).await == 1 && env.count(State::Invalid).await == 1
     })
     .await;
     env.stop_daemon().await;
@@ -55,12 +56,12 @@ async fn a_forward_jump_past_expiry_flags_without_sending() {
     let mut env = TestEnv::new().await;
     env.add_user("alice").await;
     env.spawn_daemon().await;
-    env.wait_until("active", || async { env.count("active").await == 1 })
+    env.wait_until("active", || async { env.count(State::Active).await == 1 })
         .await;
     // The machine wakes from a long suspend, or NTP steps the clock 40 days forward.
     env.clock.advance(Duration::from_secs(40 * DAY));
     env.wait_until("flagged expired", || async {
-        env.count("expired").await == 1
+        env.count(State::Expired).await == 1
     })
     .await;
     env.stop_daemon().await;
@@ -95,7 +96,10 @@ async fn a_backward_jump_delays_but_duplicates_nothing() {
     .await;
     env.stop_daemon().await;
     assert_eq!(env.emu.stats().renewed, 2);
-    assert_eq!(env.row("alice", Kind::Collections).await.state, "active");
+    assert_eq!(
+        env.row("alice", Kind::Collections).await.state,
+        State::Active
+    );
 }
 
 /// A bad RTC or an NTP step puts the host a month ahead: by the host clock every key expired, by
@@ -121,7 +125,7 @@ async fn a_forward_jump_of_the_host_clock_flags_nothing_expired_and_raises_the_a
     env.spawn_daemon().await;
     env.wait_until("the keys active and the Store's time known", || async {
         let text = env.get("/metrics").await.1;
-        env.count("active").await == 5
+        env.count(State::Active).await == 5
             && crate::harness::metric(&text, "storekeyd_clock_offset_seconds").is_some()
     })
     .await;
@@ -152,11 +156,11 @@ async fn a_forward_jump_of_the_host_clock_flags_nothing_expired_and_raises_the_a
     })
     .await;
     assert_eq!(
-        env.count("expired").await,
+        env.count(State::Expired).await,
         0,
         "a key was flagged on the host clock"
     );
-    assert_eq!(env.count("active").await, 6);
+    assert_eq!(env.count(State::Active).await, 6);
     assert_eq!(
         env.emu.stats().renew_requests,
         1,
@@ -175,11 +179,14 @@ async fn a_forward_jump_of_the_host_clock_flags_nothing_expired_and_raises_the_a
     env.store("stored", Kind::Collections, &stored).await;
     env.spawn_daemon().await;
     env.wait_until("the key stored meanwhile checked", || async {
-        env.row("stored", Kind::Collections).await.state != "pending"
+        env.row("stored", Kind::Collections).await.state != State::Pending
     })
     .await;
-    assert_eq!(env.row("stored", Kind::Collections).await.state, "active");
-    assert_eq!(env.count("expired").await, 0);
+    assert_eq!(
+        env.row("stored", Kind::Collections).await.state,
+        State::Active
+    );
+    assert_eq!(env.count(State::Expired).await, 0);
 
     // NTP fixes the clock: the alarm clears.
     env.clock.rewind(jump);
@@ -190,7 +197,7 @@ async fn a_forward_jump_of_the_host_clock_flags_nothing_expired_and_raises_the_a
     })
     .await;
     env.stop_daemon().await;
-    assert_eq!(env.count("active").await, 7);
+    assert_eq!(env.count(State::Active).await, 7);
 }
 
 /// The host clock a month ahead again, now for what an operator watches: the backlog gauge,
@@ -221,7 +228,7 @@ async fn figures_are_on_the_stores_time_while_the_host_clock_is_ahead(db: Db) {
     // Nothing is checked before an answer told the Store's time. No `/metrics` yet: its key
     // statistics are cached for 30 s.
     env.wait_until("the keys active", || async {
-        env.count("active").await == 5
+        env.count(State::Active).await == 5
     })
     .await;
     let status_db = storage::connect(&env.config.database_url(), &env.config.db_options())
@@ -299,7 +306,7 @@ async fn figures_are_on_the_stores_time_while_the_host_clock_is_ahead(db: Db) {
     );
     env.stop_daemon().await;
     status_db.close().await;
-    assert_eq!(env.count("expired").await, 0);
+    assert_eq!(env.count(State::Expired).await, 0);
 }
 
 /// `status` judged on the Store's time while the host clock is `days` ahead: nothing due,

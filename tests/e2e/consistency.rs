@@ -3,6 +3,7 @@
 
 use std::process::Stdio;
 use std::time::Duration;
+use storekeyd::policy::state::State;
 
 use storekeyd::emulator::Faults;
 use storekeyd::policy::claims::{self, KeyFacts, KeyText, Kind};
@@ -46,7 +47,7 @@ async fn a_backend_write_during_a_renewal_wins(db: Db) {
     .await;
     env.wait_until("the backend's key is active", || async {
         let row = env.row("alice", Kind::Collections).await;
-        row.state == "active" && row.key == newer
+        row.state == State::Active && row.key == newer
     })
     .await;
     env.stop_daemon().await;
@@ -121,7 +122,7 @@ async fn sigterm_mid_renewal_leaves_a_consistent_database_and_a_restart_carries_
         users.len()
     );
     for row in &rows {
-        assert_eq!(row.state, "active");
+        assert_eq!(row.state, State::Active);
         assert_eq!(
             row.lease_until, None,
             "in-flight work was finished or handed back"

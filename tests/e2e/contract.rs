@@ -5,6 +5,7 @@ use storekeyd::storage::contract::{
 };
 
 use crate::harness::{Db, on_backend};
+use storekeyd::policy::state::State;
 
 #[test]
 fn readme_documents_the_exact_backend_statements() {
@@ -60,7 +61,7 @@ async fn re_storing_an_older_key_keeps_the_newer_one(db: Db) {
         .await;
     let row = env.row("alice", Kind::Collections).await;
     assert!(row.key == newest, "the newer key was replaced");
-    assert_eq!(row.state, "active");
+    assert_eq!(row.state, State::Active);
     let (kept,): (i64,) = on_backend!(
         env.db,
         "SELECT COUNT(*) FROM store_key_events WHERE key_id = ? AND outcome = 'stale_key_kept'",
@@ -76,16 +77,16 @@ async fn re_storing_an_older_key_keeps_the_newer_one(db: Db) {
         .await;
     let row = env.row("alice", Kind::Collections).await;
     assert!(row.key == newest, "the padded copy replaced the key");
-    assert_eq!(row.state, "active");
+    assert_eq!(row.state, State::Active);
 
     // A genuinely new key (a new login) still replaces it.
     let fresh = env.mint(Kind::Collections, crate::harness::APP, "alice");
     env.store("alice", Kind::Collections, &fresh).await;
     let row = env.row("alice", Kind::Collections).await;
     assert!(row.key == fresh, "a new login's key was refused");
-    assert_eq!(row.state, "pending");
+    assert_eq!(row.state, State::Pending);
     // And bob, never renewed, is untouched by alice's lineage.
-    assert_eq!(env.row("bob", Kind::Collections).await.state, "active");
+    assert_eq!(env.row("bob", Kind::Collections).await.state, State::Active);
 }
 
 crate::backend::on_both_databases!(re_storing_an_older_key_keeps_the_newer_one);

@@ -3,6 +3,7 @@
 
 use std::collections::HashMap;
 use std::time::Duration;
+use storekeyd::policy::state::State;
 
 use storekeyd::emulator::Faults;
 use storekeyd::policy::claims::{self, Kind};
@@ -14,7 +15,7 @@ use crate::harness::{Row, TestEnv, full, spawn_process};
 fn check_rows(rows: &[Row], max_exp: &mut HashMap<i64, i64>, env: &TestEnv) {
     for row in rows {
         // Not yet checked when the process died: untouched, and still the backend's key.
-        if row.state == "pending" {
+        if row.state == State::Pending {
             assert!(
                 env.emu.issued(&row.key) && row.renewals == 0,
                 "row #{} pending but touched",
@@ -23,9 +24,12 @@ fn check_rows(rows: &[Row], max_exp: &mut HashMap<i64, i64>, env: &TestEnv) {
             continue;
         }
         assert_eq!(
-            row.state, "active",
+            row.state,
+            State::Active,
             "row #{} is {}: {:?}",
-            row.id, row.state, row.reason
+            row.id,
+            row.state,
+            row.reason
         );
         let c = claims::decode(&row.key).expect("a stored key does not decode");
         assert_eq!(
@@ -116,7 +120,7 @@ async fn sigkill_during_a_backlog_drain_loses_nothing() {
             Some(row.key.as_str()),
             "{user}"
         );
-        assert_eq!(row.state, "active", "{user}: {:?}", row.reason);
+        assert_eq!(row.state, State::Active, "{user}: {:?}", row.reason);
     }
     let stats = env.emu.stats();
     eprintln!(

@@ -4,6 +4,7 @@
 
 use std::os::unix::fs::PermissionsExt as _;
 use std::path::PathBuf;
+use storekeyd::policy::state::State;
 
 use jsonwebtoken::Algorithm;
 use storekeyd::config::{Application, AssertionAlgorithm};
@@ -274,7 +275,7 @@ async fn a_broken_credential_names_its_application_and_stops_no_other() {
     assert!(ready.contains("ok    application app-main"), "{ready}");
     // Nothing is flagged: each broken application's key waits, active, to be tried again.
     for row in env.rows().await {
-        assert_eq!(row.state, "active", "{row:?}");
+        assert_eq!(row.state, State::Active, "{row:?}");
     }
     env.stop_daemon().await;
 
@@ -365,7 +366,7 @@ async fn a_fixed_credential_renews_without_a_restart() {
     })
     .await;
     for row in env.rows().await {
-        assert_eq!(row.state, "active", "{row:?}");
+        assert_eq!(row.state, State::Active, "{row:?}");
     }
     env.stop_daemon().await;
 }

@@ -2,6 +2,7 @@
 //! waits, says so, loses no result and recovers.
 
 use std::time::Duration;
+use storekeyd::policy::state::State;
 
 use storekeyd::emulator::Faults;
 
@@ -84,7 +85,7 @@ async fn failing_writes_make_it_unready_without_corruption_and_it_recovers() {
         env.row("alice", storekeyd::policy::claims::Kind::Collections)
             .await
             .state,
-        "pending"
+        State::Pending
     );
 
     sqlx::query("DROP TRIGGER fail_writes")

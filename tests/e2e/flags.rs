@@ -1,6 +1,7 @@
 //! Keys that cannot be renewed are flagged with a reason, and never hold up the others.
 
 use std::time::Duration;
+use storekeyd::policy::state::State;
 
 use storekeyd::emulator::Faults;
 use storekeyd::emulator::keymint::{self, KeySpec};
@@ -27,14 +28,14 @@ async fn a_revoked_key_is_flagged_after_a_fresh_token_retry_and_others_renew(db:
 
     env.wait_until("mallory flagged and alice renewed", || async {
         let rows = env.rows().await;
-        rows.iter().any(|r| r.state == "revoked")
+        rows.iter().any(|r| r.state == State::Revoked)
             && env.row("alice", Kind::Collections).await.renewals >= 1
     })
     .await;
     env.stop_daemon().await;
 
     let row = env.row("mallory", Kind::Collections).await;
-    assert_eq!(row.state, "revoked");
+    assert_eq!(row.state, State::Revoked);
     assert!(row.reason.unwrap().contains("AuthenticationTokenInvalid"));
     let outcomes: Vec<String> = env
         .outcomes(row.id)
@@ -58,7 +59,7 @@ async fn a_revoked_key_is_flagged_after_a_fresh_token_retry_and_others_renew(db:
     );
     assert!(middle.len() <= 5, "{outcomes:?}");
     for user in ["alice", "carol"] {
-        assert_eq!(env.row(user, Kind::Collections).await.state, "active");
+        assert_eq!(env.row(user, Kind::Collections).await.state, State::Active);
     }
 }
 
@@ -72,12 +73,12 @@ async fn client_id_mismatch_is_misconfigured_not_revoked(db: Db) {
     env.spawn_daemon().await;
 
     env.run_until(Duration::from_secs(DAY), "alice flagged", || async {
-        env.row("alice", Kind::Collections).await.state == "misconfigured"
+        env.row("alice", Kind::Collections).await.state == State::Misconfigured
     })
     .await;
     env.stop_daemon().await;
     let row = env.row("alice", Kind::Collections).await;
-    assert_eq!(row.state, "misconfigured");
+    assert_eq!(row.state, State::Misconfigured);
     assert!(row.reason.unwrap().contains("InconsistentClientId"));
 }
 
@@ -118,7 +119,7 @@ async fn garbage_rows_are_flagged_invalid_while_the_others_renew(db: Db) {
         ("mislabeled", "row kind is `collections`"),
     ] {
         let row = env.row(user, Kind::Collections).await;
-        assert_eq!(row.state, "invalid", "{user}");
+        assert_eq!(row.state, State::Invalid, "{user}");
         let got = row.reason.unwrap();
         assert!(got.contains(reason), "{user}: {got}");
         assert!(
@@ -128,7 +129,7 @@ async fn garbage_rows_are_flagged_invalid_while_the_others_renew(db: Db) {
     }
     assert_eq!(
         env.row("stranger", Kind::Collections).await.state,
-        "misconfigured"
+        State::Misconfigured
     );
     assert_eq!(AUD_COLLECTIONS, Kind::Collections.audience());
 }
@@ -156,7 +157,7 @@ async fn a_key_whose_refresh_uri_points_elsewhere_never_reaches_that_host(db: Db
     // Fixable in the configuration (an egress proxy, another spelling): misconfigured, and
     // checked again at the next start.
     let row = env.row("alice", Kind::Collections).await;
-    assert_eq!(row.state, "misconfigured");
+    assert_eq!(row.state, State::Misconfigured);
     assert!(row.reason.unwrap().contains(&addr.to_string()));
     assert!(
         !contacted.is_finished(),
@@ -184,7 +185,7 @@ async fn a_key_stored_with_whitespace_around_it_is_stored_and_sent_trimmed(db: D
         .await;
     env.spawn_daemon().await;
     env.wait_until("the fresh key checked", || async {
-        env.row("fresh", Kind::Collections).await.state == "active"
+        env.row("fresh", Kind::Collections).await.state == State::Active
     })
     .await;
     let row = env.row("fresh", Kind::Collections).await;
@@ -193,14 +194,18 @@ async fn a_key_stored_with_whitespace_around_it_is_stored_and_sent_trimmed(db: D
     env.store("fresh", Kind::Collections, &format!("{fresh}\n"))
         .await;
     let row = env.row("fresh", Kind::Collections).await;
-    assert!(row.key == fresh && row.state == "active", "{}", row.state);
+    assert!(
+        row.key == fresh && row.state == State::Active,
+        "{}",
+        row.state
+    );
     // The emulator refuses a padded key outright: only a trimmed one renews.
     env.wait_until("the padded key renewed", || async {
         env.row("padded", Kind::Collections).await.renewals >= 1
     })
     .await;
     env.stop_daemon().await;
-    assert_eq!(env.count("active").await, 2);
+    assert_eq!(env.count(State::Active).await, 2);
 }
 
 async fn a_refresh_uri_spelled_differently_is_misconfigured_until_the_config_is_fixed(db: Db) {
@@ -211,12 +216,12 @@ async fn a_refresh_uri_spelled_differently_is_misconfigured_until_the_config_is_
     env.add_due_user("alice").await;
     env.spawn_daemon().await;
     env.wait_until("alice checked", || async {
-        env.row("alice", Kind::Collections).await.state != "pending"
+        env.row("alice", Kind::Collections).await.state != State::Pending
     })
     .await;
     env.stop_daemon().await;
     let row = env.row("alice", Kind::Collections).await;
-    assert_eq!(row.state, "misconfigured", "{:?}", row.reason);
+    assert_eq!(row.state, State::Misconfigured, "{:?}", row.reason);
     assert_eq!(env.emu.stats().renew_requests, 0);
 
     // Fixed and restarted: checked again, and renewed.
@@ -227,7 +232,7 @@ async fn a_refresh_uri_spelled_differently_is_misconfigured_until_the_config_is_
     })
     .await;
     env.stop_daemon().await;
-    assert_eq!(env.count("active").await, 1);
+    assert_eq!(env.count(State::Active).await, 1);
 }
 
 crate::backend::on_both_databases!(

@@ -3,6 +3,7 @@
 
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
+use storekeyd::policy::state::State;
 
 use storekeyd::emulator::Faults;
 use storekeyd::policy::claims::Kind;
@@ -244,7 +245,7 @@ async fn connections_cut_mid_drain_are_reopened_and_lose_nothing() {
         .await;
     env.add_user("late").await;
     env.wait_until("a key written after the cuts checked", || async {
-        env.row("late", Kind::Collections).await.state == "active"
+        env.row("late", Kind::Collections).await.state == State::Active
     })
     .await;
     stop_all(fleet).await;

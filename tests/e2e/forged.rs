@@ -5,6 +5,7 @@
 
 use std::cell::Cell;
 use std::time::Duration;
+use storekeyd::policy::state::State;
 
 use storekeyd::emulator::keymint::{self, KeySpec};
 use storekeyd::policy::claims::Kind;
@@ -61,7 +62,8 @@ async fn a_player_forging_keys_every_minute_silences_nothing(db: Db) {
             if env.credential_alarm(APP).await != Some(0.0) {
                 alarm_seen.set(true);
             }
-            now - start >= 1800 && env.row("victim", Kind::Collections).await.state == "revoked"
+            now - start >= 1800
+                && env.row("victim", Kind::Collections).await.state == State::Revoked
         },
     )
     .await;
@@ -79,7 +81,7 @@ async fn a_player_forging_keys_every_minute_silences_nothing(db: Db) {
     assert_eq!(alarm_deferrals, 0, "refusals were deferred for an alarm");
     let rows = env.rows().await;
     let victim = env.row("victim", Kind::Collections).await;
-    assert_eq!(victim.state, "revoked", "{:?}", victim.reason);
+    assert_eq!(victim.state, State::Revoked, "{:?}", victim.reason);
     let users: Vec<(String, i64)> = crate::harness::on_backend!(
         env.db,
         "SELECT user_ref, id FROM store_keys",
@@ -95,7 +97,7 @@ async fn a_player_forging_keys_every_minute_silences_nothing(db: Db) {
         .collect();
     assert_eq!(healthy.len(), 20);
     for row in &healthy {
-        assert_eq!(row.state, "active", "{:?}", row.reason);
+        assert_eq!(row.state, State::Active, "{:?}", row.reason);
         assert!(
             row.next_attempt_at.is_some_and(|t| t > now - 60),
             "a healthy key waits, overdue: {row:?}"

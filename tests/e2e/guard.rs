@@ -3,6 +3,7 @@
 //! flagged.
 
 use std::time::{Duration, Instant};
+use storekeyd::policy::state::State;
 
 use storekeyd::emulator::Faults;
 use storekeyd::policy::claims::Kind;
@@ -52,7 +53,7 @@ async fn broken_credential_after(early: usize, late: usize, revoked: bool) -> Du
     let flagged = usize::from(revoked);
     env.wait_until("the revoked key flagged and the others renewed", || async {
         let rows = env.rows().await;
-        rows.iter().filter(|r| r.state == "revoked").count() == flagged
+        rows.iter().filter(|r| r.state == State::Revoked).count() == flagged
             && rows.iter().filter(|r| r.renewals >= 1).count() == early
     })
     .await;
@@ -70,7 +71,7 @@ async fn broken_credential_after(early: usize, late: usize, revoked: bool) -> Du
             late_rows.len() == late
                 && late_rows
                     .iter()
-                    .all(|r| r.state == "active" && r.attempts >= 2)
+                    .all(|r| r.state == State::Active && r.attempts >= 2)
                 && env.credential_alarm(APP).await == Some(1.0)
         },
     )
@@ -79,7 +80,7 @@ async fn broken_credential_after(early: usize, late: usize, revoked: bool) -> Du
         .rows()
         .await
         .iter()
-        .filter(|r| r.state != "active")
+        .filter(|r| r.state != State::Active)
         .count();
     assert_eq!(not_active, flagged, "a healthy key was flagged");
 
@@ -94,8 +95,8 @@ async fn broken_credential_after(early: usize, late: usize, revoked: bool) -> Du
     })
     .await;
     env.stop_daemon().await;
-    assert_eq!(env.count("revoked").await, flagged);
-    assert_eq!(env.count("active").await, early + late);
+    assert_eq!(env.count(State::Revoked).await, flagged);
+    assert_eq!(env.count(State::Active).await, early + late);
     eprintln!(
         "guard: {} keys, broken credential{}: {} flagged",
         flagged + early + late,
@@ -155,7 +156,7 @@ async fn a_small_application_with_a_broken_credential_loses_no_key_across_a_rest
         .rows()
         .await
         .iter()
-        .filter(|r| r.state != "active")
+        .filter(|r| r.state != State::Active)
         .count();
     assert_eq!(flagged, 0, "a key was flagged under a broken credential");
 
@@ -179,7 +180,7 @@ async fn a_small_application_with_a_broken_credential_loses_no_key_across_a_rest
     })
     .await;
     env.stop_daemon().await;
-    assert_eq!(env.count("active").await, 4);
+    assert_eq!(env.count(State::Active).await, 4);
 }
 
 async fn a_wave_of_genuine_revocations_is_told_apart_by_a_canary(db: Db) {
@@ -206,14 +207,14 @@ async fn a_wave_of_genuine_revocations_is_told_apart_by_a_canary(db: Db) {
     let started = Instant::now();
     env.spawn_daemon().await;
     env.wait_until("the five revoked keys flagged", || async {
-        env.count("revoked").await == 5
+        env.count(State::Revoked).await == 5
     })
     .await;
     let took = started.elapsed();
     let rows = env.rows().await;
     let (rows, names) = (rows, users(&env).await);
     let healthy = named(&rows, &names, "healthy-");
-    assert!(healthy.iter().all(|r| r.state == "active"));
+    assert!(healthy.iter().all(|r| r.state == State::Active));
     let canaries = healthy.iter().filter(|r| r.renewals > 0).count();
     assert!(canaries >= 1, "no canary renewed");
     assert_eq!(env.credential_alarm(APP).await, Some(0.0));
@@ -234,13 +235,13 @@ async fn a_key_with_no_other_to_ask_is_flagged_only_after_hours_of_refusals(db: 
     env.spawn_daemon().await;
     env.run_until(Duration::from_secs(300), "the lone key flagged", || async {
         let state = env.row("alone", Kind::Collections).await.state;
-        state != "active" && state != "pending"
+        state != State::Active && state != State::Pending
     })
     .await;
     let flagged_at = env.clock.now();
     env.stop_daemon().await;
     let row = env.row("alone", Kind::Collections).await;
-    assert_eq!(row.state, "revoked");
+    assert_eq!(row.state, State::Revoked);
     assert!(
         row.reason
             .as_deref()

@@ -11,6 +11,7 @@ use storekeyd::daemon::{self, DaemonError};
 use storekeyd::demo;
 use storekeyd::emulator::{self, Emulator, Faults};
 use storekeyd::policy::claims::Kind;
+use storekeyd::policy::state::State;
 use storekeyd::storage;
 use storekeyd::storage::contract;
 
@@ -44,7 +45,7 @@ fn init_logging() {
 pub(crate) struct Row {
     pub id: i64,
     pub key: String,
-    pub state: String,
+    pub state: State,
     pub reason: Option<String>,
     pub expires_at: Option<i64>,
     pub next_attempt_at: Option<i64>,
@@ -74,7 +75,7 @@ impl From<RawRow> for Row {
         Row {
             id: r.0,
             key: String::from_utf8_lossy(&r.1).into_owned(),
-            state: r.2,
+            state: State::parse(&r.2).unwrap_or_else(|| panic!("a row in state {:?}", r.2)),
             reason: r.3,
             expires_at: r.4,
             next_attempt_at: r.5,
@@ -275,7 +276,7 @@ impl TestEnv {
     }
 
     /// Counts rows by state.
-    pub(crate) async fn count(&self, state: &str) -> usize {
+    pub(crate) async fn count(&self, state: State) -> usize {
         self.rows()
             .await
             .iter()

@@ -1,6 +1,7 @@
 //! Hostile input from both sides: rows no key can be, answers no Store would give.
 
 use std::time::Duration;
+use storekeyd::policy::state::State;
 
 use base64::Engine as _;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
@@ -45,7 +46,7 @@ async fn rows_that_cannot_be_keys_are_flagged_and_never_stall_the_others() {
     })
     .await;
     env.wait_until("the rest flagged", || async {
-        env.count("invalid").await == 4
+        env.count(State::Invalid).await == 4
     })
     .await;
     env.stop_daemon().await;
@@ -113,7 +114,7 @@ async fn answers_no_store_would_give_are_never_written() {
         let key = env.add_due_user(user).await;
         let id = {
             env.wait_until(&format!("{user}: ingested"), || async {
-                env.row(user, Kind::Collections).await.state == "active"
+                env.row(user, Kind::Collections).await.state == State::Active
             })
             .await;
             env.row(user, Kind::Collections).await.id

@@ -4,6 +4,7 @@
 use std::os::unix::fs::PermissionsExt as _;
 use std::process::Stdio;
 use std::time::Duration;
+use storekeyd::policy::state::State;
 
 use storekeyd::config::Application;
 use storekeyd::emulator::Faults;
@@ -85,7 +86,7 @@ async fn no_key_token_or_secret_appears_in_any_output() {
     env.wait_until("five renewed, mallory flagged", || async {
         let rows = env.rows().await;
         rows.iter().filter(|r| r.renewals >= 1).count() == 5
-            && rows.iter().any(|r| r.state == "revoked")
+            && rows.iter().any(|r| r.state == State::Revoked)
     })
     .await;
     let mut outputs = Vec::new();

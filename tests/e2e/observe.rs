@@ -1,6 +1,7 @@
 //! `/metrics`, `/healthz` and `/readyz` on the daemon's loopback listener.
 
 use storekeyd::config::Application;
+use storekeyd::policy::state::State;
 
 use crate::harness::{Db, TENANT, TestEnv, write_private};
 
@@ -46,7 +47,7 @@ async fn metrics_describe_renewals_and_keys_without_key_material(db: Db) {
     env.spawn_daemon().await;
     env.wait_until("alice renewed, mallory flagged", || async {
         let rows = env.rows().await;
-        rows.iter().any(|r| r.state == "revoked") && rows.iter().any(|r| r.renewals >= 1)
+        rows.iter().any(|r| r.state == State::Revoked) && rows.iter().any(|r| r.renewals >= 1)
     })
     .await;
 

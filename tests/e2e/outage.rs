@@ -2,6 +2,7 @@
 //! that our own credential got refused.
 
 use std::time::{Duration, Instant};
+use storekeyd::policy::state::State;
 
 use storekeyd::emulator::Faults;
 
@@ -47,7 +48,7 @@ async fn an_outage_opens_the_breaker_bounds_requests_flags_nothing_and_recovers(
         "{during} requests in {window:?} during the outage"
     );
     assert_eq!(
-        env.count("active").await,
+        env.count(State::Active).await,
         keys,
         "a key was flagged because of the outage"
     );
@@ -98,7 +99,7 @@ async fn a_rejected_credential_flags_no_key_and_raises_the_alarm(db: Db) {
     // Let the refused keys come round a few more times: still nothing flagged.
     tokio::time::sleep(Duration::from_secs(3)).await;
     assert_eq!(
-        env.count("revoked").await,
+        env.count(State::Revoked).await,
         0,
         "a key was flagged revoked because of our credential"
     );
@@ -136,7 +137,7 @@ async fn a_few_real_revocations_among_many_healthy_keys_are_flagged(db: Db) {
     env.spawn_daemon().await;
     env.wait_until("the revoked keys flagged, the rest renewed", || async {
         let rows = env.rows().await;
-        rows.iter().filter(|r| r.state == "revoked").count() == revoked.len()
+        rows.iter().filter(|r| r.state == State::Revoked).count() == revoked.len()
             && rows.iter().filter(|r| r.renewals >= 1).count() == 20 - revoked.len()
     })
     .await;

@@ -4,6 +4,7 @@
 //! and the old key's refusal afterwards is no revocation.
 
 use std::time::Duration;
+use storekeyd::policy::state::State;
 
 use storekeyd::emulator::Faults;
 use storekeyd::policy::claims::Kind;
@@ -155,13 +156,13 @@ async fn a_timeout_after_the_store_renewed_is_flagged_as_a_lost_answer(db: Db) {
     });
     env.spawn_daemon().await;
     env.run_until(Duration::from_secs(1), "alice flagged", || async {
-        !["pending", "active"].contains(&env.row("alice", Kind::Collections).await.state.as_str())
+        ![State::Pending, State::Active].contains(&env.row("alice", Kind::Collections).await.state)
     })
     .await;
     let alice = env.row("alice", Kind::Collections).await;
     let (_, text) = env.get("/metrics").await;
     env.stop_daemon().await;
-    assert_eq!(alice.state, "revoked");
+    assert_eq!(alice.state, State::Revoked);
     let reason = alice.reason.unwrap_or_default();
     assert!(reason.contains("got no answer"), "{reason}");
     let outcomes = env.outcomes(alice.id).await;

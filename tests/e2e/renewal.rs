@@ -2,6 +2,7 @@
 //! out of time.
 
 use std::time::Duration;
+use storekeyd::policy::state::State;
 
 use storekeyd::emulator::Faults;
 use storekeyd::policy::claims::{self, Kind};
@@ -32,7 +33,7 @@ async fn happy_path_renews_every_key_over_several_cycles(db: Db) {
 
     for (user, exp0) in users.iter().zip(first_exp) {
         let row = env.row(user, Kind::Collections).await;
-        assert_eq!(row.state, "active");
+        assert_eq!(row.state, State::Active);
         let c = claims::decode(&row.key).unwrap();
         assert!(
             c.expires_at > exp0 + 3 * 13 * DAY as i64,
@@ -143,7 +144,7 @@ async fn a_key_that_cannot_be_renewed_in_time_is_flagged_expired_and_never_sent_
     env.run_until(
         Duration::from_secs(DAY / 2),
         "alice flagged expired",
-        || async { env.row("alice", Kind::Collections).await.state == "expired" },
+        || async { env.row("alice", Kind::Collections).await.state == State::Expired },
     )
     .await;
     env.stop_daemon().await;
@@ -160,7 +161,8 @@ async fn a_key_that_cannot_be_renewed_in_time_is_flagged_expired_and_never_sent_
     }
     let bob = env.row("bob", Kind::Collections).await;
     assert_eq!(
-        bob.state, "expired",
+        bob.state,
+        State::Expired,
         "a key stored after its expiry is flagged at ingest"
     );
 }

@@ -2,6 +2,7 @@
 //! renewal cycles. Every key renews before it expires; garbage is never written.
 
 use std::time::{Duration, Instant};
+use storekeyd::policy::state::State;
 
 use storekeyd::emulator::Faults;
 use storekeyd::policy::claims;
@@ -47,7 +48,7 @@ async fn every_key_renews_through_a_storm_of_faults() {
 
     let now = env.clock.now();
     for row in env.rows().await {
-        assert_eq!(row.state, "active", "{:?}", row.reason);
+        assert_eq!(row.state, State::Active, "{:?}", row.reason);
         let c = claims::decode(&row.key).expect("garbage was written");
         assert!(
             env.emu.issued(&row.key),

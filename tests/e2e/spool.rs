@@ -5,6 +5,7 @@
 
 use std::os::unix::fs::PermissionsExt as _;
 use std::time::Duration;
+use storekeyd::policy::state::State;
 
 use storekeyd::policy::claims::Kind;
 
@@ -56,7 +57,7 @@ async fn assert_every_key_kept(env: &TestEnv) {
             Some(row.key.as_str()),
             "{user}: the row does not hold the key the Store issued"
         );
-        assert_eq!(row.state, "active", "{user}: {:?}", row.reason);
+        assert_eq!(row.state, State::Active, "{user}: {:?}", row.reason);
     }
     assert_eq!(
         env.emu.stats().renewed,

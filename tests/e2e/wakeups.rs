@@ -2,6 +2,7 @@
 //! the look for new keys under way finds or however it fails.
 
 use std::time::Duration;
+use storekeyd::policy::state::State;
 
 use storekeyd::policy::claims::Kind;
 
@@ -37,7 +38,7 @@ async fn idle_with_an_hourly_poll() -> (TestEnv, sqlx::PgPool) {
 /// Waits until `user`'s key is active.
 async fn checked(env: &TestEnv, user: &str, what: &str) {
     env.wait_until(what, || async {
-        env.row(user, Kind::Collections).await.state == "active"
+        env.row(user, Kind::Collections).await.state == State::Active
     })
     .await;
 }
