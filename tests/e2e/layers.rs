@@ -22,19 +22,57 @@ fn imports(src: &Path) -> BTreeMap<String, BTreeSet<String>> {
         for file in files {
             let text = std::fs::read_to_string(&file).unwrap();
             let code = text.split("#[cfg(test)]").next().unwrap_or_default();
-            for (i, _) in code.match_indices("crate::") {
-                let rest = &code[i + "crate::".len()..];
-                let name: String = rest
-                    .chars()
-                    .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
-                    .collect();
-                if tops.contains(&name) && name != *top {
-                    names.insert(name);
+            // In a top-level module's root file, `super::` is the crate.
+            let root =
+                file == src.join(format!("{top}.rs")) || file == src.join(top).join("mod.rs");
+            let prefixes: &[&str] = if root {
+                &["crate::", "super::"]
+            } else {
+                &["crate::"]
+            };
+            for prefix in prefixes {
+                for (i, _) in code.match_indices(prefix) {
+                    for name in named(&code[i + prefix.len()..]) {
+                        if tops.contains(&name) && name != *top {
+                            names.insert(name);
+                        }
+                    }
                 }
             }
         }
     }
     graph
+}
+
+/// The first path segments after `crate::`: one name, or each name of a `{a, b::c}` group.
+fn named(rest: &str) -> Vec<String> {
+    let ident = |s: &str| -> String {
+        s.trim_start()
+            .chars()
+            .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
+            .collect()
+    };
+    let Some(group) = rest.strip_prefix('{') else {
+        return vec![ident(rest)];
+    };
+    // Top-level items of the group: split on commas outside nested braces.
+    let (mut depth, mut start, mut out) = (0usize, 0usize, Vec::new());
+    for (i, c) in group.char_indices() {
+        match c {
+            '{' => depth += 1,
+            '}' if depth == 0 => {
+                out.push(ident(&group[start..i]));
+                break;
+            }
+            '}' => depth -= 1,
+            ',' if depth == 0 => {
+                out.push(ident(&group[start..i]));
+                start = i + 1;
+            }
+            _ => {}
+        }
+    }
+    out
 }
 
 fn collect(path: &Path, files: &mut Vec<std::path::PathBuf>) {
@@ -81,6 +119,15 @@ fn no_top_level_module_imports_one_that_imports_it_back() {
         .map(|c| c.join(" → "))
         .collect();
     assert!(cycles.is_empty(), "import cycles: {cycles:#?}");
+}
+
+#[test]
+fn grouped_imports_are_read() {
+    assert_eq!(named("clock::utc;"), ["clock"]);
+    assert_eq!(
+        named("{clock, config::{Config, Renew}, daemon};"),
+        ["clock", "config", "daemon"]
+    );
 }
 
 /// The checker sees a cycle where there is one.
