@@ -373,7 +373,7 @@ impl Safety {
         let name = change.name.clone();
         if self.alarm_tx.send(change).is_err() {
             tracing::warn!(
-                alarm = %name,
+                alarm = ?name.to_string(),
                 "could not record the alarm for `status`: the recorder stopped"
             );
         }
@@ -419,7 +419,7 @@ async fn record_alarms(
             }
         };
         if let Err(e) = result {
-            tracing::warn!(alarm = %c.name, error = %e, "could not record the alarm for `status`");
+            tracing::warn!(alarm = ?c.name.to_string(), error = %e, "could not record the alarm for `status`");
         }
     }
 }

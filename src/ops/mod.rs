@@ -1,4 +1,5 @@
-//! What operators see and touch: metrics, health, systemd notify, logs, status reports, import.
+//! What operators run: status reports, key inspection, import. (What the process reports of
+//! itself, metrics and health, is in `telemetry`.)
 
 pub mod import;
 pub mod printable;

@@ -285,7 +285,7 @@ impl RevocationGuard {
 /// (a player may have forged it), so it is asked only where no renewed key is free. A key
 /// issued moments ago proves as much as an older one; it is taken only when no older key is
 /// free, and then it is this or no evidence at all.
-pub fn canary_preference(issued_before: i64) -> [(bool, i64); 4] {
+pub(crate) fn canary_preference(issued_before: i64) -> [(bool, i64); 4] {
     [
         (true, issued_before),
         (true, i64::MAX),

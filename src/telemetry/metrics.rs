@@ -75,9 +75,11 @@ impl<L: Label> Counter<L> {
         lock(&self.0).get(&label).copied().unwrap_or(0)
     }
 
-    /// Each label's text and count.
+    /// Each label's text and count, by text (as the series have always been rendered).
     fn counts(&self) -> Vec<(&'static str, u64)> {
-        lock(&self.0).iter().map(|(l, n)| (l.label(), *n)).collect()
+        let mut counts: Vec<_> = lock(&self.0).iter().map(|(l, n)| (l.label(), *n)).collect();
+        counts.sort_unstable();
+        counts
     }
 }
 

@@ -1,6 +1,7 @@
 //! What the process tells the world about itself, apart from its work: metrics, liveness, the
-//! service manager's notifications, logs, and the loopback listener that serves them. A leaf:
-//! the layers that do the work record here, and nothing here reaches back into them.
+//! service manager's notifications, logs, and the loopback listener that serves them. Below the
+//! layers that do the work (remote, daemon): they record here, and nothing here reaches back
+//! into them; it uses only config, policy and storage.
 
 pub mod health;
 pub mod listener;

@@ -45,6 +45,7 @@ pub trait Live: Send + Sync {
     fn credential_alarms(&self) -> Vec<String>;
     /// Each configured application's credential, and how its last token request went.
     fn credentials(&self) -> Vec<Credential>;
+    /// The counters and histograms the service records.
     fn metrics(&self) -> &Metrics;
 }
 

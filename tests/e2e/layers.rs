@@ -21,7 +21,7 @@ fn imports(src: &Path) -> BTreeMap<String, BTreeSet<String>> {
         let names = graph.entry(top.clone()).or_default();
         for file in files {
             let text = std::fs::read_to_string(&file).unwrap();
-            let code = text.split("#[cfg(test)]").next().unwrap_or_default();
+            let code = without_test_modules(&text);
             // In a top-level module's root file, `super::` is the crate.
             let root =
                 file == src.join(format!("{top}.rs")) || file == src.join(top).join("mod.rs");
@@ -42,6 +42,21 @@ fn imports(src: &Path) -> BTreeMap<String, BTreeSet<String>> {
         }
     }
     graph
+}
+
+/// The text before the file's test module (`#[cfg(test)]` on a `mod`, perhaps after a
+/// `#[path]`); a `#[cfg(test)]` on a single item is kept, so it can only add edges.
+fn without_test_modules(text: &str) -> &str {
+    for (i, _) in text.match_indices("#[cfg(test)]") {
+        let mut rest = text[i + "#[cfg(test)]".len()..].trim_start();
+        if rest.starts_with("#[path") {
+            rest = rest.split_once('\n').map_or("", |(_, r)| r).trim_start();
+        }
+        if rest.starts_with("mod ") {
+            return &text[..i];
+        }
+    }
+    text
 }
 
 /// The first path segments after `crate::`: one name, or each name of a `{a, b::c}` group.

@@ -16,7 +16,8 @@ pub(super) enum Wake {
     Answered,
     /// The next key is due, or a failed look's backoff ended.
     Deadline,
-    /// The database announced a new key (`NOTIFY`), or a signal asked for a look.
+    /// The database announced a new key (`NOTIFY`), or its listener connected again (and may
+    /// have missed one).
     Signalled,
     /// The look for new keys ended.
     Looked(Result<ingest::Looked, ingest::LookFailed>),

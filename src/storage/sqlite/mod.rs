@@ -206,7 +206,7 @@ impl Storage for SqliteStore {
         // key that expires meanwhile (an hour of validity would leave short-lived keys, like
         // the demo's, without canaries).
         let sql = format!(
-            "UPDATE store_keys SET next_attempt_at = ?1, lease_until = ?1, {}
+            "UPDATE store_keys SET next_attempt_at = ?1, lease_until = ?1
              WHERE id = (SELECT id FROM store_keys INDEXED BY store_keys_due_client
                          WHERE state = 'active' AND client_id = ?2 AND refusals = 0
                            AND attempts = 0 AND expires_at > ?1
@@ -214,8 +214,7 @@ impl Storage for SqliteStore {
                            AND (last_renewed_at IS NOT NULL OR NOT ?5)
                            AND unanswered_at IS NULL AND lease_until IS NULL
                          ORDER BY next_attempt_at LIMIT 1)
-             RETURNING {CLAIMED}",
-            mark_unanswered!("?3")
+             RETURNING {CLAIMED}"
         );
         let row = sqlx::query(sqlx::AssertSqlSafe(sql))
             .bind(lease_until)
