@@ -3,17 +3,18 @@
 //! Every field has a default but the applications; every invalid field is reported by its dotted
 //! name with what was expected. Secrets are never in the file: only where to read them.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
 use crate::policy::claims::Kind;
-use crate::policy::schedule::Policy;
 
 mod application;
+mod derived;
 mod env;
 mod human;
+mod load;
 mod validate;
 
 use env::apply_env;
@@ -380,123 +381,6 @@ fn field_error(field: impl Into<String>, message: impl Into<String>) -> ConfigEr
     ConfigError::Field {
         field: field.into(),
         message: message.into(),
-    }
-}
-
-impl Config {
-    /// Reads the file (if any), applies the environment, and validates.
-    pub fn load(path: Option<&Path>) -> Result<Config, ConfigError> {
-        let text = match path {
-            Some(p) => std::fs::read_to_string(p).map_err(|source| ConfigError::Read {
-                path: p.to_owned(),
-                source,
-            })?,
-            None => String::new(),
-        };
-        let name = path.map_or_else(|| "(defaults)".to_owned(), |p| p.display().to_string());
-        Config::from_toml(&text, &name, std::env::vars())
-    }
-
-    /// Parses TOML text with the given environment on top. Split out so tests need neither files
-    /// nor the process environment.
-    pub fn from_toml(
-        text: &str,
-        name: &str,
-        env: impl IntoIterator<Item = (String, String)>,
-    ) -> Result<Config, ConfigError> {
-        let mut table: toml::Table = toml::from_str(text).map_err(|e| ConfigError::Syntax {
-            path: name.to_owned(),
-            message: e.to_string().trim().replace('\n', " "),
-        })?;
-        let env: Vec<(String, String)> = env.into_iter().collect();
-        apply_env(&mut table, env.iter().cloned())?;
-        let mut config: Config = serde_path_to_error::deserialize(toml::Value::Table(table))
-            .map_err(|e| field_error(e.path().to_string(), e.inner().to_string()))?;
-        let var = |name: &str| {
-            env.iter()
-                .find(|(k, v)| k == name && !v.is_empty())
-                .map(|(_, v)| v.clone())
-        };
-        for app in &mut config.applications {
-            app.apply_azure_env(var);
-        }
-        config.validate()?;
-        Ok(config)
-    }
-
-    pub fn endpoint(&self, kind: Kind) -> &str {
-        match kind {
-            Kind::Collections => &self.endpoints.collections,
-            Kind::Purchase => &self.endpoints.purchase,
-        }
-    }
-
-    pub fn state_directory(&self) -> PathBuf {
-        self.state_directory
-            .clone()
-            .or_else(|| std::env::var_os("STATE_DIRECTORY").map(PathBuf::from))
-            .unwrap_or_else(|| PathBuf::from("/var/lib/storekeyd"))
-    }
-
-    pub fn database_url(&self) -> String {
-        self.database_url.clone().unwrap_or_else(|| {
-            format!(
-                "sqlite://{}",
-                self.state_directory().join("storekeyd.db").display()
-            )
-        })
-    }
-
-    pub fn db_options(&self) -> crate::storage::DbOptions {
-        crate::storage::DbOptions {
-            busy_timeout: self.database_busy_timeout,
-            pool_size: self.database_pool_size,
-            connect_timeout: self.database_connect_timeout,
-            listen_url: self.database_listen_url.clone(),
-            password_file: self.database_password_file.clone(),
-        }
-    }
-
-    pub fn policy(&self) -> Policy {
-        Policy {
-            max_age: self.renew.max_age,
-            margin: self.renew.margin,
-            jitter: self.renew.jitter,
-            backoff_base: self.renew.backoff_base,
-            backoff_cap: self.renew.backoff_cap,
-        }
-    }
-
-    pub fn breaker_policy(&self) -> crate::policy::breaker::BreakerPolicy {
-        crate::policy::breaker::BreakerPolicy {
-            threshold: self.breaker.threshold,
-            window: self.breaker.window,
-            probe_initial: self.breaker.probe_initial,
-            probe_max: self.breaker.probe_max,
-        }
-    }
-
-    pub fn guard_policy(&self) -> crate::policy::guard::GuardPolicy {
-        crate::policy::guard::GuardPolicy {
-            threshold: self.guard.threshold,
-            window: self.guard.window,
-            canary_interval: self.guard.canary_interval,
-            lone_key_after: self.guard.lone_key_after,
-        }
-    }
-
-    pub fn application(&self, client_id: &str) -> Option<&Application> {
-        self.applications.iter().find(|a| a.client_id == client_id)
-    }
-}
-
-impl crate::policy::checks::Configured for Config {
-    fn endpoint(&self, kind: Kind) -> &str {
-        Config::endpoint(self, kind)
-    }
-
-    fn knows(&self, client_id: &str) -> bool {
-        self.application(client_id).is_some()
     }
 }
 
