@@ -110,18 +110,7 @@ async fn a_forward_jump_of_the_host_clock_flags_nothing_expired_and_raises_the_a
     use storekeyd::emulator::Faults;
 
     let mut env = TestEnv::new().await;
-    for i in 0..5 {
-        let issued = env.clock.now() - 2 * DAY as i64;
-        let key = env.emu.mint_at(
-            Kind::Collections,
-            APP,
-            &format!("user-{i}"),
-            KEY_LIFETIME,
-            issued,
-        );
-        env.store(&format!("user-{i}"), Kind::Collections, &key)
-            .await;
-    }
+    env.add_healthy_users("user", 5).await;
     env.spawn_daemon().await;
     env.wait_until("the keys active and the Store's time known", || async {
         let text = env.get("/metrics").await.1;
@@ -212,18 +201,7 @@ async fn figures_are_on_the_stores_time_while_the_host_clock_is_ahead(db: Db) {
     use storekeyd::ops::report::StatusReport;
 
     let mut env = TestEnv::on(db).await;
-    for i in 0..5 {
-        let issued = env.clock.now() - 2 * DAY as i64;
-        let key = env.emu.mint_at(
-            Kind::Collections,
-            APP,
-            &format!("user-{i}"),
-            KEY_LIFETIME,
-            issued,
-        );
-        env.store(&format!("user-{i}"), Kind::Collections, &key)
-            .await;
-    }
+    env.add_healthy_users("user", 5).await;
     env.spawn_daemon().await;
     // Nothing is checked before an answer told the Store's time. No `/metrics` yet: its key
     // statistics are cached for 30 s.

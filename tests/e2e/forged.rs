@@ -10,7 +10,7 @@ use storekeyd::policy::state::State;
 use storekeyd::emulator::keymint::{self, KeySpec};
 use storekeyd::policy::claims::Kind;
 
-use crate::harness::{APP, DAY, Db, KEY_LIFETIME, TestEnv};
+use crate::harness::{APP, DAY, Db, TestEnv};
 
 /// Claims as old and as close to expiry as the Store could have issued: due at once, and the
 /// oldest key of the application (the canary search's first pick, before).
@@ -27,14 +27,7 @@ fn forged(now: i64, n: u32) -> String {
 async fn a_player_forging_keys_every_minute_silences_nothing(db: Db) {
     let mut env = TestEnv::on(db).await;
     env.add_due_users(10).await;
-    for i in 0..10 {
-        let issued = env.clock.now() - 2 * DAY as i64;
-        let user = format!("fresh-{i}");
-        let key = env
-            .emu
-            .mint_at(Kind::Collections, APP, &user, KEY_LIFETIME, issued);
-        env.store(&user, Kind::Collections, &key).await;
-    }
+    env.add_healthy_users("fresh", 10).await;
     env.spawn_daemon().await;
     env.wait_until("the due keys renewed", || async {
         env.rows().await.iter().filter(|r| r.renewals == 1).count() == 10

@@ -8,7 +8,7 @@ use storekeyd::policy::state::State;
 use storekeyd::emulator::Faults;
 use storekeyd::policy::claims::Kind;
 
-use crate::harness::{APP, DAY, Db, KEY_LIFETIME, Row, TestEnv, full};
+use crate::harness::{APP, Db, Row, TestEnv, full};
 
 fn tickets_refused() -> Faults {
     Faults {
@@ -186,18 +186,7 @@ async fn a_small_application_with_a_broken_credential_loses_no_key_across_a_rest
 async fn a_wave_of_genuine_revocations_is_told_apart_by_a_canary(db: Db) {
     let mut env = TestEnv::on(db).await;
     // Healthy keys, none due for weeks: only a canary can show the credential works.
-    for i in 0..30 {
-        let issued = env.clock.now() - 2 * DAY as i64;
-        let key = env.emu.mint_at(
-            Kind::Collections,
-            APP,
-            &format!("healthy-{i}"),
-            KEY_LIFETIME,
-            issued,
-        );
-        env.store(&format!("healthy-{i}"), Kind::Collections, &key)
-            .await;
-    }
+    env.add_healthy_users("healthy", 30).await;
     // Five genuine revocations come due at once: as many as guard.threshold, so they look like a
     // broken credential at first.
     for i in 0..5 {

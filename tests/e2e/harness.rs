@@ -208,6 +208,19 @@ impl TestEnv {
         key
     }
 
+    /// Stores `n` collections keys for `prefix-0` …, issued two days ago: healthy, and not due
+    /// for weeks.
+    pub(crate) async fn add_healthy_users(&self, prefix: &str, n: usize) {
+        for i in 0..n {
+            let user = format!("{prefix}-{i}");
+            let issued = self.clock.now() - 2 * DAY as i64;
+            let key = self
+                .emu
+                .mint_at(Kind::Collections, APP, &user, KEY_LIFETIME, issued);
+            self.store(&user, Kind::Collections, &key).await;
+        }
+    }
+
     /// Mints a collections key issued 20 days ago (due now) for `user` and stores it. Tests that
     /// count exact outcomes use these and leave the clock alone: a clock that jumps by days
     /// would also expire access tokens in flight.

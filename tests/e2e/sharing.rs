@@ -16,24 +16,31 @@ async fn open(env: &TestEnv) -> std::sync::Arc<dyn Storage> {
         .unwrap()
 }
 
-/// Process A's claim runs out, B claims the row, then A shuts down and hands back what it
-/// claimed: B's claim must stand, or a third process would renew the key B is renewing.
-async fn a_handed_back_claim_leaves_a_later_claim_of_the_row_alone(db: Db) {
-    let env = TestEnv::on(db).await;
-    env.add_due_users(1).await;
-    // Checked, as ingest would have.
+/// Every row checked, as ingest would have: active, due since 0, valid for a day; renewed by
+/// the Store before if `proven`.
+async fn activate_all(env: &TestEnv, proven: bool) {
     let expires = env.clock.now() + 86_400;
     on_backend!(
         env.db,
         "UPDATE store_keys SET state = 'active', next_attempt_at = 0, client_id = 'app',
-             user_id = 'u', issued_at = 0, expires_at = ?",
+             user_id = 'u', issued_at = 0, expires_at = ?,
+             last_renewed_at = CASE WHEN ? THEN 1 END",
         |pool, sql| sqlx::query(sql)
             .bind(expires)
+            .bind(proven)
             .execute(pool)
             .await
             .unwrap()
             .rows_affected()
     );
+}
+
+/// Process A's claim runs out, B claims the row, then A shuts down and hands back what it
+/// claimed: B's claim must stand, or a third process would renew the key B is renewing.
+async fn a_handed_back_claim_leaves_a_later_claim_of_the_row_alone(db: Db) {
+    let env = TestEnv::on(db).await;
+    env.add_due_users(1).await;
+    activate_all(&env, false).await;
     let store = open(&env).await;
     let now = env.clock.now();
     // A one-second lease, on the database's clock where it has one.
@@ -224,18 +231,7 @@ async fn no_renew_call_goes_out_after_its_claims_lease(db: Db) {
 async fn a_lapsed_lease_marks_its_key_and_a_hand_back_does_not(db: Db) {
     let env = TestEnv::on(db).await;
     env.add_due_users(2).await;
-    let expires = env.clock.now() + 86_400;
-    on_backend!(
-        env.db,
-        "UPDATE store_keys SET state = 'active', next_attempt_at = 0, client_id = 'app',
-             user_id = 'u', issued_at = 0, expires_at = ?, last_renewed_at = 1",
-        |pool, sql| sqlx::query(sql)
-            .bind(expires)
-            .execute(pool)
-            .await
-            .unwrap()
-            .rows_affected()
-    );
+    activate_all(&env, true).await;
     let store = open(&env).await;
     let now = env.clock.now();
     let first = store.claim_due(now, now + 1, 10, &Kind::ALL).await.unwrap();
